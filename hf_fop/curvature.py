@@ -1,0 +1,217 @@
+"""Kronecker-factored curvature: running factors, robust decompositions, damped preconditioners.
+
+A layer's Fisher is approximated by F = A (x) G, so F vec(V) = vec(G V A) for a gradient matrix V
+(out x in). Two strategies give the damped products F V and F^-1 V behind one interface:
+
+- ``EigenPreconditioner`` (default): exact Tikhonov damping, (A (x) G + damping I)^-1, from the
+  eigendecompositions of A and G. FOP runs in the Kronecker eigenbasis, where both operators are
+  elementwise: 6 matmuls per layer against K-FAC's 4.
+- ``InversePreconditioner``: damping split between the factors by their mean eigenvalues,
+  F ~ (A + pi sqrt(d) I) (x) (G + sqrt(d)/pi I), applied through explicit inverses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from hf_fop.fop_math import FOPDirection, fop_direction, kfac_direction
+
+logger = logging.getLogger(__name__)
+
+
+def update_running_factor(running: Tensor | None, estimate: Tensor, decay: float) -> Tensor:
+    """Exponential moving average of a Kronecker factor, kept in fp32.
+
+    The first estimate from a batch with fewer rows than the factor's size is rank-deficient and
+    makes the inverse blow up, so the average starts from the identity, scaled to the estimate's
+    mean eigenvalue so that the damping keeps its meaning from the first step on.
+    """
+    estimate = estimate.float()
+    if running is None:
+        size = estimate.shape[0]
+        scale = torch.clamp(torch.trace(estimate) / size, min=torch.finfo(torch.float32).tiny)
+        running = scale * torch.eye(size, dtype=torch.float32, device=estimate.device)
+    return decay * running + (1 - decay) * estimate
+
+
+def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD factor, in fp32.
+
+    fp32 eigh fails on some factors (dead units give repeated zero eigenvalues): retry in fp64,
+    then with a small diagonal jitter, so a failure never becomes a NaN update.
+    """
+    matrix = (matrix + matrix.T) / 2
+    attempts = (torch.float32, torch.float64, None)
+    for dtype in attempts:
+        work = matrix.double() if dtype is None else matrix.to(dtype)
+        if dtype is None:
+            jitter = 1e-6 * torch.clamp(torch.trace(work) / work.shape[0], min=1e-12)
+            work = work + jitter * torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+        try:
+            eigenvalues, eigenvectors = torch.linalg.eigh(work)
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            continue
+        if torch.isfinite(eigenvalues).all() and torch.isfinite(eigenvectors).all():
+            if dtype is not torch.float32:
+                logger.debug("eigh succeeded only in fp64 for a %d x %d factor", *matrix.shape)
+            return eigenvalues.clamp(min=0).float(), eigenvectors.float()
+    raise RuntimeError(
+        "the eigendecomposition of a Kronecker factor failed in fp32 and fp64; the factor holds "
+        "non-finite values. Check the model's activations, or use method='inverse'."
+    )
+
+
+class Preconditioner(Protocol):
+    """Damped Fisher products of one layer, and the FOP and K-FAC steps built from them."""
+
+    def fisher(self, matrix: Tensor) -> Tensor: ...
+
+    def inverse_fisher(self, matrix: Tensor) -> Tensor: ...
+
+    def kfac(self, g_avg: Tensor) -> FOPDirection: ...
+
+    def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection: ...
+
+    def state(self) -> dict[str, Tensor]: ...
+
+    @staticmethod
+    def state_shapes(in_dim: int, out_dim: int) -> dict[str, tuple[int, ...]]: ...
+
+
+class EigenPreconditioner:
+    """(A (x) G + damping I)^-1 through A = Q_A diag(l_A) Q_A^T and G = Q_G diag(l_G) Q_G^T."""
+
+    STATE_KEYS = ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")
+
+    def __init__(
+        self,
+        eigvals_A: Tensor,
+        eigvecs_A: Tensor,
+        eigvals_G: Tensor,
+        eigvecs_G: Tensor,
+        damping: float,
+    ) -> None:
+        self.eigvals_A, self.eigvecs_A = eigvals_A, eigvecs_A
+        self.eigvals_G, self.eigvecs_G = eigvals_G, eigvecs_G
+        # Kronecker eigenvalues of the damped Fisher, laid out like the rotated gradient (out x in).
+        self.kronecker_eigvals = torch.outer(eigvals_G, eigvals_A) + damping
+
+    @classmethod
+    def from_factors(cls, A: Tensor, G: Tensor, damping: float) -> EigenPreconditioner:
+        return cls(*symmetric_eigh(A), *symmetric_eigh(G), damping=damping)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], damping: float) -> EigenPreconditioner:
+        return cls(*(state[key] for key in cls.STATE_KEYS), damping=damping)
+
+    def state(self) -> dict[str, Tensor]:
+        return {key: getattr(self, key) for key in self.STATE_KEYS}
+
+    @staticmethod
+    def state_shapes(in_dim: int, out_dim: int) -> dict[str, tuple[int, ...]]:
+        return {
+            "eigvals_A": (in_dim,),
+            "eigvecs_A": (in_dim, in_dim),
+            "eigvals_G": (out_dim,),
+            "eigvecs_G": (out_dim, out_dim),
+        }
+
+    def rotate(self, matrix: Tensor) -> Tensor:
+        return self.eigvecs_G.T @ matrix @ self.eigvecs_A
+
+    def unrotate(self, matrix: Tensor) -> Tensor:
+        return self.eigvecs_G @ matrix @ self.eigvecs_A.T
+
+    def fisher(self, matrix: Tensor) -> Tensor:
+        return self.unrotate(self.rotate(matrix) * self.kronecker_eigvals)
+
+    def inverse_fisher(self, matrix: Tensor) -> Tensor:
+        return self.unrotate(self.rotate(matrix) / self.kronecker_eigvals)
+
+    def kfac(self, g_avg: Tensor) -> FOPDirection:
+        return kfac_direction(g_avg, self.inverse_fisher)
+
+    def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection:
+        # Rotations preserve inner products, so every FOP scalar is computed in the eigenbasis.
+        eigvals = self.kronecker_eigvals
+        result = fop_direction(
+            self.rotate(g_avg),
+            self.rotate(g_diff),
+            fisher=lambda m: m * eigvals,
+            inverse_fisher=lambda m: m / eigvals,
+            zero_tol=zero_tol,
+        )
+        return result._replace(direction=self.unrotate(result.direction))
+
+
+class InversePreconditioner:
+    """F^-1 V = G_d^-1 V A_d^-1 with factored Tikhonov damping (Martens & Grosse, 2015)."""
+
+    STATE_KEYS = ("A_damped", "G_damped", "A_inv", "G_inv")
+
+    def __init__(self, A_damped: Tensor, G_damped: Tensor, A_inv: Tensor, G_inv: Tensor) -> None:
+        self.A_damped, self.G_damped = A_damped, G_damped
+        self.A_inv, self.G_inv = A_inv, G_inv
+
+    @classmethod
+    def from_factors(cls, A: Tensor, G: Tensor, damping: float) -> InversePreconditioner:
+        A_damped, G_damped = split_damping(A, G, damping)
+        return cls(A_damped, G_damped, _spd_inverse(A_damped), _spd_inverse(G_damped))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], damping: float) -> InversePreconditioner:
+        return cls(*(state[key] for key in cls.STATE_KEYS))
+
+    def state(self) -> dict[str, Tensor]:
+        return {key: getattr(self, key) for key in self.STATE_KEYS}
+
+    @staticmethod
+    def state_shapes(in_dim: int, out_dim: int) -> dict[str, tuple[int, ...]]:
+        return {
+            "A_damped": (in_dim, in_dim),
+            "G_damped": (out_dim, out_dim),
+            "A_inv": (in_dim, in_dim),
+            "G_inv": (out_dim, out_dim),
+        }
+
+    def fisher(self, matrix: Tensor) -> Tensor:
+        return self.G_damped @ matrix @ self.A_damped
+
+    def inverse_fisher(self, matrix: Tensor) -> Tensor:
+        return self.G_inv @ matrix @ self.A_inv
+
+    def kfac(self, g_avg: Tensor) -> FOPDirection:
+        return kfac_direction(g_avg, self.inverse_fisher)
+
+    def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection:
+        return fop_direction(g_avg, g_diff, self.fisher, self.inverse_fisher, zero_tol)
+
+
+def split_damping(A: Tensor, G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """A + pi sqrt(d) I and G + sqrt(d) / pi I, pi = sqrt(mean eig(A) / mean eig(G))."""
+    mean_A = torch.clamp(torch.trace(A) / A.shape[0], min=1e-12)
+    mean_G = torch.clamp(torch.trace(G) / G.shape[0], min=1e-12)
+    pi = torch.sqrt(mean_A / mean_G)
+    root = damping**0.5
+    eye_A = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    eye_G = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return A + pi * root * eye_A, G + root / pi * eye_G
+
+
+def _spd_inverse(matrix: Tensor) -> Tensor:
+    try:
+        return torch.cholesky_inverse(torch.linalg.cholesky(matrix.double())).float()
+    except RuntimeError:
+        eigenvalues, eigenvectors = symmetric_eigh(matrix)
+        floor = torch.clamp(eigenvalues.max() * 1e-7, min=1e-12)
+        return (eigenvectors / torch.clamp(eigenvalues, min=floor)) @ eigenvectors.T
+
+
+PRECONDITIONERS: dict[str, type[EigenPreconditioner] | type[InversePreconditioner]] = {
+    "eigen": EigenPreconditioner,
+    "inverse": InversePreconditioner,
+}

@@ -1,0 +1,93 @@
+"""Data-parallel collectives of FOP: one communicator object over torch.distributed.
+
+Under DDP (accelerate, the Trainer, torchrun) every rank holds the averaged gradient; FOP adds
+one bucketed all-reduce per step (g1 of every layer, and the new factor estimates on curvature
+steps) and, on inverse steps, one collective that shares the decompositions, each computed by
+the rank that owns the layer. Every rank then applies the same update. With one process, or
+without torch.distributed, every call is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def assign_layers(costs: Sequence[float], world_size: int) -> list[int]:
+    """Owner rank of each layer: largest first, each to the least-loaded rank (LPT scheduling)."""
+    loads = [0.0] * world_size
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[index] = rank
+        loads[rank] += costs[index]
+    return owners
+
+
+def decomposition_cost(in_dim: int, out_dim: int) -> float:
+    """Work of decomposing a layer's two factors: eigh and inverse are cubic."""
+    return float(in_dim) ** 3 + float(out_dim) ** 3
+
+
+class Communicator:
+    """The process group FOP talks over; inert outside torch.distributed."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+
+    @property
+    def active(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and self.world_size > 1
+
+    @property
+    def world_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 0
+        return dist.get_rank(self.group)
+
+    def all_reduce_mean(self, tensors: Sequence[Tensor]) -> None:
+        """Average the tensors across ranks in place, with one flat fp32 all-reduce."""
+        if not self.active or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.world_size
+        _unflatten_into(flat, tensors)
+
+    def share_owned(self, tensors: Sequence[Tensor], owned: Sequence[bool]) -> None:
+        """Give every rank the owners' values: non-owners hold zeros, one summing all-reduce."""
+        if not self.active or not tensors:
+            return
+        flat = torch.cat(
+            [
+                t.reshape(-1).float() if mine else t.new_zeros(t.numel()).float()
+                for t, mine in zip(tensors, owned)
+            ]
+        )
+        dist.all_reduce(flat, group=self.group)
+        _unflatten_into(flat, tensors)
+
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on every rank (one small all-reduce)."""
+        if not self.active:
+            return flag
+        value = torch.tensor([0.0 if flag else 1.0], device=device)
+        dist.all_reduce(value, group=self.group)
+        return value.item() == 0.0
+
+
+def _unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    offset = 0
+    for tensor in tensors:
+        count = tensor.numel()
+        tensor.copy_(flat[offset : offset + count].view_as(tensor))
+        offset += count

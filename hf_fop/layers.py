@@ -1,0 +1,189 @@
+"""Layer adapters: how a module type turns into the K-FAC view (a, d, gradient matrix).
+
+Every adapter gives, for one call of its module, the layer inputs ``a`` as (N, L, in') and the
+output gradients ``d`` as (N, L, out), with N examples and L positions per example (tokens, or
+conv output locations). The bias is folded in as a constant input column, so a layer's gradient
+is one (out x in') matrix. A new module type is one new adapter class; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class UnsupportedLayerError(ValueError):
+    """The module cannot be preconditioned; the message says why (it goes to AdamW)."""
+
+
+class LayerAdapter(ABC):
+    """One preconditioned module: shapes, the (a, d) view of a call, and its gradient matrix."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.weight: nn.Parameter = module.weight
+        self.bias: nn.Parameter | None = getattr(module, "bias", None)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    @property
+    def in_dim(self) -> int:
+        """Size of A: inputs per position, plus one for a folded bias."""
+        return self._weight_matrix(self.weight).shape[1] + (self.bias is not None)
+
+    @property
+    def out_dim(self) -> int:
+        """Size of G."""
+        return self._weight_matrix(self.weight).shape[0]
+
+    @abstractmethod
+    def _weight_matrix(self, weight: Tensor) -> Tensor:
+        """The weight (or its gradient) as out x in, without copying where possible."""
+
+    @abstractmethod
+    def _unflatten_weight(self, matrix: Tensor) -> Tensor:
+        """Inverse of ``_weight_matrix``."""
+
+    @abstractmethod
+    def _input_positions(self, inputs: Tensor) -> Tensor:
+        """Layer input as (N, L, in)."""
+
+    @abstractmethod
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        """Gradient w.r.t. the output as (N, L, out)."""
+
+    def input_rows(self, inputs: Tensor) -> Tensor:
+        """Layer input as (N, L, in'), with a column of ones when the bias is folded in."""
+        rows = self._input_positions(inputs)
+        if self.bias is not None:
+            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+        return rows
+
+    def grad_matrix(self) -> Tensor | None:
+        """The current gradient as one out x in' matrix, or None when the layer got none."""
+        if self.weight.grad is None:
+            return None
+        matrix = self._weight_matrix(self.weight.grad)
+        if self.bias is not None:
+            bias_grad = self.bias.grad
+            if bias_grad is None:
+                bias_grad = torch.zeros_like(self.bias)
+            matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
+        return matrix
+
+    def split_matrix(self, matrix: Tensor) -> list[Tensor]:
+        """An out x in' matrix as tensors shaped like ``params``."""
+        if self.bias is None:
+            return [self._unflatten_weight(matrix)]
+        return [self._unflatten_weight(matrix[:, :-1]), matrix[:, -1].reshape(self.bias.shape)]
+
+
+class LinearAdapter(LayerAdapter):
+    """nn.Linear (and LoRA's Linear pieces), on inputs of any number of leading dimensions."""
+
+    def _weight_matrix(self, weight: Tensor) -> Tensor:
+        return weight
+
+    def _unflatten_weight(self, matrix: Tensor) -> Tensor:
+        return matrix
+
+    def _input_positions(self, inputs: Tensor) -> Tensor:
+        return _as_examples(inputs)
+
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        return _as_examples(grad_output)
+
+
+class Conv1DAdapter(LinearAdapter):
+    """transformers' Conv1D (GPT-2): a Linear whose weight is stored transposed (in x out)."""
+
+    def _weight_matrix(self, weight: Tensor) -> Tensor:
+        return weight.T
+
+    def _unflatten_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.T
+
+
+class Conv2dAdapter(LayerAdapter):
+    """nn.Conv2d with groups=1 and zero padding; patches are unfolded into rows."""
+
+    def __init__(self, module: nn.Module) -> None:
+        if module.groups != 1:
+            raise UnsupportedLayerError("grouped or depthwise Conv2d (groups != 1)")
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayerError(f"Conv2d with padding_mode={module.padding_mode!r}")
+        if module.padding == "same" and any(s != 1 for s in module.stride):
+            raise UnsupportedLayerError("Conv2d with padding='same' and stride != 1")
+        super().__init__(module)
+
+    def _padding(self) -> tuple[int, int]:
+        module = self.module
+        if module.padding == "valid":
+            return (0, 0)
+        if module.padding == "same":
+            # nn.Conv2d pads (dilation * (k - 1)) in total; unfold needs it symmetric.
+            totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            if any(t % 2 for t in totals):
+                raise UnsupportedLayerError("Conv2d with padding='same' and an even kernel")
+            return (totals[0] // 2, totals[1] // 2)
+        return tuple(module.padding)
+
+    def _weight_matrix(self, weight: Tensor) -> Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+    def _unflatten_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.weight.shape)
+
+    def _input_positions(self, inputs: Tensor) -> Tensor:
+        module = self.module
+        if inputs.dim() == 3:  # unbatched (C, H, W)
+            inputs = inputs.unsqueeze(0)
+        patches = F.unfold(
+            inputs,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=self._padding(),
+            stride=module.stride,
+        )
+        return patches.transpose(1, 2)  # (N, L, C * kh * kw)
+
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        if grad_output.dim() == 3:
+            grad_output = grad_output.unsqueeze(0)
+        return grad_output.flatten(2).transpose(1, 2)  # (N, H' * W', out)
+
+
+def _as_examples(tensor: Tensor) -> Tensor:
+    """(N, ..., features) -> (N, L, features); a 1-D input is one example at one position."""
+    if tensor.dim() == 1:
+        return tensor.reshape(1, 1, -1)
+    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+
+
+def _conv1d_type() -> type[nn.Module] | None:
+    # A model holding transformers' Conv1D has imported it already; never import transformers
+    # here (the core optimizer does not depend on it).
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def make_adapter(module: nn.Module) -> LayerAdapter | None:
+    """The adapter for a supported module, None for other types.
+
+    Raises UnsupportedLayerError for a supported type in a configuration that is not (the caller
+    sends it to AdamW and reports why).
+    """
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return Conv1DAdapter(module)
+    if isinstance(module, nn.Linear):
+        return LinearAdapter(module)
+    if isinstance(module, nn.Conv2d):
+        return Conv2dAdapter(module)
+    return None

@@ -1,0 +1,409 @@
+"""``hf_fop.FOP``: K-FAC natural gradient plus the Fisher-orthogonal correction, in one optimizer.
+
+One step, top to bottom (DESIGN.md section 1):
+1. gather what the hooks saw during the backward passes (factor estimates on curvature steps,
+   g1 every step in FOP mode) and average it across ranks in one bucketed all-reduce;
+2. skip the step, touching nothing, if any gradient or statistic is not finite;
+3. fold the estimates into the running factors; refresh the decompositions on inverse steps
+   (each rank decomposes the layers it owns and shares them);
+4. per layer: eta * F^-1 (g_avg + beta g_perp) (or F^-1 g_avg in K-FAC mode), a KL-norm clip over
+   the group, weight decay and momentum, then the parameter update;
+5. AdamW for every parameter that is not preconditioned.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hf_fop.adamw import adamw_update
+from hf_fop.capture import CurvatureCapture
+from hf_fop.config import FOPConfig
+from hf_fop.curvature import PRECONDITIONERS, update_running_factor
+from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
+from hf_fop.fop_math import FOPDirection, inner
+from hf_fop.layers import LayerAdapter
+from hf_fop.partition import Partition, partition_model, unwrap_model
+
+logger = logging.getLogger("hf_fop")
+
+FACTOR_KEYS = ("A", "G")
+CURVATURE_KEYS = FACTOR_KEYS + tuple(
+    key for cls in PRECONDITIONERS.values() for key in cls.STATE_KEYS
+)
+
+
+@dataclass
+class _Gathered:
+    """One layer's statistics for this step, already averaged across ranks."""
+
+    A: Tensor | None = None
+    G: Tensor | None = None
+    g1: Tensor | None = None
+
+
+class FOP(torch.optim.Optimizer):
+    """Fisher-Orthogonal Projection (Lu & Armour, AAAI-26) for the layers of ``model``.
+
+    Args:
+        model: the model to train (plain, or wrapped by DDP / accelerate). Hooks are put on its
+            preconditioned layers, so build the optimizer before training starts.
+        config: an :class:`FOPConfig`; keyword arguments override its fields.
+
+    Param groups: one ``kind="fop"`` group with the preconditioned layers and one or two
+    ``kind="adamw"`` groups (decay / no decay). Every group has ``lr``, so any LR scheduler
+    drives all of them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: FOPConfig | None = None,
+        *,
+        communicator: Communicator | None = None,
+        **settings: Any,
+    ) -> None:
+        config = config or FOPConfig()
+        if settings:
+            config = config.replace(**settings)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                "FOP needs the model (an nn.Module), not its parameters, because it hooks the "
+                f"model's layers: use FOP(model, ...), got {type(model).__name__}"
+            )
+        model = unwrap_model(model)
+        partition = partition_model(model, config.targets, config.skip, config.max_factor_dim)
+        groups = _param_groups(partition, config)
+        if not groups:
+            raise ValueError(
+                "the model has no trainable parameters, so there is nothing to optimize: set "
+                "requires_grad=True on the parameters to train (or check the PEFT config)"
+            )
+        super().__init__(groups, {"lr": config.lr})
+        self.config = config
+        self.partition = partition
+        self.layer_names = [name for name, _ in partition.layers]
+        self.layers: list[LayerAdapter] = [layer for _, layer in partition.layers]
+        self.communicator = communicator or Communicator()
+        self.capture = CurvatureCapture(model, self.layers)
+        self.capture.accumulation_steps = config.gradient_accumulation_steps
+        self._last_stats: dict[str, Tensor | float] = {}
+        self._warned: set[str] = set()
+        # Indices of the layers this rank decomposed at the last refresh (for inspection).
+        self._decomposed_by_rank: list[int] = []
+        self._arm_capture()
+        logger.info(partition.summary())
+
+    # ----------------------------------------------------------------------------------- public
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.capture.accumulation_steps
+
+    @gradient_accumulation_steps.setter
+    def gradient_accumulation_steps(self, steps: int) -> None:
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {steps!r}")
+        self.capture.accumulation_steps = steps
+
+    @property
+    def fop_group(self) -> dict[str, Any] | None:
+        return next((g for g in self.param_groups if g["kind"] == "fop"), None)
+
+    def statistics(self) -> dict[str, float]:
+        """The last step's FOP statistics as plain floats, for logging (reading them syncs)."""
+        out: dict[str, float] = {}
+        for key, value in self._last_stats.items():
+            if isinstance(value, Tensor) and value.numel() > 1:
+                out[f"{key}_mean"] = value.mean().item()
+                out[f"{key}_min"] = value.min().item()
+                out[f"{key}_max"] = value.max().item()
+            else:
+                out[key] = float(value)
+        return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # The hooks' statistics belong to the gradients in p.grad: cleared together.
+        super().zero_grad(set_to_none=set_to_none)
+        self.capture.reset()
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (for example before reusing the model)."""
+        self.capture.remove()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.fop_group
+        gathered = self._gather(group) if group is not None else []
+        statistics = [t for g in gathered for t in (g.A, g.G, g.g1) if t is not None]
+        if not self._all_finite(statistics):
+            logger.warning(
+                "FOP skipped a step: the gradients hold NaN or Inf; parameters and optimizer "
+                "state are unchanged"
+            )
+            self.capture.reset()
+            return loss
+        if group is not None:
+            self._fop_update(group, gathered)
+        for adamw_group in self.param_groups:
+            if adamw_group["kind"] == "adamw":
+                self._adamw_update(adamw_group)
+        self.capture.reset()
+        self._arm_capture()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype; curvature stays fp32 whatever
+        # the model's precision.
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, saved in state_dict["state"].items():
+            if not isinstance(index, int) or index >= len(params):
+                continue
+            param = params[index]
+            for key in CURVATURE_KEYS:
+                if key in saved:
+                    self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32)
+        self._arm_capture()
+
+    # --------------------------------------------------------------------------------- internal
+
+    def _arm_capture(self) -> None:
+        """Tell the hooks what the coming backward passes must gather."""
+        group = self.fop_group
+        step = group["step"] if group is not None else 0
+        self.capture.collect_factors = step % self.config.curvature_interval == 0
+        self.capture.collect_first_half = self.config.mode == "fop"
+
+    def _all_finite(self, extra: Iterable[Tensor]) -> bool:
+        tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        tensors += list(extra)
+        if not tensors:
+            return True
+        return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+    def _gather(self, group: dict[str, Any]) -> list[_Gathered]:
+        """This step's factor estimates and g1 per layer, averaged across ranks in one bucket."""
+        refresh = group["step"] % self.config.curvature_interval == 0
+        want_g1 = self.config.mode == "fop"
+        pad = self.communicator.active  # every rank must send the same tensors
+        gathered, flags = [], []
+        for layer, stats in zip(self.layers, self.capture.stats):
+            item = _Gathered()
+            has_factors = refresh and stats.has_factors
+            has_split = want_g1 and stats.has_split
+            if has_factors:
+                item.A, item.G = stats.A(), stats.G()
+            elif refresh and pad:
+                item.A = layer.weight.new_zeros(layer.in_dim, layer.in_dim, dtype=torch.float32)
+                item.G = layer.weight.new_zeros(layer.out_dim, layer.out_dim, dtype=torch.float32)
+            if has_split:
+                item.g1 = stats.g1()
+            elif want_g1 and pad:
+                item.g1 = layer.weight.new_zeros(layer.out_dim, layer.in_dim, dtype=torch.float32)
+            if want_g1 and not has_split and stats.examples > 0:
+                self._warn_once(
+                    "no-split",
+                    "FOP needs at least two examples per step to split the batch; steps with "
+                    "one example use the K-FAC direction",
+                )
+            gathered.append(item)
+            flags.append([float(has_factors), float(has_split)])
+        if not self.communicator.active:
+            return gathered
+        device = self.layers[0].weight.device
+        share = torch.tensor(flags, device=device).reshape(-1, 2)
+        self.communicator.all_reduce_mean(
+            [share] + [t for g in gathered for t in (g.A, g.G, g.g1) if t is not None]
+        )
+        # A layer that ran on only some ranks is averaged over those ranks.
+        for item, (factor_share, split_share) in zip(gathered, share.tolist()):
+            if factor_share == 0:
+                item.A = item.G = None
+            elif factor_share < 1 and item.A is not None:
+                item.A /= factor_share
+                item.G /= factor_share
+            if split_share == 0:
+                item.g1 = None
+            elif split_share < 1 and item.g1 is not None:
+                item.g1 /= split_share
+        return gathered
+
+    def _refresh_curvature(self, group: dict[str, Any], gathered: list[_Gathered]) -> bool:
+        """Fold the estimates into the running factors; decompose where due. Returns whether
+        any decomposition was refreshed."""
+        config = self.config
+        for layer, item in zip(self.layers, gathered):
+            if item.A is None:
+                continue
+            state = self.state[layer.weight]
+            state["A"] = update_running_factor(state.get("A"), item.A, config.factor_decay)
+            state["G"] = update_running_factor(state.get("G"), item.G, config.factor_decay)
+
+        preconditioner = PRECONDITIONERS[config.method]
+        inverse_step = group["step"] % config.inverse_interval == 0
+        due = [
+            i
+            for i, layer in enumerate(self.layers)
+            if "A" in self.state[layer.weight]
+            and (inverse_step or preconditioner.STATE_KEYS[0] not in self.state[layer.weight])
+        ]
+        if not due:
+            return False
+        costs = [decomposition_cost(self.layers[i].in_dim, self.layers[i].out_dim) for i in due]
+        owners = assign_layers(costs, self.communicator.world_size)
+        rank = self.communicator.rank
+        results, owned = [], []
+        for index, owner in zip(due, owners):
+            layer = self.layers[index]
+            state = self.state[layer.weight]
+            if owner == rank:
+                computed = preconditioner.from_factors(state["A"], state["G"], group["damping"])
+                values = computed.state()
+            else:
+                values = {
+                    key: state["A"].new_zeros(shape)
+                    for key, shape in preconditioner.state_shapes(
+                        layer.in_dim, layer.out_dim
+                    ).items()
+                }
+            state.update(values)
+            for key in preconditioner.STATE_KEYS:
+                results.append(state[key])
+                owned.append(owner == rank)
+        self.communicator.share_owned(results, owned)
+        self._decomposed_by_rank = [due[i] for i, owner in enumerate(owners) if owner == rank]
+        return True
+
+    def _fop_update(self, group: dict[str, Any], gathered: list[_Gathered]) -> None:
+        config = self.config
+        refreshed = self._refresh_curvature(group, gathered)
+        preconditioner = PRECONDITIONERS[config.method]
+        lr, damping = group["lr"], group["damping"]
+
+        updates: list[tuple[LayerAdapter, Tensor, Tensor]] = []
+        results: list[FOPDirection] = []
+        for layer, item in zip(self.layers, gathered):
+            g_avg = layer.grad_matrix()
+            if g_avg is None:
+                continue
+            g_avg = g_avg.float()
+            state = self.state[layer.weight]
+            if preconditioner.STATE_KEYS[0] not in state:
+                self._warn_once(
+                    "no-curvature",
+                    "a preconditioned layer has no curvature yet (its hooks saw no backward pass "
+                    "on a curvature step); it takes a plain gradient step until they do",
+                )
+                zero = g_avg.new_zeros(())
+                result = FOPDirection(g_avg, zero, zero + 1, zero)
+            else:
+                metric = preconditioner.from_state(state, damping)
+                if item.g1 is not None:
+                    g_diff = 2 * (item.g1 - g_avg)  # g1 - g2 with g2 = 2 g_avg - g1
+                    result = metric.fop(g_avg, g_diff, config.fop_zero_tol)
+                else:
+                    result = metric.kfac(g_avg)
+            results.append(result)
+            updates.append((layer, result.direction, g_avg))
+
+        scale = torch.ones(())
+        if updates and group["kl_clip"] is not None:
+            # K-FAC's trust region: nu = min(1, sqrt(kl_clip / (lr^2 sum_l <n_l, g_l>))).
+            vg = sum(inner(direction, g) for _, direction, g in updates) * lr**2
+            tiny = torch.finfo(torch.float32).tiny
+            scale = torch.clamp(torch.sqrt(group["kl_clip"] / vg.abs().clamp(min=tiny)), max=1.0)
+
+        for layer, direction, _ in updates:
+            for param, update in zip(layer.params, layer.split_matrix(direction * scale)):
+                self._apply(param, update.to(param.dtype), group)
+
+        if results:
+            self._last_stats = {
+                "beta": torch.stack([r.beta for r in results]),
+                "eta": torch.stack([r.eta for r in results]),
+                "rho": torch.stack([r.rho for r in results]),
+                "kl_scale": scale,
+            }
+        self._last_stats.update(
+            damping=damping,
+            curvature_refreshed=float(any(item.A is not None for item in gathered)),
+            inverse_refreshed=float(refreshed),
+        )
+        group["step"] += 1
+
+    def _apply(self, param: Tensor, update: Tensor, group: dict[str, Any]) -> None:
+        """SGD with momentum and (coupled) weight decay on the preconditioned direction."""
+        if group["weight_decay"]:
+            update = update.add(param, alpha=group["weight_decay"])
+        if group["momentum"]:
+            state = self.state[param]
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = update.clone()
+            else:
+                buffer.mul_(group["momentum"]).add_(update)
+            update = buffer
+        param.add_(update, alpha=-group["lr"])
+
+    def _adamw_update(self, group: dict[str, Any]) -> None:
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            adamw_update(
+                param,
+                param.grad,
+                self.state[param],
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+
+def _param_groups(partition: Partition, config: FOPConfig) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = []
+    if partition.layers:
+        groups.append(
+            {
+                "params": [p for _, layer in partition.layers for p in layer.params],
+                "kind": "fop",
+                "lr": config.lr,
+                "momentum": config.momentum,
+                "weight_decay": config.weight_decay,
+                "damping": config.damping,
+                "kl_clip": config.kl_clip,
+                "step": 0,
+            }
+        )
+    for params, decay in (
+        (partition.adamw_decay, config.adamw_weight_decay),
+        (partition.adamw_no_decay, 0.0),
+    ):
+        if params:
+            groups.append(
+                {
+                    "params": [p for _, p in params],
+                    "kind": "adamw",
+                    "lr": config.adamw_lr,
+                    "betas": tuple(config.adamw_betas),
+                    "eps": config.adamw_eps,
+                    "weight_decay": decay,
+                }
+            )
+    return groups

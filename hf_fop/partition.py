@@ -1,0 +1,198 @@
+"""Which parameters FOP preconditions and which go to AdamW, and a readable report of the split.
+
+Layers are chosen by type and position, never by model-specific names (they change between
+transformers releases): by default the Linear/Conv layers inside repeated blocks (the
+``nn.ModuleList`` of transformer layers), or every supported layer when a model has no blocks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from hf_fop.layers import LayerAdapter, UnsupportedLayerError, make_adapter
+
+
+class UnsupportedWrapperError(TypeError):
+    """The model is wrapped in a way that breaks per-layer curvature."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP or torch.compile; a clear error for wrappers FOP cannot serve."""
+    name = type(model).__name__
+    if isinstance(model, nn.DataParallel) and not isinstance(
+        model, nn.parallel.DistributedDataParallel
+    ):
+        raise UnsupportedWrapperError(
+            "nn.DataParallel replicates the model on every forward, so FOP's per-layer hooks see "
+            "copies. Use DistributedDataParallel instead: `accelerate launch` or `torchrun`."
+        )
+    if name in ("FullyShardedDataParallel", "FSDPModule") or name.startswith("FSDP"):
+        raise UnsupportedWrapperError(
+            "FSDP shards the weights that FOP preconditions as whole matrices; it is not "
+            "supported yet. Use DistributedDataParallel (accelerate without an FSDP config)."
+        )
+    if name in ("DeepSpeedEngine", "PipelineEngine"):
+        raise UnsupportedWrapperError(
+            "DeepSpeed partitions parameters and gradients (ZeRO), which breaks per-layer "
+            "curvature. Use DistributedDataParallel (accelerate without a DeepSpeed config)."
+        )
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return unwrap_model(model.module)
+    if hasattr(model, "_orig_mod") and name == "OptimizedModule":  # torch.compile
+        return unwrap_model(model._orig_mod)
+    return model
+
+
+@dataclass
+class Partition:
+    """The split of a model's trainable parameters between FOP and AdamW."""
+
+    layers: list[tuple[str, LayerAdapter]] = field(default_factory=list)
+    adamw_decay: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    adamw_no_decay: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    # Supported-type modules that went to AdamW anyway, with the reason.
+    excluded: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fop_params(self) -> int:
+        return sum(p.numel() for _, layer in self.layers for p in layer.params)
+
+    @property
+    def adamw_params(self) -> int:
+        return sum(p.numel() for _, p in self.adamw_decay + self.adamw_no_decay)
+
+    def summary(self) -> str:
+        lines = [
+            f"FOP preconditions {len(self.layers)} layers ({self.fop_params:,} parameters); "
+            f"AdamW updates {len(self.adamw_decay) + len(self.adamw_no_decay)} tensors "
+            f"({self.adamw_params:,} parameters)."
+        ]
+        if self.layers:
+            lines.append("  preconditioned: " + _abbreviate([name for name, _ in self.layers]))
+        adamw_names = [name for name, _ in self.adamw_decay + self.adamw_no_decay]
+        if adamw_names:
+            lines.append("  AdamW: " + _abbreviate(adamw_names))
+        for reason, count in Counter(self.excluded.values()).items():
+            names = [n for n, r in self.excluded.items() if r == reason]
+            lines.append(f"  not preconditioned ({reason}): {_abbreviate(names)} [{count}]")
+        return "\n".join(lines)
+
+
+def partition_model(
+    model: nn.Module,
+    targets: str | Sequence[str] = "auto",
+    skip: Sequence[str] = (),
+    max_factor_dim: int = 8192,
+) -> Partition:
+    """Split ``model``'s trainable parameters: chosen layers to FOP, everything else to AdamW."""
+    candidates = [(name, module) for name, module in model.named_modules() if _is_supported(module)]
+    chosen = _select_targets(model, candidates, targets)
+    owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+    partition = Partition()
+    taken: set[int] = set()
+    for name, module in candidates:
+        if name not in chosen:
+            continue
+        reason = _exclusion_reason(name, module, skip, max_factor_dim, owners)
+        adapter = None
+        if reason is None:
+            try:
+                adapter = make_adapter(module)
+            except UnsupportedLayerError as error:
+                reason = str(error)
+        if adapter is None:
+            partition.excluded[name] = reason or "unsupported"
+            continue
+        partition.layers.append((name, adapter))
+        taken.update(id(p) for p in adapter.params)
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in taken:
+            continue
+        # Usual Hugging Face split: no weight decay on biases and norm weights (1-D tensors).
+        group = partition.adamw_decay if param.dim() >= 2 else partition.adamw_no_decay
+        group.append((name, param))
+    return partition
+
+
+def _is_supported(module: nn.Module) -> bool:
+    try:
+        return make_adapter(module) is not None
+    except UnsupportedLayerError:
+        return True  # a supported type in an unsupported configuration: reported, not dropped
+
+
+def _select_targets(
+    model: nn.Module, candidates: list[tuple[str, nn.Module]], targets: str | Sequence[str]
+) -> set[str]:
+    names = [name for name, _ in candidates]
+    if isinstance(targets, str):
+        if targets == "auto":
+            in_blocks = _modules_in_blocks(model)
+            inside = [name for name, module in candidates if id(module) in in_blocks]
+            return set(inside or names)
+        if targets == "all-linear":
+            return set(names)
+        try:
+            pattern = re.compile(targets)
+        except re.error as error:
+            raise ValueError(
+                f"targets={targets!r} is not 'auto', 'all-linear' or a valid regular expression: "
+                f"{error}"
+            ) from None
+        return {name for name in names if pattern.search(name)}
+    wanted = set(targets)
+    chosen = {n for n in names if n in wanted or any(n.endswith("." + t) for t in wanted)}
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in chosen)]
+    if missing:
+        raise ValueError(
+            f"targets {sorted(missing)} name no Linear, Conv1D or Conv2d module of the model; "
+            f"supported modules include {_abbreviate(names)}"
+        )
+    return chosen
+
+
+def _modules_in_blocks(model: nn.Module) -> set[int]:
+    """ids of the modules inside the elements of an nn.ModuleList (the repeated layers)."""
+    inside: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                inside.update(id(m) for m in block.modules())
+    return inside
+
+
+def _exclusion_reason(
+    name: str,
+    module: nn.Module,
+    skip: Sequence[str],
+    max_factor_dim: int,
+    owners: Counter,
+) -> str | None:
+    if any(re.search(pattern, name) for pattern in skip):
+        return "skip list"
+    weight = module.weight
+    bias = getattr(module, "bias", None)
+    if not weight.requires_grad:
+        return "frozen"
+    if bias is not None and not bias.requires_grad:
+        return "frozen bias"
+    if owners[id(weight)] > 1:
+        return "tied weight"
+    try:
+        adapter = make_adapter(module)
+    except UnsupportedLayerError:
+        return None  # reported by the caller
+    if adapter is not None and max(adapter.in_dim, adapter.out_dim) > max_factor_dim:
+        return f"factor larger than max_factor_dim={max_factor_dim}"
+    return None
+
+
+def _abbreviate(names: Sequence[str], limit: int = 6) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f", ... ({len(names) - limit} more)"

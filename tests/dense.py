@@ -1,0 +1,38 @@
+"""Dense references for the Kronecker-factored math: F = A (x) G built as a matrix."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def vec(matrix: Tensor) -> Tensor:
+    """Column-stacking vec, so that vec(G V A) = (A (x) G) vec(V) for symmetric A."""
+    return matrix.T.reshape(-1)
+
+
+def unvec(vector: Tensor, rows: int) -> Tensor:
+    return vector.reshape(-1, rows).T
+
+
+def random_spd(size: int, scale: float = 1.0, dtype: torch.dtype = torch.float64) -> Tensor:
+    x = torch.randn(size, 3 * size, dtype=dtype)
+    return scale * (x @ x.T) / (3 * size)
+
+
+def dense_fop(
+    g_avg: Tensor, g_diff: Tensor, F: Tensor, zero_tol: float = 1e-10
+) -> tuple[Tensor, float, float]:
+    """The FOP step written straight from the paper's equations on vectors, with a dense F."""
+    rows = g_avg.shape[0]
+    u, w = vec(g_avg), vec(g_diff)
+    F_inv = torch.linalg.inv(F)
+    s = (w @ F @ u) / (u @ F @ u)
+    perp = w - s * u
+    D = u @ F_inv @ perp
+    E = perp @ F_inv @ perp
+    beta = (D / E).item() if zero_tol * (w @ F_inv @ w) < E else 0.0
+    comb = u + beta * perp
+    n_comb = F_inv @ comb
+    eta = ((u @ n_comb) / (comb @ n_comb)).item()
+    return unvec(eta * n_comb, rows), beta, eta

@@ -1,0 +1,198 @@
+"""The hooks: g1 against a second backward pass, factor normalisation, and the hook pitfalls."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.pytorch_utils import Conv1D
+
+from hf_fop import FOP
+
+
+class Net(nn.Module):
+    """A layer under test between two other layers, so d and a are non-trivial."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "conv2d":
+            self.pre = nn.Conv2d(3, 4, 3, padding=1)
+            self.layer = nn.Conv2d(4, 5, 3, stride=2, padding=1)
+            self.head = nn.Linear(5 * 4 * 4, 3)
+        else:
+            self.pre = nn.Linear(6, 8)
+            self.layer = Conv1D(7, 8) if kind == "conv1d" else nn.Linear(8, 7)
+            self.head = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(torch.tanh(self.pre(x)))
+        if self.kind == "conv2d":
+            return self.head(torch.tanh(h).flatten(1))
+        h = torch.tanh(h)
+        return self.head(h.mean(1) if h.dim() == 3 else h)
+
+
+def _inputs(kind: str, n: int) -> torch.Tensor:
+    if kind == "conv2d":
+        return torch.randn(n, 3, 8, 8)
+    if kind == "tokens":
+        return torch.randn(n, 5, 6)
+    return torch.randn(n, 6)
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def _layer_index(optimizer: FOP) -> int:
+    return optimizer.layer_names.index("layer")
+
+
+@pytest.mark.parametrize("kind", ["linear", "tokens", "conv2d", "conv1d"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_g1_equals_gradient_of_first_half(kind: str, micro_batches: int) -> None:
+    model = Net("linear" if kind == "tokens" else kind)
+    reference = copy.deepcopy(model)
+    optimizer = FOP(model, targets="all-linear", gradient_accumulation_steps=micro_batches)
+    x, y = _inputs(kind, 8), torch.randint(0, 3, (8,))
+    for chunk_x, chunk_y in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+        (_loss(model, chunk_x, chunk_y) / micro_batches).backward()
+    g1 = optimizer.capture.stats[_layer_index(optimizer)].g1()
+
+    # Second, independent backward pass: the mean loss over the first half of the examples.
+    _loss(reference, x[:4], y[:4]).backward()
+    expected = FOP(reference, targets="all-linear").layers[_layer_index(optimizer)].grad_matrix()
+    torch.testing.assert_close(g1, expected, rtol=1e-5, atol=1e-6)
+
+    # And g_avg is the ordinary batch gradient that autograd accumulated.
+    full = copy.deepcopy(reference)
+    _loss(full, x, y).backward()
+    layer = optimizer.layers[_layer_index(optimizer)]
+    torch.testing.assert_close(
+        layer.grad_matrix(),
+        FOP(full, targets="all-linear").layers[_layer_index(optimizer)].grad_matrix(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def _factors(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], **settings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    optimizer = FOP(model, targets="all-linear", **settings)
+    for x, y in batches:
+        (_loss(model, x, y) / len(batches)).backward()
+    stats = optimizer.capture.stats[_layer_index(optimizer)]
+    optimizer.remove_hooks()
+    return stats.A(), stats.G()
+
+
+@pytest.mark.parametrize("kind", ["linear", "tokens", "conv2d"])
+def test_factors_do_not_change_with_batching(kind: str) -> None:
+    model = Net("linear" if kind == "tokens" else kind)
+    x, y = _inputs(kind, 8), torch.randint(0, 3, (8,))
+    A, G = _factors(model, [(x, y)])
+    A2, G2 = _factors(model, list(zip(x.chunk(2), y.chunk(2))), gradient_accumulation_steps=2)
+    A_dup, G_dup = _factors(model, [(torch.cat([x, x]), torch.cat([y, y]))])
+    for other in (A2, A_dup):
+        torch.testing.assert_close(other, A, rtol=1e-5, atol=1e-6)
+    for other in (G2, G_dup):
+        torch.testing.assert_close(other, G, rtol=1e-5, atol=1e-7)
+
+
+def test_factors_match_their_definition() -> None:
+    model = Net("linear")
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    A, G = _factors(model, [(x, y)])
+    a = torch.cat([torch.tanh(model.pre(x)), torch.ones(8, 1)], dim=1).detach()
+    out = model.layer(torch.tanh(model.pre(x)))
+    out.retain_grad()
+    F.cross_entropy(model.head(torch.tanh(out)), y).backward()
+    per_example = 8 * out.grad  # d carries the loss's 1/N
+    torch.testing.assert_close(A, a.T @ a / 8)
+    torch.testing.assert_close(G, per_example.T @ per_example / 8)
+
+
+def test_eval_mode_and_no_grad_leave_statistics_untouched() -> None:
+    model = Net("linear")
+    optimizer = FOP(model, targets="all-linear")
+    x = torch.randn(8, 6)
+    model.eval()
+    model(x).sum()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert all(s.A_sum is None and s.examples == 0 for s in optimizer.capture.stats)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, use_reentrant: bool | None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(6, 3)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.use_reentrant is None:
+                x = block(x)
+            else:
+                x = checkpoint(block, x, use_reentrant=self.use_reentrant)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_statistics(use_reentrant: bool) -> None:
+    x, y = torch.randn(8, 6, requires_grad=True), torch.randint(0, 3, (8,))
+    results = []
+    for mode in (None, use_reentrant):
+        torch.manual_seed(0)
+        model = Checkpointed(mode)
+        optimizer = FOP(model)
+        _loss(model, x, y).backward()
+        results.append(optimizer.capture.stats)
+    for plain, checkpointed in zip(*results):
+        torch.testing.assert_close(checkpointed.A(), plain.A())
+        torch.testing.assert_close(checkpointed.G(), plain.G())
+        torch.testing.assert_close(checkpointed.g1(), plain.g1())
+
+
+class Shared(nn.Module):
+    """One Linear called twice in a forward, with an in-place activation after each call."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.layer = nn.Linear(6, 6)
+        self.act = nn.ReLU(inplace=inplace)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.layer(self.act(self.layer(x)))))
+
+
+def test_module_called_twice_and_inplace_activation() -> None:
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    torch.manual_seed(0)
+    model = Shared(inplace=True)
+    reference = copy.deepcopy(model)
+    reference.act.inplace = False
+    optimizer = FOP(model, targets=["layer"])
+    _loss(model, x, y).backward()
+    stats = optimizer.capture.stats[0]
+
+    ref_optimizer = FOP(reference, targets=["layer"])
+    _loss(reference, x, y).backward()
+    ref_stats = ref_optimizer.capture.stats[0]
+    torch.testing.assert_close(stats.G(), ref_stats.G())
+    assert stats.A_rows == 16 and stats.examples == 8  # two calls: rows twice, examples once
+
+    first = copy.deepcopy(reference)
+    first.zero_grad()
+    _loss(first, x[:4], y[:4]).backward()
+    expected = torch.cat([first.layer.weight.grad, first.layer.bias.grad[:, None]], dim=1)
+    torch.testing.assert_close(stats.g1(), expected, rtol=1e-5, atol=1e-6)

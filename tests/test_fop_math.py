@@ -1,0 +1,160 @@
+"""The FOP equations against dense references (F = A (x) G built explicitly, fp64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fop.curvature import EigenPreconditioner, InversePreconditioner, symmetric_eigh
+from hf_fop.fop_math import eta_at_optimal_beta, fop_direction, inner
+from tests.dense import dense_fop, random_spd, unvec, vec
+
+OUT, IN, DAMPING = 4, 6, 0.05
+
+
+def _factors() -> tuple[torch.Tensor, torch.Tensor]:
+    # Scales as measured on real layers: A's eigenvalues ~10-100, G's ~0.01-0.1.
+    return random_spd(IN, scale=50.0), random_spd(OUT, scale=0.05)
+
+
+def _dense_operators(F: torch.Tensor):
+    F_inv = torch.linalg.inv(F)
+    return (lambda m: unvec(F @ vec(m), m.shape[0])), (lambda m: unvec(F_inv @ vec(m), m.shape[0]))
+
+
+def test_eigen_preconditioner_matches_dense_damped_fisher() -> None:
+    A, G = _factors()
+    F = torch.kron(A, G) + DAMPING * torch.eye(IN * OUT, dtype=torch.float64)
+    metric = EigenPreconditioner.from_factors(A.float(), G.float(), DAMPING)
+    V = torch.randn(OUT, IN, dtype=torch.float64)
+    torch.testing.assert_close(
+        metric.fisher(V.float()).double(), unvec(F @ vec(V), OUT), rtol=1e-4, atol=1e-5
+    )
+    expected = unvec(torch.linalg.solve(F, vec(V)), OUT)
+    torch.testing.assert_close(
+        metric.inverse_fisher(V.float()).double(), expected, rtol=1e-3, atol=1e-4
+    )
+
+
+def test_inverse_preconditioner_matches_dense_split_damping() -> None:
+    A, G = _factors()
+    metric = InversePreconditioner.from_factors(A.float(), G.float(), DAMPING)
+    mean_A, mean_G = torch.trace(A) / IN, torch.trace(G) / OUT
+    pi = torch.sqrt(mean_A / mean_G)
+    A_d = A + pi * DAMPING**0.5 * torch.eye(IN, dtype=torch.float64)
+    G_d = G + DAMPING**0.5 / pi * torch.eye(OUT, dtype=torch.float64)
+    F = torch.kron(A_d, G_d)
+    V = torch.randn(OUT, IN, dtype=torch.float64)
+    torch.testing.assert_close(
+        metric.fisher(V.float()).double(), unvec(F @ vec(V), OUT), rtol=1e-4, atol=1e-5
+    )
+    expected = unvec(torch.linalg.solve(F, vec(V)), OUT)
+    torch.testing.assert_close(
+        metric.inverse_fisher(V.float()).double(), expected, rtol=1e-3, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("method", [EigenPreconditioner, InversePreconditioner])
+def test_fop_step_matches_dense_equations(method) -> None:
+    A, G = _factors()
+    metric = method.from_factors(A.float(), G.float(), DAMPING)
+    # The dense reference uses the very damped Fisher the strategy defines.
+    eye = torch.eye(IN * OUT, dtype=torch.float64)
+    F = torch.stack([vec(metric.fisher(unvec(e, OUT).float()).double()) for e in eye], dim=1)
+    g_avg = torch.randn(OUT, IN, dtype=torch.float64)
+    g_diff = torch.randn(OUT, IN, dtype=torch.float64)
+    expected, beta, eta = dense_fop(g_avg, g_diff, F)
+    result = metric.fop(g_avg.float(), g_diff.float(), zero_tol=1e-10)
+    torch.testing.assert_close(result.direction.double(), expected, rtol=2e-3, atol=1e-4)
+    assert result.beta.item() == pytest.approx(beta, rel=1e-3)
+    assert result.eta.item() == pytest.approx(eta, rel=1e-4)
+
+
+def test_g_perp_is_fisher_orthogonal_and_beta_minimises_the_quadratic() -> None:
+    A, G = _factors()
+    F = torch.kron(A, G) + DAMPING * torch.eye(IN * OUT, dtype=torch.float64)
+    fisher, inverse = _dense_operators(F)
+    g_avg, g_diff = (
+        torch.randn(OUT, IN, dtype=torch.float64),
+        torch.randn(OUT, IN, dtype=torch.float64),
+    )
+    s = inner(g_diff, fisher(g_avg)) / inner(g_avg, fisher(g_avg))
+    g_perp = g_diff - s * g_avg
+    assert abs(inner(g_avg, fisher(g_perp)).item()) < 1e-10 * inner(g_avg, fisher(g_avg)).item()
+
+    result = fop_direction(g_avg, g_diff, fisher, inverse)
+    D = inner(g_avg, inverse(g_perp)).item()
+    E = inner(g_perp, inverse(g_perp)).item()
+
+    def J(b: float) -> float:
+        return -b * D + b * b * E / 2
+
+    beta = result.beta.item()
+    assert beta == pytest.approx(D / E, rel=1e-10)
+    for delta in (1e-3, 1e-1, 1.0):
+        assert J(beta) < J(beta + delta) and J(beta) < J(beta - delta)
+
+
+def test_equal_halves_give_exactly_the_kfac_step() -> None:
+    A, G = _factors()
+    metric = EigenPreconditioner.from_factors(A.float(), G.float(), DAMPING)
+    g = torch.randn(OUT, IN)
+    g1 = g2 = g.clone()
+    result = metric.fop((g1 + g2) / 2, g1 - g2, zero_tol=1e-10)
+    assert torch.equal(result.direction, metric.kfac(g).direction)
+    assert result.beta.item() == 0.0 and result.eta.item() == 1.0
+
+
+def test_eta_lies_in_half_to_one_and_follows_rho() -> None:
+    for _ in range(200):
+        A, G = random_spd(IN, scale=float(torch.rand(1)) * 100), random_spd(OUT, scale=0.1)
+        F = torch.kron(A, G) + DAMPING * torch.eye(IN * OUT, dtype=torch.float64)
+        fisher, inverse = _dense_operators(F)
+        g_avg = torch.randn(OUT, IN, dtype=torch.float64)
+        g_diff = torch.randn(OUT, IN, dtype=torch.float64) * 10 ** float(torch.randint(-3, 3, (1,)))
+        result = fop_direction(g_avg, g_diff, fisher, inverse)
+        assert 0.5 - 1e-12 <= result.eta.item() <= 1 + 1e-12
+        assert result.eta.item() == pytest.approx(eta_at_optimal_beta(result.rho).item(), rel=1e-9)
+
+
+def test_zero_cut_is_relative_to_g_diff() -> None:
+    A, G = _factors()
+    metric = EigenPreconditioner.from_factors(A.float(), G.float(), DAMPING)
+    g_avg, g_diff = torch.randn(OUT, IN), torch.randn(OUT, IN)
+    full = metric.fop(g_avg, g_diff, zero_tol=1e-10)
+    tiny = metric.fop(g_avg, g_diff * 1e-6, zero_tol=1e-10)
+    # beta * g_perp does not depend on the size of g_diff: a tiny one still gives the FOP step.
+    torch.testing.assert_close(tiny.direction, full.direction, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(full.direction, metric.kfac(g_avg).direction, rtol=1e-3)
+    zero = metric.fop(g_avg, torch.zeros_like(g_diff), zero_tol=1e-10)
+    assert torch.equal(zero.direction, metric.kfac(g_avg).direction)
+    parallel = metric.fop(g_avg, 3 * g_avg, zero_tol=1e-10)  # no orthogonal part: K-FAC
+    torch.testing.assert_close(parallel.direction, metric.kfac(g_avg).direction)
+
+
+def test_one_metric_for_both_steps_would_collapse_to_kfac() -> None:
+    # Why the projection uses F and beta uses F^-1: with F^-1 in both, D is identically 0.
+    A, G = _factors()
+    F = torch.kron(A, G) + DAMPING * torch.eye(IN * OUT, dtype=torch.float64)
+    _, inverse = _dense_operators(F)
+    g_avg, g_diff = (
+        torch.randn(OUT, IN, dtype=torch.float64),
+        torch.randn(OUT, IN, dtype=torch.float64),
+    )
+    one_metric = fop_direction(g_avg, g_diff, inverse, inverse)
+    assert abs(one_metric.beta.item()) < 1e-10
+    fisher, _ = _dense_operators(F)
+    assert abs(fop_direction(g_avg, g_diff, fisher, inverse).beta.item()) > 1e-3
+
+
+def test_eigh_recovers_from_degenerate_factors() -> None:
+    # Dead units: whole rows and columns of zeros, repeated eigenvalues.
+    x = torch.randn(8, 3)
+    factor = x @ x.T
+    factor[2:5] = 0
+    factor[:, 2:5] = 0
+    eigenvalues, eigenvectors = symmetric_eigh(factor)
+    assert torch.isfinite(eigenvalues).all() and (eigenvalues >= 0).all()
+    torch.testing.assert_close(
+        eigenvectors @ torch.diag(eigenvalues) @ eigenvectors.T, factor, atol=1e-5, rtol=1e-4
+    )

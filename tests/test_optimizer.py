@@ -1,0 +1,220 @@
+"""The FOP optimizer: training, the AdamW fallback, checkpoints, bad input, non-finite steps."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from hf_fop import FOP, FOPConfig
+from tests.helpers import TokenClassifier, image_data, tiny_vit, token_data, train
+
+
+def _snapshot(model: nn.Module, optimizer: FOP) -> tuple[dict, dict]:
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+
+def _assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("mode", ["fop", "kfac"])
+def test_mlp_and_tiny_vit_train(mode: str) -> None:
+    tokens, labels = token_data()
+    model = TokenClassifier()
+    before = copy.deepcopy(model)
+    optimizer = FOP(
+        model, mode=mode, lr=0.05, adamw_lr=1e-2, curvature_interval=1, inverse_interval=2
+    )
+    losses = train(model, optimizer, tokens, labels, steps=40)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    # The AdamW side really moves: embeddings and LayerNorms.
+    assert not torch.equal(model.embed.weight, before.embed.weight)
+    assert not torch.equal(model.norm.weight, before.norm.weight)
+    assert not torch.equal(model.blocks[0][0].bias, before.blocks[0][0].bias)
+    if mode == "fop":
+        stats = optimizer.statistics()
+        assert 0.5 <= stats["eta_min"] <= stats["eta_max"] <= 1.0
+        assert stats["beta_max"] != 0.0  # the correction is really on
+
+    images, classes = image_data()
+    vit = tiny_vit()
+    optimizer = FOP(
+        vit, mode=mode, lr=0.05, adamw_lr=1e-2, curvature_interval=1, inverse_interval=2
+    )
+    blocks = next(m for m in vit.modules() if isinstance(m, nn.ModuleList))
+    in_blocks = {id(m) for m in blocks.modules() if isinstance(m, nn.Linear)}
+    assert {id(layer.module) for layer in optimizer.layers} == in_blocks  # attention and MLP
+    assert len(in_blocks) == 12
+    patch_before = vit.vit.embeddings.patch_embeddings.projection.weight.clone()
+    losses = train(vit, optimizer, images, classes, steps=40)
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert not torch.equal(vit.vit.embeddings.patch_embeddings.projection.weight, patch_before)
+
+
+def test_kfac_mode_and_fop_mode_differ_only_by_the_correction() -> None:
+    tokens, labels = token_data()
+    runs = {}
+    for mode in ("fop", "kfac"):
+        torch.manual_seed(0)
+        model = TokenClassifier()
+        train(model, FOP(model, mode=mode), tokens, labels, steps=3)
+        runs[mode] = model.blocks[0][1].weight.detach().clone()
+    assert not torch.allclose(runs["fop"], runs["kfac"])
+
+
+def test_adamw_fallback_matches_torch_adamw() -> None:
+    tokens, labels = token_data()
+    model = TokenClassifier()
+    reference = copy.deepcopy(model)
+    # No preconditioned layer: every parameter takes the AdamW path.
+    ours = FOP(model, targets=[], adamw_lr=1e-2, adamw_weight_decay=0.1)
+    decay = [p for p in reference.parameters() if p.dim() >= 2]
+    no_decay = [p for p in reference.parameters() if p.dim() < 2]
+    theirs = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-2,
+        foreach=False,
+    )
+    train(model, ours, tokens, labels, steps=5)
+    train(reference, theirs, tokens, labels, steps=5)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_resumed_run_equals_uninterrupted_run(method: str) -> None:
+    tokens, labels = token_data()
+    settings = dict(method=method, curvature_interval=2, inverse_interval=3, lr=0.03)
+    torch.manual_seed(0)
+    model = TokenClassifier()
+    initial = copy.deepcopy(model.state_dict())
+    optimizer = FOP(model, **settings)
+    train(model, optimizer, tokens, labels, steps=4)
+
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    train(model, optimizer, tokens[64:], labels[64:], steps=0)
+    uninterrupted = train(model, optimizer, tokens, labels, steps=5)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed_model = TokenClassifier()
+    resumed_model.load_state_dict(initial)  # a fresh model, then the checkpoint
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed_optimizer = FOP(resumed_model, **settings)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed = train(resumed_model, resumed_optimizer, tokens, labels, steps=5)
+    assert resumed == uninterrupted
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_round_trips_before_the_first_step() -> None:
+    model = TokenClassifier()
+    optimizer = FOP(model)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+    tokens, labels = token_data()
+    assert train(model, optimizer, tokens, labels, steps=2)[1] < 10
+
+
+def test_curvature_stays_fp32_for_bf16_parameters() -> None:
+    model = TokenClassifier().to(torch.bfloat16)
+    optimizer = FOP(model, curvature_interval=1)
+    tokens, labels = token_data()
+    train(model, optimizer, tokens, labels, steps=1)
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    state = optimizer.state[optimizer.layers[0].weight]
+    assert state["A"].dtype == torch.float32 and state["eigvecs_G"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_skips_the_step(bad: float) -> None:
+    tokens, labels = token_data()
+    model = TokenClassifier()
+    optimizer = FOP(model, curvature_interval=1)
+    train(model, optimizer, tokens, labels, steps=2)
+    before = _snapshot(model, optimizer)
+    loss = nn.functional.cross_entropy(model(tokens[:16]), labels[:16])
+    optimizer.zero_grad()
+    loss.backward()
+    model.blocks[1][1].weight.grad[0, 0] = bad
+    optimizer.step()
+    _assert_same(_snapshot(model, optimizer), before)
+    # The next good step goes ahead as usual.
+    train(model, optimizer, tokens, labels, steps=1)
+    assert not torch.equal(model.blocks[1][1].weight, before[0]["blocks.1.1.weight"])
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("lr", -0.1),
+        ("damping", -1e-3),
+        ("damping", 0.0),
+        ("curvature_interval", 0),
+        ("inverse_interval", 0),
+        ("mode", "adam"),
+        ("method", "cholesky"),
+        ("momentum", 1.5),
+        ("kl_clip", -1.0),
+        ("targets", "(unclosed"),
+        ("targets", ["no_such_layer"]),
+    ],
+)
+def test_invalid_settings_raise_value_error(setting: str, value: object) -> None:
+    with pytest.raises(ValueError, match=setting.split("_")[0]):
+        FOP(TokenClassifier(), **{setting: value})
+
+
+def test_nothing_to_optimize_and_unknown_setting() -> None:
+    model = TokenClassifier().requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to optimize"):
+        FOP(model)
+    with pytest.raises(TypeError, match="unknown FOP setting"):
+        FOP(TokenClassifier(), dampening=0.1)
+    with pytest.raises(TypeError, match="needs the model"):
+        FOP(TokenClassifier().parameters())
+
+
+def test_batch_of_one_falls_back_to_kfac_with_a_warning() -> None:
+    tokens, labels = token_data()
+    runs = {}
+    for mode in ("fop", "kfac"):
+        torch.manual_seed(0)
+        model = TokenClassifier()
+        optimizer = FOP(model, mode=mode)
+        if mode == "fop":
+            with pytest.warns(UserWarning, match="two examples"):
+                train(model, optimizer, tokens, labels, steps=3, batch=1)
+        else:
+            train(model, optimizer, tokens, labels, steps=3, batch=1)
+        runs[mode] = [p.detach().clone() for p in model.parameters()]
+    for p, q in zip(*runs.values()):
+        assert torch.equal(p, q)
+
+
+def test_config_object_and_partition_summary() -> None:
+    config = FOPConfig(damping=0.02, targets="all-linear", max_factor_dim=20)
+    optimizer = FOP(TokenClassifier(), config)
+    summary = optimizer.partition.summary()
+    assert "FOP preconditions" in summary and "max_factor_dim=20" in summary
+    assert {g["kind"] for g in optimizer.param_groups} == {"fop", "adamw"}
+    assert all("lr" in g for g in optimizer.param_groups)
