@@ -5,5 +5,28 @@ from hf_fop.config import FOPConfig
 from hf_fop.optimizer import FOP
 from hf_fop.partition import Partition, UnsupportedWrapperError, partition_model
 
-__all__ = ["FOP", "FOPConfig", "Partition", "UnsupportedWrapperError", "partition_model"]
+__all__ = [
+    "FOP",
+    "FOPConfig",
+    "FOPFactory",
+    "FOPTrainer",
+    "FOPTrainingArguments",
+    "Partition",
+    "UnsupportedWrapperError",
+    "enable",
+    "partition_model",
+]
+
+_INTEGRATION = ("FOPFactory", "FOPTrainer", "FOPTrainingArguments", "enable")
+
+
+def __getattr__(name: str) -> object:
+    # The Hugging Face side imports transformers: loaded on first use only.
+    if name in _INTEGRATION:
+        from hf_fop import integration
+
+        return getattr(integration, name)
+    raise AttributeError(f"module 'hf_fop' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"

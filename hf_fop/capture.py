@@ -75,7 +75,9 @@ class CurvatureCapture:
         self.layers = list(layers)
         self.collect_factors = True
         self.collect_first_half = True
-        self.accumulation_steps = 1
+        # Micro-batches per step: set by the caller, or (None) learned from the previous step.
+        self.accumulation_steps: int | None = None
+        self._observed_steps = 1
         self.stats = [LayerStatistics() for _ in self.layers]
         self._micro_batch = -1
         # Counting calls of the root model numbers the micro-batches of a step; g1 is taken over
@@ -89,6 +91,8 @@ class CurvatureCapture:
             )
 
     def reset(self) -> None:
+        if self._micro_batch >= 0:
+            self._observed_steps = self._micro_batch + 1
         self.stats = [LayerStatistics() for _ in self.layers]
         self._micro_batch = -1
 
@@ -113,7 +117,8 @@ class CurvatureCapture:
 
     def _first_half_count(self, micro_batch: int, examples: int) -> int:
         """How many leading examples of this micro-batch belong to the step's first half."""
-        half = (self.accumulation_steps * examples) // 2
+        steps = self.accumulation_steps or self._observed_steps
+        half = (steps * examples) // 2
         return min(max(half - micro_batch * examples, 0), examples)
 
     @torch.no_grad()

@@ -46,8 +46,9 @@ class FOPConfig:
     skip: Sequence[str] = ()
     # Layers with a Kronecker factor larger than this (vocabulary-sized heads) go to AdamW.
     max_factor_dim: int = 8192
-    # Micro-batches per optimizer step; g1 is the gradient of the first half of the step's examples.
-    gradient_accumulation_steps: int = 1
+    # Micro-batches per optimizer step; g1 is the gradient of the first half of the step's
+    # examples. None learns it from the micro-batches of the previous step.
+    gradient_accumulation_steps: int | None = None
     adamw_lr: float = 1e-3
     adamw_betas: tuple[float, float] = (0.9, 0.999)
     adamw_eps: float = 1e-8
@@ -76,6 +77,8 @@ class FOPConfig:
         _check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("curvature_interval", "inverse_interval", "gradient_accumulation_steps"):
             value = getattr(self, name)
+            if value is None and name == "gradient_accumulation_steps":
+                continue
             _check(
                 isinstance(value, int) and value >= 1,
                 f"{name} must be an integer >= 1, got {value!r}",

@@ -25,8 +25,15 @@ class LayerAdapter(ABC):
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.weight: nn.Parameter = module.weight
-        self.bias: nn.Parameter | None = getattr(module, "bias", None)
+
+    # Read from the module each time: wrappers (accelerate, PEFT) may swap parameter objects.
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return getattr(self.module, "bias", None)
 
     @property
     def params(self) -> list[nn.Parameter]:

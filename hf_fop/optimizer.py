@@ -103,13 +103,16 @@ class FOP(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------- public
 
     @property
-    def gradient_accumulation_steps(self) -> int:
+    def gradient_accumulation_steps(self) -> int | None:
+        """Micro-batches per step (None: learned from the previous step)."""
         return self.capture.accumulation_steps
 
     @gradient_accumulation_steps.setter
-    def gradient_accumulation_steps(self, steps: int) -> None:
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {steps!r}")
+    def gradient_accumulation_steps(self, steps: int | None) -> None:
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise ValueError(
+                f"gradient_accumulation_steps must be an integer >= 1 or None, got {steps!r}"
+            )
         self.capture.accumulation_steps = steps
 
     @property
@@ -214,8 +217,9 @@ class FOP(torch.optim.Optimizer):
             if want_g1 and not has_split and stats.examples > 0:
                 self._warn_once(
                     "no-split",
-                    "FOP needs at least two examples per step to split the batch; steps with "
-                    "one example use the K-FAC direction",
+                    "FOP could not split a step's examples into two halves (a batch of one "
+                    "example, or fewer micro-batches than gradient_accumulation_steps); such "
+                    "steps use the K-FAC direction",
                 )
             gathered.append(item)
             flags.append([float(has_factors), float(has_split)])

@@ -88,3 +88,70 @@ def train(
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+class DictDataset(torch.utils.data.Dataset):
+    """A list of feature dicts, as the Trainer consumes them."""
+
+    def __init__(self, **columns: torch.Tensor) -> None:
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: column[index] for name, column in self.columns.items()}
+
+
+def image_dataset(n: int = 64) -> DictDataset:
+    images, labels = image_data(n)
+    return DictDataset(pixel_values=images, labels=labels)
+
+
+def tiny_bert(num_labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config)
+
+
+def text_dataset(n: int = 64, length: int = 8) -> DictDataset:
+    """Label 1 when token 7 occurs in the sequence."""
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(8, 30, (n, length), generator=generator)
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    ids[labels == 1, 3] = 7
+    return DictDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=24,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def lm_dataset(n: int = 64, length: int = 12) -> DictDataset:
+    """Counting sequences (start, start + 1, ...) modulo the vocabulary: easy to predict."""
+    starts = torch.randint(0, 24, (n, 1), generator=torch.Generator().manual_seed(4))
+    ids = (starts + torch.arange(length)) % 24
+    return DictDataset(input_ids=ids, labels=ids.clone())

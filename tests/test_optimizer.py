@@ -202,7 +202,7 @@ def test_batch_of_one_falls_back_to_kfac_with_a_warning() -> None:
         model = TokenClassifier()
         optimizer = FOP(model, mode=mode)
         if mode == "fop":
-            with pytest.warns(UserWarning, match="two examples"):
+            with pytest.warns(UserWarning, match="two halves"):
                 train(model, optimizer, tokens, labels, steps=3, batch=1)
         else:
             train(model, optimizer, tokens, labels, steps=3, batch=1)
@@ -218,3 +218,45 @@ def test_config_object_and_partition_summary() -> None:
     assert "FOP preconditions" in summary and "max_factor_dim=20" in summary
     assert {g["kind"] for g in optimizer.param_groups} == {"fop", "adamw"}
     assert all("lr" in g for g in optimizer.param_groups)
+
+
+def test_clipped_gradients_give_the_clip_factor_times_the_fop_step() -> None:
+    # Clipping scales p.grad (g_avg) but not g1 from the hooks: FOP's step must still be exactly
+    # c times the unclipped one, because only the F-orthogonal part of g1 enters it.
+    tokens, labels = token_data()
+    deltas = []
+    for clip in (None, 0.3):
+        torch.manual_seed(0)
+        model = TokenClassifier()
+        optimizer = FOP(model, momentum=0.0, kl_clip=None)
+        nn.functional.cross_entropy(model(tokens[:16]), labels[:16]).backward()
+        if clip is not None:
+            for p in model.parameters():
+                p.grad.mul_(clip)
+        layer = optimizer.layers[0]
+        before = layer.weight.detach().clone()
+        optimizer.step()
+        assert optimizer.statistics()["beta_max"] != 0
+        deltas.append(layer.weight.detach() - before)
+    torch.testing.assert_close(deltas[1], 0.3 * deltas[0], rtol=1e-4, atol=1e-8)
+
+
+def test_accumulation_steps_are_learned_from_the_previous_step() -> None:
+    tokens, labels = token_data()
+    model = TokenClassifier()
+    optimizer = FOP(model)  # gradient_accumulation_steps not given
+    for _ in range(2):
+        optimizer.zero_grad()
+        for chunk in (slice(0, 8), slice(8, 16)):
+            (nn.functional.cross_entropy(model(tokens[chunk]), labels[chunk]) / 2).backward()
+        optimizer.step()
+    # Second step: g1 is the gradient over the first micro-batch, the first half of the step.
+    reference = copy.deepcopy(model)
+    optimizer.zero_grad()
+    for chunk in (slice(0, 8), slice(8, 16)):
+        (nn.functional.cross_entropy(model(tokens[chunk]), labels[chunk]) / 2).backward()
+    g1 = optimizer.capture.stats[0].g1()
+    nn.functional.cross_entropy(reference(tokens[:8]), labels[:8]).backward()
+    layer = reference.blocks[0][1]
+    expected = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1)
+    torch.testing.assert_close(g1, expected, rtol=1e-5, atol=1e-6)

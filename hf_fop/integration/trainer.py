@@ -1,0 +1,108 @@
+"""``FOPTrainer``: the Trainer with FOP as a first-class optimizer, its statistics in the logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from hf_fop.integration.factory import FOPFactory
+from hf_fop.integration.settings import fop_settings_from_args, is_fop_optim
+from hf_fop.optimizer import FOP
+from hf_fop.partition import UnsupportedWrapperError
+
+try:  # transformers >= 5.2 builds non-Optimizer "factories" with the model
+    from transformers.trainer_optimizer import is_optimizer_factory  # noqa: F401
+
+    HAS_FACTORY_BRANCH = True
+except ImportError:
+    HAS_FACTORY_BRANCH = False
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The FOP inside accelerate's AcceleratedOptimizer (or the optimizer itself)."""
+    while (
+        optimizer is not None and not isinstance(optimizer, FOP) and hasattr(optimizer, "optimizer")
+    ):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def check_supported_setup(args: Any) -> None:
+    """Fail before training for parallel setups that break per-layer curvature."""
+    if not is_fop_optim(args):
+        return
+    if getattr(args, "deepspeed", None):
+        raise UnsupportedWrapperError(
+            "FOP does not support DeepSpeed ZeRO (it partitions the weights and gradients FOP "
+            "preconditions). Drop --deepspeed and launch with `accelerate launch` (DDP)."
+        )
+    if getattr(args, "fsdp", None):
+        raise UnsupportedWrapperError(
+            "FOP does not support FSDP yet. Drop --fsdp and launch with `accelerate launch` (DDP)."
+        )
+    if str(getattr(args.parallel_mode, "value", "")) == "not_distributed":
+        raise UnsupportedWrapperError(
+            "with several GPUs and no distributed launch, the Trainer wraps the model in "
+            "nn.DataParallel, which FOP does not support. Launch with `accelerate launch` or "
+            "`torchrun` (DDP), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
+        )
+
+
+def create_fop_optimizer(trainer: Trainer, model: nn.Module | None = None) -> FOP:
+    """Build FOP for a Trainer on any transformers release (used where no factory branch exists)."""
+    check_supported_setup(trainer.args)
+    optimizer = FOPFactory()(
+        model if model is not None else trainer.model, **fop_settings_from_args(trainer.args)
+    )
+    trainer.optimizer = optimizer
+    return optimizer
+
+
+class FOPTrainer(Trainer):
+    """A Trainer that accepts ``optim="fop"`` / ``"kfac"`` (see FOPTrainingArguments).
+
+    - the optimizer comes from :class:`FOPFactory` through ``get_optimizer_cls_and_kwargs``
+      (transformers >= 5.2) or ``create_optimizer`` (older releases);
+    - gradient accumulation: the hooks gather curvature and g1 over every micro-batch and the
+      optimizer steps once; the number of micro-batches of each step (fewer at an epoch's end)
+      is passed on, so g1 is always the gradient of the first half of the step's examples;
+    - gradient clipping (``max_grad_norm``) runs before ``step()`` as usual: it scales g_avg,
+      and FOP's step is then exactly the clip factor times the unclipped FOP step (only the
+      part of g1 that is F-orthogonal to g_avg matters);
+    - the last step's FOP statistics (``fop/eta_mean``, ``fop/rho_mean``, ...) join every
+      training log, so they reach the progress bar, TensorBoard or any ``report_to``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        check_supported_setup(self.args)
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
+        if is_fop_optim(args):
+            return FOPFactory, fop_settings_from_args(args)
+        return Trainer.get_optimizer_cls_and_kwargs(args, model)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        # transformers < 5.2 would pass the Trainer's param groups to an Optimizer class.
+        if self.optimizer is None and is_fop_optim(self.args) and not HAS_FACTORY_BRANCH:
+            return create_fop_optimizer(self, *args)
+        return super().create_optimizer(*args, **kwargs)
+
+    def training_step(
+        self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        fop = unwrap_optimizer(self.optimizer)
+        steps = getattr(self, "current_gradient_accumulation_steps", None)
+        if isinstance(fop, FOP) and steps:
+            fop.gradient_accumulation_steps = int(steps)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        fop = unwrap_optimizer(self.optimizer)
+        if isinstance(fop, FOP) and "loss" in logs:
+            logs = {**logs, **{f"fop/{k}": round(v, 6) for k, v in fop.statistics().items()}}
+        super().log(logs, *args, **kwargs)
