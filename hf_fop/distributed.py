@@ -9,7 +9,9 @@ without torch.distributed, every call is a no-op.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,18 @@ class Communicator:
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
+        # Wall seconds spent in FOP's own collectives (benchmarks read it).
+        self.seconds = 0.0
+        self.calls = 0
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
 
     @property
     def active(self) -> bool:
@@ -58,31 +72,25 @@ class Communicator:
         """Average the tensors across ranks in place, with one flat fp32 all-reduce."""
         if not self.active or not tensors:
             return
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        dist.all_reduce(flat, group=self.group)
-        flat /= self.world_size
-        _unflatten_into(flat, tensors)
+        with self._timed():
+            flat = torch.cat([t.reshape(-1).float() for t in tensors])
+            dist.all_reduce(flat, group=self.group)
+            flat /= self.world_size
+            _unflatten_into(flat, tensors)
 
     def share_owned(self, tensors: Sequence[Tensor], owned: Sequence[bool]) -> None:
         """Give every rank the owners' values: non-owners hold zeros, one summing all-reduce."""
         if not self.active or not tensors:
             return
-        flat = torch.cat(
-            [
-                t.reshape(-1).float() if mine else t.new_zeros(t.numel()).float()
-                for t, mine in zip(tensors, owned)
-            ]
-        )
-        dist.all_reduce(flat, group=self.group)
-        _unflatten_into(flat, tensors)
-
-    def all_true(self, flag: bool, device: torch.device) -> bool:
-        """Whether ``flag`` holds on every rank (one small all-reduce)."""
-        if not self.active:
-            return flag
-        value = torch.tensor([0.0 if flag else 1.0], device=device)
-        dist.all_reduce(value, group=self.group)
-        return value.item() == 0.0
+        with self._timed():
+            flat = torch.cat(
+                [
+                    t.reshape(-1).float() if mine else t.new_zeros(t.numel()).float()
+                    for t, mine in zip(tensors, owned)
+                ]
+            )
+            dist.all_reduce(flat, group=self.group)
+            _unflatten_into(flat, tensors)
 
 
 def _unflatten_into(flat: Tensor, tensors: Sequence[Tensor]) -> None:

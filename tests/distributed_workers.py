@@ -1,0 +1,62 @@
+"""Worker functions for the 2-process tests (importable by torch.multiprocessing spawn)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from hf_fop import FOP
+from tests.helpers import image_data, tiny_vit
+
+SETTINGS = dict(lr=0.02, adamw_lr=3e-3, curvature_interval=1, inverse_interval=2)
+
+
+def init_process(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+
+
+def _global_batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = image_data(256)
+    index = torch.arange(step * size, (step + 1) * size) % len(images)
+    return images[index], labels[index]
+
+
+def local_batch(step: int, local: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the global batch, arranged so that the ranks' first halves make up
+    the first half of the global batch (the split a single process would use)."""
+    images, labels = _global_batch(step, local * world_size)
+    half, local_half = len(images) // 2, local // 2
+    first = torch.arange(rank * local_half, (rank + 1) * local_half)
+    index = torch.cat([first, first + half])
+    return images[index], labels[index]
+
+
+def train_ddp(rank: int, world_size: int, port: int, out: str, steps: int, local: int) -> None:
+    init_process(rank, world_size, port)
+    torch.manual_seed(0)
+    model = tiny_vit()
+    optimizer = FOP(model, **SETTINGS)
+    ddp = DistributedDataParallel(model)
+    for step in range(steps):
+        images, labels = local_batch(step, local, rank, world_size)
+        loss = F.cross_entropy(ddp(images).logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(
+        {
+            "params": {n: p.detach() for n, p in model.named_parameters()},
+            "optimizer": optimizer.state_dict(),
+            "decomposed": list(optimizer._decomposed_by_rank),
+            "comm_calls": optimizer.communicator.calls,
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
+    dist.destroy_process_group()

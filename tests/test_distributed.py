@@ -1,0 +1,127 @@
+"""Data parallel FOP on 2 processes (gloo on loopback), and the unsupported wrappers."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from hf_fop import FOP, UnsupportedWrapperError
+from hf_fop.distributed import assign_layers, decomposition_cost
+from tests.distributed_workers import SETTINGS, local_batch, train_ddp
+from tests.helpers import TokenClassifier, tiny_vit
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(train_ddp, args=(2, free_port(), str(out), 4, 8), nprocs=2, join=True)
+    return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
+
+
+def _assert_equal_nested(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_equal_nested(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        for x, y in zip(a, b, strict=True):
+            _assert_equal_nested(x, y)
+    else:
+        assert a == b
+
+
+def test_ranks_hold_identical_parameters_and_state(two_rank_run: dict[int, dict]) -> None:
+    _assert_equal_nested(two_rank_run[0]["params"], two_rank_run[1]["params"])
+    _assert_equal_nested(two_rank_run[0]["optimizer"], two_rank_run[1]["optimizer"])
+    # One bucketed all-reduce per step, plus one decomposition share on inverse steps (0, 2).
+    assert two_rank_run[0]["comm_calls"] == 4 + 2
+
+
+def test_two_ranks_equal_one_rank_with_the_double_batch(two_rank_run: dict[int, dict]) -> None:
+    torch.manual_seed(0)
+    model = tiny_vit()
+    optimizer = FOP(model, **SETTINGS)
+    for step in range(4):
+        # The same global batch, in the order whose first half is the ranks' first halves.
+        parts = [local_batch(step, 8, rank, 2) for rank in (0, 1)]
+        images = torch.cat([parts[0][0][:4], parts[1][0][:4], parts[0][0][4:], parts[1][0][4:]])
+        labels = torch.cat([parts[0][1][:4], parts[1][1][:4], parts[0][1][4:], parts[1][1][4:]])
+        loss = F.cross_entropy(model(images).logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(two_rank_run[0]["params"][name], param.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_inversion_work_is_divided(two_rank_run: dict[int, dict]) -> None:
+    model = tiny_vit()
+    layers = FOP(model).layers
+    costs = [decomposition_cost(layer.in_dim, layer.out_dim) for layer in layers]
+    owners = assign_layers(costs, 2)
+    for rank in (0, 1):
+        expected = [i for i, owner in enumerate(owners) if owner == rank]
+        assert two_rank_run[rank]["decomposed"] == expected
+    assert set(two_rank_run[0]["decomposed"]).isdisjoint(two_rank_run[1]["decomposed"])
+    assert sorted(two_rank_run[0]["decomposed"] + two_rank_run[1]["decomposed"]) == list(range(len(layers)))
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in (0, 1)]
+    assert max(loads) <= 0.5 * sum(costs) + max(costs)
+
+
+def test_assignment_balances_by_cost() -> None:
+    assert assign_layers([8.0, 1.0, 1.0, 6.0], 2) == [0, 1, 1, 1]
+    assert assign_layers([3.0, 2.0, 1.0], 1) == [0, 0, 0]
+    assert sorted(assign_layers([1.0] * 5, 3)) == [0, 0, 1, 1, 2]
+
+
+def test_data_parallel_is_rejected_with_the_alternative() -> None:
+    with pytest.raises(UnsupportedWrapperError, match="DistributedDataParallel"):
+        FOP(nn.DataParallel(TokenClassifier()))
+
+
+@pytest.mark.parametrize(("name", "match"), [("DeepSpeedEngine", "DeepSpeed"), ("FullyShardedDataParallel", "FSDP")])
+def test_sharding_wrappers_are_rejected(name: str, match: str) -> None:
+    wrapper = type(name, (nn.Module,), {})()
+    wrapper.module = TokenClassifier()
+    with pytest.raises(UnsupportedWrapperError, match=match):
+        FOP(wrapper)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (dict(deepspeed="ds_config.json"), "DeepSpeed"),
+        (dict(fsdp=["full_shard"]), "FSDP"),
+        (dict(parallel_mode=SimpleNamespace(value="not_distributed")), "DataParallel"),
+    ],
+)
+def test_trainer_setups_that_break_curvature_fail_early(args: dict, match: str) -> None:
+    from hf_fop.integration.trainer import check_supported_setup
+
+    settings = dict(optim="fop", deepspeed=None, fsdp=[], parallel_mode=SimpleNamespace(value="distributed"))
+    settings.update(args)
+    with pytest.raises(UnsupportedWrapperError, match=match):
+        check_supported_setup(SimpleNamespace(**settings))
+
+
+def test_examples_are_the_spawned_workers_inputs() -> None:
+    # The arrangement used above: the ranks' first halves are the global first half.
+    first_halves = torch.cat([local_batch(0, 8, rank, 2)[0][:4] for rank in (0, 1)])
+    whole = torch.cat([local_batch(0, 8, rank, 2)[0] for rank in (0, 1)])
+    assert first_halves.shape[0] * 2 == whole.shape[0]
+    assert not any(torch.equal(first_halves[i], whole[j]) for i in range(8) for j in (4, 5, 6, 7, 12, 13, 14, 15))
