@@ -226,9 +226,10 @@ def test_plain_trainer_with_the_factory(tmp_path: Path) -> None:
         model=model,
         args=args,
         train_dataset=image_dataset(),
+        # "model" in the kwargs serves transformers releases without the factory branch too.
         optimizer_cls_and_kwargs=(
             FOPFactory,
-            {"lr": 0.01, "adamw_lr": 3e-3, "curvature_interval": 1},
+            {"model": model, "lr": 0.01, "adamw_lr": 3e-3, "curvature_interval": 1},
         ),
     )
     trainer.train()

@@ -21,14 +21,36 @@ def unwrap_for_fop(model: nn.Module) -> nn.Module:
 
 
 class FOPFactory:
-    """Builds :class:`hf_fop.FOP` from a model: ``FOPFactory()(model, **settings)``.
+    """Builds :class:`hf_fop.FOP` from a model, the way each transformers release asks for it.
 
-    transformers (>= 5.2) instantiates a non-Optimizer class from ``optimizer_cls_and_kwargs`` or
-    ``get_optimizer_cls_and_kwargs`` and calls it with the model, which FOP needs for its hooks.
-    Nothing is cached: every call reads the model as it is now, so parameters that accelerate
-    moved or replaced are the ones optimized.
+    - transformers >= 5.2 instantiates a non-Optimizer class given in ``optimizer_cls_and_kwargs``
+      (or returned by ``get_optimizer_cls_and_kwargs``) and calls it: ``FOPFactory()(model, **kw)``.
+    - older releases call the class itself, ``FOPFactory(params, **kw)``, and hand over the
+      model only when the kwargs hold ``"model": model`` (their LOMO path); then the class call
+      returns the FOP optimizer directly.
+
+    Passing ``{"model": model, ...}`` therefore works on every release. Nothing is cached: every
+    call reads the model as it is now, so parameters that accelerate moved or replaced are the
+    ones optimized.
     """
 
-    def __call__(self, model: nn.Module, **settings: Any) -> FOP:
+    def __new__(cls, *args: Any, **settings: Any) -> Any:
+        if not args and not settings:
+            return super().__new__(cls)
+        return cls.build(*args, **settings)
+
+    def __call__(self, *args: Any, **settings: Any) -> FOP:
+        return self.build(*args, **settings)
+
+    @staticmethod
+    def build(*args: Any, **settings: Any) -> FOP:
         settings.pop("params", None)  # the Trainer's param groups: FOP makes its own
+        model = settings.pop("model", None)
+        if model is None and args and isinstance(args[0], nn.Module):
+            model = args[0]
+        if model is None:
+            raise TypeError(
+                "FOPFactory needs the model, not parameter groups: with transformers < 5.2 pass "
+                "optimizer_cls_and_kwargs=(FOPFactory, {'model': model, ...})"
+            )
         return FOP(unwrap_for_fop(model), **settings)
