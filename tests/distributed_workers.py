@@ -28,7 +28,9 @@ def _global_batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images[index], labels[index]
 
 
-def local_batch(step: int, local: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def local_batch(
+    step: int, local: int, rank: int, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the global batch, arranged so that the ranks' first halves make up
     the first half of the global batch (the split a single process would use)."""
     images, labels = _global_batch(step, local * world_size)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -66,7 +65,9 @@ def test_two_ranks_equal_one_rank_with_the_double_batch(two_rank_run: dict[int, 
         loss.backward()
         optimizer.step()
     for name, param in model.named_parameters():
-        torch.testing.assert_close(two_rank_run[0]["params"][name], param.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            two_rank_run[0]["params"][name], param.detach(), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_inversion_work_is_divided(two_rank_run: dict[int, dict]) -> None:
@@ -78,7 +79,9 @@ def test_inversion_work_is_divided(two_rank_run: dict[int, dict]) -> None:
         expected = [i for i, owner in enumerate(owners) if owner == rank]
         assert two_rank_run[rank]["decomposed"] == expected
     assert set(two_rank_run[0]["decomposed"]).isdisjoint(two_rank_run[1]["decomposed"])
-    assert sorted(two_rank_run[0]["decomposed"] + two_rank_run[1]["decomposed"]) == list(range(len(layers)))
+    assert sorted(two_rank_run[0]["decomposed"] + two_rank_run[1]["decomposed"]) == list(
+        range(len(layers))
+    )
     loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in (0, 1)]
     assert max(loads) <= 0.5 * sum(costs) + max(costs)
 
@@ -94,7 +97,9 @@ def test_data_parallel_is_rejected_with_the_alternative() -> None:
         FOP(nn.DataParallel(TokenClassifier()))
 
 
-@pytest.mark.parametrize(("name", "match"), [("DeepSpeedEngine", "DeepSpeed"), ("FullyShardedDataParallel", "FSDP")])
+@pytest.mark.parametrize(
+    ("name", "match"), [("DeepSpeedEngine", "DeepSpeed"), ("FullyShardedDataParallel", "FSDP")]
+)
 def test_sharding_wrappers_are_rejected(name: str, match: str) -> None:
     wrapper = type(name, (nn.Module,), {})()
     wrapper.module = TokenClassifier()
@@ -113,7 +118,9 @@ def test_sharding_wrappers_are_rejected(name: str, match: str) -> None:
 def test_trainer_setups_that_break_curvature_fail_early(args: dict, match: str) -> None:
     from hf_fop.integration.trainer import check_supported_setup
 
-    settings = dict(optim="fop", deepspeed=None, fsdp=[], parallel_mode=SimpleNamespace(value="distributed"))
+    settings = dict(
+        optim="fop", deepspeed=None, fsdp=[], parallel_mode=SimpleNamespace(value="distributed")
+    )
     settings.update(args)
     with pytest.raises(UnsupportedWrapperError, match=match):
         check_supported_setup(SimpleNamespace(**settings))
@@ -124,4 +131,8 @@ def test_examples_are_the_spawned_workers_inputs() -> None:
     first_halves = torch.cat([local_batch(0, 8, rank, 2)[0][:4] for rank in (0, 1)])
     whole = torch.cat([local_batch(0, 8, rank, 2)[0] for rank in (0, 1)])
     assert first_halves.shape[0] * 2 == whole.shape[0]
-    assert not any(torch.equal(first_halves[i], whole[j]) for i in range(8) for j in (4, 5, 6, 7, 12, 13, 14, 15))
+    assert not any(
+        torch.equal(first_halves[i], whole[j])
+        for i in range(8)
+        for j in (4, 5, 6, 7, 12, 13, 14, 15)
+    )

@@ -162,6 +162,20 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path: Path) -> None:
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+def test_resume_restores_vit_weights_saved_under_legacy_names(tmp_path: Path) -> None:
+    from hf_fop.integration.trainer import reload_renamed_weights
+
+    trained = tiny_vit()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    trained.save_pretrained(tmp_path)
+    fresh = tiny_vit()
+    assert reload_renamed_weights(fresh, str(tmp_path))
+    for p, q in zip(trained.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_gradient_accumulation_gives_the_same_first_update(tmp_path: Path) -> None:
     results = []
     for batch, accumulation in ((8, 1), (4, 2)):

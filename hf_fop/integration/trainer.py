@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +62,29 @@ def create_fop_optimizer(trainer: Trainer, model: nn.Module | None = None) -> FO
     return optimizer
 
 
+def reload_renamed_weights(model: nn.Module, checkpoint: str) -> bool:
+    """Reload a checkpoint whose weight names differ from the model's (ViT in transformers 5.x
+    saves legacy names that the Trainer's resume path does not map back, and silently keeps the
+    fresh weights). ``from_pretrained`` knows the mapping. Returns whether weights were reloaded.
+    """
+    weights = Path(checkpoint) / "model.safetensors"
+    if (
+        not weights.is_file()
+        or not hasattr(type(model), "from_pretrained")
+        or hasattr(model, "peft_config")
+    ):
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        saved = set(handle.keys())
+    if saved <= set(model.state_dict()):
+        return False
+    reloaded = type(model).from_pretrained(checkpoint, config=model.config)
+    model.load_state_dict(reloaded.state_dict())
+    return True
+
+
 class FOPTrainer(Trainer):
     """A Trainer that accepts ``optim="fop"`` / ``"kfac"`` (see FOPTrainingArguments).
 
@@ -100,6 +124,12 @@ class FOPTrainer(Trainer):
         if isinstance(fop, FOP) and steps:
             fop.gradient_accumulation_steps = int(steps)
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        reload_renamed_weights(model if model is not None else self.model, resume_from_checkpoint)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         fop = unwrap_optimizer(self.optimizer)

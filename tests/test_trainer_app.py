@@ -1,0 +1,184 @@
+"""The training application: the CLI on image and text tasks, the main job, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hf_fop_trainer import compare, train
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = [
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--save_strategy",
+    "no",
+    "--eval_strategy",
+    "no",
+    "--per_device_train_batch_size",
+    "8",
+    "--max_steps",
+    "3",
+    "--fop_curvature_interval",
+    "1",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("optim", ["fop", "adamw_torch"])
+def test_cli_image_task(tmp_path: Path, optim: str) -> None:
+    metrics = train.main(
+        ["--optim", optim, "--output_dir", str(tmp_path), "--max_eval_samples", "64", *COMMON]
+    )
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["epoch"] > 0
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--optim", "fop"], ["--optim", "fop", "--use_peft", "true"], ["--optim", "adamw_torch"]],
+    ids=["fop", "fop-lora", "adamw"],
+)
+def test_cli_text_task(tmp_path: Path, extra: list[str]) -> None:
+    metrics = train.main(
+        [
+            "--task",
+            "text",
+            *extra,
+            "--output_dir",
+            str(tmp_path),
+            "--max_seq_length",
+            "24",
+            "--max_train_samples",
+            "48",
+            "--max_eval_samples",
+            "24",
+            "--learning_rate",
+            "0.001",
+            *COMMON,
+        ]
+    )
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
+def test_cli_long_tail_reports_shot_groups(tmp_path: Path) -> None:
+    metrics = train.main(
+        ["--optim", "kfac", "--output_dir", str(tmp_path), "--long_tail_imbalance", "100", *COMMON]
+    )
+    assert {"eval_many_shot_accuracy", "eval_few_shot_accuracy"} <= set(metrics)
+
+
+def test_empty_training_data_is_a_clear_error(tmp_path: Path) -> None:
+    empty = tmp_path / "train.csv"
+    empty.write_text("text,label\n")
+    with pytest.raises(ValueError, match="training data is empty"):
+        train.main(
+            ["--task", "text", "--train_file", str(empty), "--output_dir", str(tmp_path), *COMMON]
+        )
+
+
+def test_main_job_reduced_writes_summary_and_plot(tmp_path: Path) -> None:
+    rows = compare.main(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--num_train_epochs",
+            "1",
+            "--max_train_samples",
+            "256",
+            "--max_eval_samples",
+            "128",
+            "--disable_tqdm",
+            "true",
+            "--target_accuracy",
+            "0.05",
+        ]
+    )
+    assert [r["optimizer"] for r in rows] == ["fop", "adamw_torch"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["results"][0]["epochs_to_target"] == 1.0  # 5% is reached after one epoch
+    assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 10_000
+    assert "| fop |" in (tmp_path / "summary.md").read_text()
+
+
+def _launch(output: Path, *extra: str, port: int) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "trainer" / "accelerate" / "cpu_2proc.yaml"),
+        "--main_process_port",
+        str(port),
+        "-m",
+        "hf_fop_trainer.train",
+        "--optim",
+        "fop",
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        "4",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--eval_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "1",
+        "--fop_curvature_interval",
+        "1",
+        "--fop_inverse_interval",
+        "2",
+        "--learning_rate",
+        "0.01",
+        "--max_eval_samples",
+        "32",
+        "--ddp_find_unused_parameters",
+        "false",
+        *extra,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def test_two_processes_with_accelerate_and_resume(tmp_path: Path) -> None:
+    full = _launch(tmp_path / "full", port=29631)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert full.stdout.count("'epoch':") >= 1
+    state = json.loads((tmp_path / "full" / "checkpoint-4" / "trainer_state.json").read_text())
+    # 2 processes x 8 examples per step: 4 steps cover 64 of the 1,437 training images.
+    assert state["epoch"] == pytest.approx(4 * 16 / 1437, rel=0.05)
+
+    resumed = _launch(
+        tmp_path / "resumed",
+        "--resume_from_checkpoint",
+        str(tmp_path / "full" / "checkpoint-2"),
+        port=29632,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final, again = (
+        load_file(tmp_path / "full" / "model.safetensors"),
+        load_file(tmp_path / "resumed" / "model.safetensors"),
+    )
+    assert final.keys() == again.keys()
+    for key in final:
+        torch.testing.assert_close(again[key], final[key], rtol=1e-6, atol=1e-7)

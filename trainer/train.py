@@ -1,0 +1,159 @@
+"""Command-line trainer: image or text classification with FOP, K-FAC, AdamW or SGD.
+
+    python -m hf_fop_trainer.train --optim fop --output_dir outputs/vit        # ViT on digits
+    python -m hf_fop_trainer.train --task text --optim fop --use_peft ...      # MiniLM + LoRA
+    accelerate launch --config_file trainer/accelerate/cpu_2proc.yaml -m hf_fop_trainer.train ...
+
+Any `--dataset_name` that `datasets` loads, an imagefolder (`--train_dir`), CSV/JSON files
+(`--train_file`), or the embedded offline defaults. Every TrainingArguments flag works, plus
+FOP's `--fop_*` flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from hf_fop_trainer.arguments import DataArguments, ModelArguments
+from hf_fop_trainer.data import (
+    IMAGE_COLUMNS,
+    LABEL_COLUMNS,
+    TEXT_COLUMNS,
+    _find,
+    class_counts,
+    image_transform,
+    load_splits,
+    long_tailed,
+)
+from hf_fop_trainer.models import add_lora, build_image_model, build_text_model
+from transformers import HfArgumentParser, TrainerCallback, default_data_collator, set_seed
+
+from hf_fop.integration import FOPTrainer, FOPTrainingArguments
+from hf_fop.metrics import load_metric
+
+logger = logging.getLogger("hf_fop_trainer")
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, float]
+    trainer: FOPTrainer
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, FOPTrainingArguments]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not _has_accelerator() and "--use_cpu" not in argv:
+        # Without this flag a multi-process launch on a CPU-only machine does not set up gloo.
+        argv += ["--use_cpu", "true"]
+    if "--output_dir" not in argv:
+        argv += ["--output_dir", "outputs/train"]
+    parser = HfArgumentParser((ModelArguments, DataArguments, FOPTrainingArguments))
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: FOPTrainingArguments,
+    callbacks: list[TrainerCallback] | None = None,
+) -> RunResult:
+    """Build data, model and FOPTrainer from the arguments, train, evaluate."""
+    if model_args.task not in ("image", "text"):
+        raise ValueError(f"--task must be 'image' or 'text', got {model_args.task!r}")
+    set_seed(training_args.seed)
+    splits = load_splits(data_args, model_args.task, training_args.seed)
+    columns = splits["train"].column_names
+    label = _find(columns, LABEL_COLUMNS, "label", data_args.label_column)
+    if not hasattr(splits["train"].features[label], "names"):
+        splits = splits.class_encode_column(label)
+    names = splits["train"].features[label].names
+    if data_args.long_tail_imbalance:
+        splits["train"] = long_tailed(
+            splits["train"], label, data_args.long_tail_imbalance, training_args.seed
+        )
+    counts = class_counts(splits["train"], label, len(names))
+
+    if model_args.task == "image":
+        image = _find(columns, IMAGE_COLUMNS, "image", data_args.image_column)
+        channels = 1 if np.asarray(splits["train"][0][image]).ndim == 2 else 3
+        model = build_image_model(model_args, names, channels)
+        size = model.config.image_size
+        for split in splits.values():
+            split.set_transform(image_transform(image, label, size, channels))
+    else:
+        text = _find(columns, TEXT_COLUMNS, "text", data_args.text_column)
+        model, tokenizer = build_text_model(model_args, names)
+
+        def tokenize(batch: dict[str, list]) -> dict[str, Any]:
+            encoded = tokenizer(
+                batch[text],
+                truncation=True,
+                padding="max_length",
+                max_length=data_args.max_seq_length,
+            )
+            encoded["labels"] = batch[label]
+            return encoded
+
+        splits = splits.map(tokenize, batched=True, remove_columns=columns)
+    if model_args.use_peft:
+        model = add_lora(model, model_args, model_args.task)
+
+    accuracy = load_metric("accuracy")
+    groups = load_metric("group_accuracy") if data_args.long_tail_imbalance else None
+
+    def compute_metrics(prediction: Any) -> dict[str, float]:
+        logits = (
+            prediction.predictions[0]
+            if isinstance(prediction.predictions, tuple)
+            else prediction.predictions
+        )
+        predicted = np.argmax(logits, axis=-1)
+        if groups is not None:
+            result = groups.compute(
+                predictions=predicted, references=prediction.label_ids, class_counts=counts
+            )
+            return {k: v for k, v in result.items() if v is not None}
+        return accuracy.compute(predictions=predicted, references=prediction.label_ids)
+
+    if model_args.task == "image":
+        training_args.remove_unused_columns = False  # set_transform needs the raw columns
+    trainer = FOPTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        data_collator=default_data_collator,
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+    )
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(train_result.metrics)
+    metrics.update(trainer.evaluate())
+    if training_args.should_save:
+        trainer.save_model()
+        trainer.save_metrics("all", metrics)
+    return RunResult(metrics=metrics, trainer=trainer)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    model_args, data_args, training_args = parse_args(argv)
+    result = run(model_args, data_args, training_args)
+    if training_args.process_index == 0:
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})
+    return result.metrics
+
+
+if __name__ == "__main__":
+    main()
