@@ -182,3 +182,26 @@ def test_two_processes_with_accelerate_and_resume(tmp_path: Path) -> None:
     assert final.keys() == again.keys()
     for key in final:
         torch.testing.assert_close(again[key], final[key], rtol=1e-6, atol=1e-7)
+
+
+def _example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_examples_run_on_their_offline_defaults(tmp_path: Path) -> None:
+    _example("quickstart").main(steps=3)
+    assert "eval_accuracy" in _example("vit_pretraining").main(
+        max_steps=3, output_dir=str(tmp_path / "a")
+    )
+    assert "eval_accuracy" in _example("plain_trainer").main(
+        max_steps=3, output_dir=str(tmp_path / "b")
+    )
+    metrics = _example("finetune_text").main(
+        use_peft=True, max_steps=2, samples=64, output_dir=str(tmp_path / "c")
+    )
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0

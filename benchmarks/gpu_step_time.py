@@ -1,0 +1,168 @@
+"""GPU check (under 8 minutes, one JSON): step time and peak memory of AdamW, K-FAC and FOP on a
+ViT-S/16-sized model with bf16 autocast, and time to a target accuracy on a generated task.
+
+    python -m benchmarks.gpu_step_time      # needs CUDA; writes benchmarks/results/gpu_step_time.json
+
+The task is generated on the GPU (nothing is downloaded): 10 classes, each a fixed random
+224 x 224 pattern plus fresh noise per image; the target is 90% on a held-out batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def vit_small(num_labels: int = 10) -> torch.nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=224,
+        patch_size=16,
+        num_channels=3,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        num_labels=num_labels,
+    )
+    return ViTForImageClassification(config)
+
+
+def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    from hf_fop import FOP
+
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    return FOP(
+        model,
+        mode=name,
+        lr=3e-3,
+        adamw_lr=1e-3,
+        damping=0.01,
+        curvature_interval=5,
+        inverse_interval=5,
+    )
+
+
+def generated_batch(
+    patterns: torch.Tensor, batch: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.randint(
+        0, patterns.shape[0], (batch,), device=patterns.device, generator=generator
+    )
+    noise = torch.randn(batch, *patterns.shape[1:], device=patterns.device, generator=generator)
+    return patterns[labels] + 2.0 * noise, labels
+
+
+def step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> float:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(pixel_values=images).logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def measure(
+    name: str, batch: int, timed_steps: int, max_steps: int, target: float
+) -> dict[str, Any]:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    patterns = torch.randn(10, 3, 224, 224, device=device, generator=generator)
+    model = vit_small().to(device)
+    optimizer = make_optimizer(name, model)
+    torch.cuda.reset_peak_memory_stats()
+    images, labels = generated_batch(patterns, batch, generator)
+    for _ in range(5):
+        step(model, optimizer, images, labels)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(timed_steps):
+        step(model, optimizer, images, labels)
+    torch.cuda.synchronize()
+    step_seconds = (time.perf_counter() - start) / timed_steps
+    peak = torch.cuda.max_memory_allocated() / 2**30
+
+    torch.manual_seed(1)
+    model = vit_small().to(device)
+    optimizer = make_optimizer(name, model)
+    held_out = generated_batch(patterns, 512, generator)
+    reached, seconds = None, 0.0
+    for index in range(1, max_steps + 1):
+        images, labels = generated_batch(patterns, batch, generator)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(model, optimizer, images, labels)
+        torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        if index % 10 == 0:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                accuracy = (
+                    (model(pixel_values=held_out[0]).logits.argmax(-1) == held_out[1])
+                    .float()
+                    .mean()
+                    .item()
+                )
+            if accuracy >= target:
+                reached = {"steps": index, "seconds": seconds, "accuracy": accuracy}
+                break
+    return {
+        "optimizer": name,
+        "step_ms": 1000 * step_seconds,
+        "peak_memory_gib": peak,
+        "time_to_target": reached,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--timed_steps", type=int, default=20)
+    parser.add_argument("--max_steps", type=int, default=300)
+    parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--output", type=Path, default=RESULTS / "gpu_step_time.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "benchmarks.gpu_step_time needs a CUDA GPU; run it on a machine that has one"
+        )
+    rows = [
+        measure(name, args.batch, args.timed_steps, args.max_steps, args.target)
+        for name in ("adamw", "kfac", "fop")
+    ]
+    adamw = rows[0]["step_ms"]
+    for row in rows:
+        row["step_ratio_to_adamw"] = row["step_ms"] / adamw
+    result = {
+        "command": "python -m benchmarks.gpu_step_time",
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": "ViT-S/16 (224 px, 384 wide, 12 layers), bf16 autocast",
+        "batch": args.batch,
+        "rows": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

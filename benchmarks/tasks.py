@@ -1,0 +1,166 @@
+"""Benchmark tasks: data built offline (scikit-learn's digits, generated MNIST-1D) and models.
+
+Every task is small enough to train in seconds to minutes on two CPU cores, yet its layers are
+wide enough that the optimizer's matrix work is a real part of a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Task:
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    make_model: Callable[[], nn.Module]
+    batch_sizes: list[int]
+    epochs: int
+    # Training examples per class: many/medium/few-shot groups for the long-tailed tasks.
+    class_counts: list[int] | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.x_train)
+
+
+def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(digits.target)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    return x_tr, y_tr, x_te, y_te
+
+
+def digits_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+
+
+def digits_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=256,
+        num_labels=10,
+    )
+    return LogitsOnly(ViTForImageClassification(config))
+
+
+class LogitsOnly(nn.Module):
+    """A transformers classifier that returns logits, like the other benchmark models."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def mnist1d_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def _mnist1d(samples: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = samples
+    data = make_dataset(args)  # generated locally from the package's templates
+    x_tr = torch.tensor(data["x"], dtype=torch.float32)
+    mean, std = x_tr.mean(), x_tr.std()
+    x_te = torch.tensor(data["x_test"], dtype=torch.float32)
+    return (
+        (x_tr - mean) / std,
+        torch.tensor(data["y"]),
+        (x_te - mean) / std,
+        torch.tensor(data["y_test"]),
+    )
+
+
+def long_tail_indices(labels: Tensor, imbalance: float, seed: int = 0) -> Tensor:
+    """Exponential profile: class c keeps n_max * imbalance^(-c / (C - 1)) examples."""
+    classes = labels.unique().tolist()
+    n_max = min(int((labels == c).sum()) for c in classes)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for rank, c in enumerate(classes):
+        count = max(1, int(n_max * imbalance ** (-rank / (len(classes) - 1))))
+        members = torch.nonzero(labels == c).flatten().numpy()
+        keep.extend(rng.choice(members, size=count, replace=False).tolist())
+    return torch.tensor(sorted(keep))
+
+
+def build_task(name: str, quick: bool = False) -> Task:
+    """The named task; ``quick`` shrinks it to a smoke test."""
+    if name.startswith("digits"):
+        x_tr, y_tr, x_te, y_te = _digits()
+        if name in ("digits_cnn", "digits_vit"):
+            model = digits_cnn if name == "digits_cnn" else digits_vit
+            task = Task(name, x_tr, y_tr, x_te, y_te, model, [32, 256, len(x_tr)], epochs=30)
+        elif name.startswith("digits_cnn_lt"):
+            imbalance = float(name.removeprefix("digits_cnn_lt"))
+            keep = long_tail_indices(y_tr, imbalance)
+            counts = torch.bincount(y_tr[keep], minlength=10).tolist()
+            task = Task(
+                name,
+                x_tr[keep],
+                y_tr[keep],
+                x_te,
+                y_te,
+                digits_cnn,
+                [32, len(keep)],
+                epochs=60,
+                class_counts=counts,
+                notes=f"long-tailed (imbalance {imbalance:g}), balanced test set",
+            )
+        else:
+            raise ValueError(f"unknown task {name!r}")
+    elif name == "mnist1d_mlp":
+        x_tr, y_tr, x_te, y_te = _mnist1d(10_000 if not quick else 1_000)
+        task = Task(name, x_tr, y_tr, x_te, y_te, mnist1d_mlp, [64, 1024, len(x_tr)], epochs=30)
+    else:
+        raise ValueError(f"unknown task {name!r}")
+    if quick:
+        keep = torch.arange(min(256, task.train_size))
+        task.x_train, task.y_train = task.x_train[keep], task.y_train[keep]
+        task.epochs = 1
+        task.batch_sizes = [32, len(keep)]
+        if task.class_counts is not None:
+            task.class_counts = torch.bincount(task.y_train, minlength=10).tolist()
+    return task
+
+
+TASKS = ("digits_cnn", "digits_vit", "mnist1d_mlp", "digits_cnn_lt100", "digits_cnn_lt50")

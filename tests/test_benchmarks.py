@@ -1,0 +1,72 @@
+"""The benchmark code runs in a tiny configuration and writes valid results (not the benchmarks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import report, step_cost, time_to_accuracy
+from benchmarks.tasks import build_task, long_tail_indices
+
+
+def test_time_to_accuracy_and_report_tiny(tmp_path: Path) -> None:
+    written = time_to_accuracy.main(
+        [
+            "--tasks",
+            "digits_cnn_lt100,mnist1d_mlp",
+            "--quick",
+            "--seeds",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    assert [p.name for p in written] == [
+        "time_to_accuracy_digits_cnn_lt100.json",
+        "time_to_accuracy_mnist1d_mlp.json",
+    ]
+    result = json.loads(written[0].read_text())
+    assert set(result["results"]) == {"sgd", "adamw", "kfac", "fop"}
+    for per_batch in result["results"].values():
+        for entry in per_batch.values():
+            assert len(entry["curves"]) == 2 and entry["lr"] > 0 and entry["candidates"]
+            assert all(
+                0.0 <= point["accuracy"] <= 1.0 for curve in entry["curves"] for point in curve
+            )
+    headlines = report.main(["--results_dir", str(tmp_path)])
+    assert "long_tail_fop_minus_best_baseline" in headlines["digits_cnn_lt100"]
+    assert (tmp_path / "time_to_accuracy.md").read_text().count("| FOP |") == 4
+    assert (tmp_path / "time_to_accuracy_mnist1d_mlp.png").stat().st_size > 10_000
+
+
+def test_long_tail_profile_is_exponential() -> None:
+    task = build_task("digits_cnn_lt100")
+    counts = sorted(task.class_counts, reverse=True)
+    assert counts[0] / counts[-1] >= 50 and counts == task.class_counts
+    keep = long_tail_indices(build_task("digits_cnn").y_train, 10.0)
+    assert len(set(keep.tolist())) == len(keep)
+
+
+def test_step_cost_tiny(tmp_path: Path) -> None:
+    result = step_cost.main(
+        [
+            "--hidden",
+            "16",
+            "--intervals",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch",
+            "4",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    optimizers = [r["optimizer"] for r in result["rows"]]
+    assert optimizers == ["adamw", "kfac", "fop"]
+    assert all(r["mean_step_s"] > 0 and r["optimizer_state_bytes"] > 0 for r in result["rows"])
+    # FOP holds factors and eigenvectors that AdamW does not.
+    assert result["rows"][2]["optimizer_state_bytes"] > result["rows"][0]["optimizer_state_bytes"]
+    assert "| 16 | fop | 2 |" in (tmp_path / "step_cost.md").read_text()
