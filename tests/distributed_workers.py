@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -40,17 +41,24 @@ def local_batch(
     return images[index], labels[index]
 
 
-def train_ddp(rank: int, world_size: int, port: int, out: str, steps: int, local: int) -> None:
+def train_ddp(
+    rank: int, world_size: int, port: int, out: str, steps: int, local: int, micro_batches: int = 1
+) -> None:
     init_process(rank, world_size, port)
     torch.manual_seed(0)
     model = tiny_vit()
-    optimizer = FOP(model, **SETTINGS)
+    optimizer = FOP(model, **SETTINGS, gradient_accumulation_steps=micro_batches)
     ddp = DistributedDataParallel(model)
     for step in range(steps):
         images, labels = local_batch(step, local, rank, world_size)
-        loss = F.cross_entropy(ddp(images).logits, labels)
         optimizer.zero_grad()
-        loss.backward()
+        for index, (x, y) in enumerate(
+            zip(images.chunk(micro_batches), labels.chunk(micro_batches))
+        ):
+            # Gradient accumulation as the Trainer does it: no_sync on all but the last micro-batch.
+            context = ddp.no_sync() if index < micro_batches - 1 else contextlib.nullcontext()
+            with context:
+                (F.cross_entropy(ddp(x).logits, y) / micro_batches).backward()
         optimizer.step()
     torch.save(
         {

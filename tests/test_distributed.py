@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -49,6 +50,14 @@ def test_ranks_hold_identical_parameters_and_state(two_rank_run: dict[int, dict]
     _assert_equal_nested(two_rank_run[0]["optimizer"], two_rank_run[1]["optimizer"])
     # One bucketed all-reduce per step, plus one decomposition share on inverse steps (0, 2).
     assert two_rank_run[0]["comm_calls"] == 4 + 2
+
+
+def test_gradient_accumulation_under_no_sync_communicates_once_per_step(tmp_path: Path) -> None:
+    mp.spawn(train_ddp, args=(2, free_port(), str(tmp_path), 4, 8, 2), nprocs=2, join=True)
+    runs = {rank: torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
+    _assert_equal_nested(runs[0]["params"], runs[1]["params"])
+    _assert_equal_nested(runs[0]["optimizer"], runs[1]["optimizer"])
+    assert runs[0]["comm_calls"] == 4 + 2  # as without accumulation: nothing per micro-batch
 
 
 def test_two_ranks_equal_one_rank_with_the_double_batch(two_rank_run: dict[int, dict]) -> None:

@@ -158,3 +158,23 @@ def test_eigh_recovers_from_degenerate_factors() -> None:
     torch.testing.assert_close(
         eigenvectors @ torch.diag(eigenvalues) @ eigenvectors.T, factor, atol=1e-5, rtol=1e-4
     )
+
+
+def test_eigh_retries_in_fp64_when_fp32_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def flaky_eigh(matrix: torch.Tensor):
+        calls.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated fp32 failure")
+        return real_eigh(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
+    factor = random_spd(5).float()
+    eigenvalues, eigenvectors = symmetric_eigh(factor)
+    assert calls == [torch.float32, torch.float64]
+    assert eigenvalues.dtype == torch.float32
+    torch.testing.assert_close(
+        eigenvectors @ torch.diag(eigenvalues) @ eigenvectors.T, factor, atol=1e-5, rtol=1e-4
+    )

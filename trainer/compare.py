@@ -33,7 +33,7 @@ class CompareArguments:
         default="fop,adamw_torch", metadata={"help": "Comma-separated optim names."}
     )
     learning_rates: str = field(
-        default="fop=0.01,kfac=0.01,adamw_torch=0.003,sgd=0.1",
+        default="fop=0.003,kfac=0.003,adamw_torch=0.001,sgd=0.1",
         metadata={"help": "Per-optimizer learning rate, NAME=LR,..."},
     )
     target_accuracy: float = field(
@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     defaults = {
         "--output_dir": "outputs/demo",
-        "--num_train_epochs": "12",
+        "--num_train_epochs": "20",
         "--per_device_train_batch_size": "64",
         "--eval_strategy": "epoch",
         "--save_strategy": "no",
