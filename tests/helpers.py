@@ -69,6 +69,22 @@ def image_data(n: int = 64, classes: int = 4) -> tuple[torch.Tensor, torch.Tenso
     return images, labels
 
 
+def assert_identical(a: object, b: object) -> None:
+    """Bitwise equality of nested state (tensors, dicts, lists, plain values)."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_identical(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_identical(x, y)
+    else:
+        assert a == b
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -15,7 +15,7 @@ from torch import nn
 from hf_fop import FOP, UnsupportedWrapperError
 from hf_fop.distributed import assign_layers, decomposition_cost
 from tests.distributed_workers import SETTINGS, local_batch, train_ddp
-from tests.helpers import TokenClassifier, tiny_vit
+from tests.helpers import TokenClassifier, assert_identical, tiny_vit
 
 
 def free_port() -> int:
@@ -31,23 +31,9 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
 
 
-def _assert_equal_nested(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_equal_nested(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        for x, y in zip(a, b, strict=True):
-            _assert_equal_nested(x, y)
-    else:
-        assert a == b
-
-
 def test_ranks_hold_identical_parameters_and_state(two_rank_run: dict[int, dict]) -> None:
-    _assert_equal_nested(two_rank_run[0]["params"], two_rank_run[1]["params"])
-    _assert_equal_nested(two_rank_run[0]["optimizer"], two_rank_run[1]["optimizer"])
+    assert_identical(two_rank_run[0]["params"], two_rank_run[1]["params"])
+    assert_identical(two_rank_run[0]["optimizer"], two_rank_run[1]["optimizer"])
     # One bucketed all-reduce per step, plus one decomposition share on inverse steps (0, 2).
     assert two_rank_run[0]["comm_calls"] == 4 + 2
 
@@ -55,8 +41,8 @@ def test_ranks_hold_identical_parameters_and_state(two_rank_run: dict[int, dict]
 def test_gradient_accumulation_under_no_sync_communicates_once_per_step(tmp_path: Path) -> None:
     mp.spawn(train_ddp, args=(2, free_port(), str(tmp_path), 4, 8, 2), nprocs=2, join=True)
     runs = {rank: torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
-    _assert_equal_nested(runs[0]["params"], runs[1]["params"])
-    _assert_equal_nested(runs[0]["optimizer"], runs[1]["optimizer"])
+    assert_identical(runs[0]["params"], runs[1]["params"])
+    assert_identical(runs[0]["optimizer"], runs[1]["optimizer"])
     assert runs[0]["comm_calls"] == 4 + 2  # as without accumulation: nothing per micro-batch
 
 

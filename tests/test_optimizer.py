@@ -10,26 +10,11 @@ import torch
 from torch import nn
 
 from hf_fop import FOP, FOPConfig
-from tests.helpers import TokenClassifier, image_data, tiny_vit, token_data, train
+from tests.helpers import TokenClassifier, assert_identical, image_data, tiny_vit, token_data, train
 
 
 def _snapshot(model: nn.Module, optimizer: FOP) -> tuple[dict, dict]:
     return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-
-
-def _assert_same(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert a == b
 
 
 @pytest.mark.parametrize("mode", ["fop", "kfac"])
@@ -157,7 +142,7 @@ def test_non_finite_gradient_skips_the_step(bad: float) -> None:
     loss.backward()
     model.blocks[1][1].weight.grad[0, 0] = bad
     optimizer.step()
-    _assert_same(_snapshot(model, optimizer), before)
+    assert_identical(_snapshot(model, optimizer), before)
     # The next good step goes ahead as usual.
     train(model, optimizer, tokens, labels, steps=1)
     assert not torch.equal(model.blocks[1][1].weight, before[0]["blocks.1.1.weight"])
