@@ -183,10 +183,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         task = json.loads(file.read_text())
         target = target_accuracy(task)
         rows = summarise(task, target)
+        slug = task["task"].replace(":", "_")
         sections.append(
-            f"{markdown(task, target, rows)}\n\n![{task['task']}](time_to_accuracy_{task['task']}.png)\n\nCommand: `{task['command']}`"
+            f"{markdown(task, target, rows)}\n\n![{task['task']}](time_to_accuracy_{slug}.png)\n\nCommand: `{task['command']}`"
         )
-        plot(task, target, args.results_dir / f"time_to_accuracy_{task['task']}.png")
+        plot(task, target, args.results_dir / f"time_to_accuracy_{slug}.png")
         headlines[task["task"]] = headline(task, rows)
     text = (
         "# Time to accuracy\n\n"

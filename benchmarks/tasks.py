@@ -123,8 +123,53 @@ def long_tail_indices(labels: Tensor, imbalance: float, seed: int = 0) -> Tensor
     return torch.tensor(sorted(keep))
 
 
+def hub_image_task(dataset_name: str) -> Task:
+    """Any `datasets` image-classification set (e.g. "cifar10"), for users with a GPU: images
+    resized to 32 x 32, a ViT with 6 layers of width 256, the official test split."""
+    from datasets import load_dataset
+    from hf_fop_trainer.data import IMAGE_COLUMNS, LABEL_COLUMNS, find_column, image_transform
+
+    splits = load_dataset(dataset_name)
+    train, test = splits["train"], splits["test" if "test" in splits else "validation"]
+    image = find_column(train.column_names, IMAGE_COLUMNS, "image")
+    label = find_column(train.column_names, LABEL_COLUMNS, "label")
+    channels = 1 if train[0][image].mode == "L" else 3
+    transform = image_transform(image, label, 32, channels)
+    tensors = [transform(split[:]) for split in (train, test)]
+    classes = train.features[label].num_classes
+
+    def make_model() -> nn.Module:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(
+            image_size=32,
+            patch_size=4,
+            num_channels=channels,
+            hidden_size=256,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            intermediate_size=1024,
+            num_labels=classes,
+        )
+        return LogitsOnly(ViTForImageClassification(config))
+
+    (x_tr, y_tr), (x_te, y_te) = ((t["pixel_values"], t["labels"]) for t in tensors)
+    return Task(
+        f"hf:{dataset_name}",
+        x_tr,
+        y_tr,
+        x_te,
+        y_te,
+        make_model,
+        [128, 1024, 8192, len(x_tr)],
+        epochs=30,
+    )
+
+
 def build_task(name: str, quick: bool = False) -> Task:
-    """The named task; ``quick`` shrinks it to a smoke test."""
+    """The named task; ``quick`` shrinks it to a smoke test. ``hf:NAME`` loads a `datasets` set."""
+    if name.startswith("hf:"):
+        return hub_image_task(name.removeprefix("hf:"))
     if name.startswith("digits"):
         x_tr, y_tr, x_te, y_te = _digits()
         if name in ("digits_cnn", "digits_vit"):

@@ -2,6 +2,7 @@
 
     python -m benchmarks.time_to_accuracy --tasks digits_cnn       # one task's JSON
     python -m benchmarks.report                                    # tables and plots
+    python -m benchmarks.time_to_accuracy --tasks hf:cifar10 --device cuda   # any `datasets` set
 
 Per task and optimizer: the learning rate (and the damping of K-FAC/FOP) is chosen at the
 smallest batch from a small grid (seed 0, best final test accuracy); at each larger batch the
@@ -54,10 +55,10 @@ def evaluate(model: nn.Module, task: Task) -> dict[str, float]:
     model.eval()
     predictions = torch.cat([model(x).argmax(-1) for x in task.x_test.split(1024)])
     model.train()
-    correct = (predictions == task.y_test).float()
+    correct = (predictions == task.y_test).float().cpu()
     result = {"accuracy": correct.mean().item()}
     if task.class_counts is not None:
-        counts = torch.tensor(task.class_counts)[task.y_test]
+        counts = torch.tensor(task.class_counts)[task.y_test.cpu()]
         for group, mask in (
             ("many", counts > 100),
             ("medium", (counts <= 100) & (counts >= 20)),
@@ -73,13 +74,13 @@ def train_run(
 ) -> list[dict[str, float]]:
     """One training run: test metrics after every epoch against training wall time."""
     torch.manual_seed(seed)
-    model = task.make_model()
+    model = task.make_model().to(task.x_train.device)
     optimizer = make_optimizer(name, model, lr, damping)
     generator = torch.Generator().manual_seed(seed)
     curve, seconds = [], 0.0
     for epoch in range(1, task.epochs + 1):
         start = time.perf_counter()
-        order = torch.randperm(task.train_size, generator=generator)
+        order = torch.randperm(task.train_size, generator=generator).to(task.x_train.device)
         diverged = False
         for index in order.split(batch):
             loss = F.cross_entropy(model(task.x_train[index]), task.y_train[index])
@@ -89,6 +90,8 @@ def train_run(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        if task.x_train.is_cuda:
+            torch.cuda.synchronize()
         seconds += time.perf_counter() - start
         metrics = evaluate(model, task) if not diverged else {"accuracy": 1.0 / 10}
         curve.append({"epoch": epoch, "seconds": seconds, **metrics, "diverged": diverged})
@@ -203,19 +206,27 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a tiny configuration (for the tests)")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--device", default="cpu", help="'cuda' for a GPU; the CPU runs use one thread"
+    )
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name in [t for t in args.tasks.split(",") if t]:
         start = time.perf_counter()
-        result = run_task(build_task(name, quick=args.quick), args.seeds, args.quick)
+        task = build_task(name, quick=args.quick)
+        for attribute in ("x_train", "y_train", "x_test", "y_test"):
+            setattr(task, attribute, getattr(task, attribute).to(args.device))
+        result = run_task(task, args.seeds, args.quick)
         result["command"] = (
             f"python -m benchmarks.time_to_accuracy --tasks {name} --seeds {args.seeds}"
         )
-        result["machine"] = f"{platform.machine()}, torch {torch.__version__}, 1 CPU thread"
+        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "1 CPU thread"
+        result["machine"] = f"{platform.machine()}, torch {torch.__version__}, {device}"
         result["wall_seconds"] = time.perf_counter() - start
-        path = args.output_dir / f"time_to_accuracy_{name}.json"
+        path = args.output_dir / f"time_to_accuracy_{name.replace(':', '_')}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
         written.append(path)
         print(f"wrote {path} ({result['wall_seconds']:.0f} s)")

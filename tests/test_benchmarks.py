@@ -70,3 +70,17 @@ def test_step_cost_tiny(tmp_path: Path) -> None:
     # FOP holds factors and eigenvectors that AdamW does not.
     assert result["rows"][2]["optimizer_state_bytes"] > result["rows"][0]["optimizer_state_bytes"]
     assert "| 16 | fop | 2 |" in (tmp_path / "step_cost.md").read_text()
+
+
+def test_a_datasets_image_folder_runs_through_the_same_script(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split, count in (("train", 12), ("test", 4)):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (200 if label == "a" else 20, 10 * i, 0)).save(folder / f"{i}.png")
+    task = build_task(f"hf:{tmp_path / 'data'}")
+    assert task.x_train.shape == (24, 3, 32, 32) and task.x_test.shape == (8, 3, 32, 32)
+    assert task.make_model()(task.x_test).shape == (8, 2)

@@ -94,7 +94,7 @@ def _with_validation(raw: DatasetDict, data_args: DataArguments, seed: int) -> D
     if "validation" not in raw:
         held_out = "test" if "test" in raw else None
         if held_out is None:
-            label = data_args.label_column or _find(
+            label = data_args.label_column or find_column(
                 raw["train"].column_names, LABEL_COLUMNS, "label"
             )
             stratify = label if isinstance(raw["train"].features.get(label), ClassLabel) else None
@@ -117,7 +117,7 @@ def _with_validation(raw: DatasetDict, data_args: DataArguments, seed: int) -> D
     return DatasetDict({"train": raw["train"], "validation": raw["validation"]})
 
 
-def _find(
+def find_column(
     columns: list[str], candidates: tuple[str, ...], what: str, given: str | None = None
 ) -> str:
     if given:

@@ -24,8 +24,8 @@ from hf_fop_trainer.data import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
     TEXT_COLUMNS,
-    _find,
     class_counts,
+    find_column,
     image_transform,
     load_splits,
     long_tailed,
@@ -74,7 +74,7 @@ def run(
     set_seed(training_args.seed)
     splits = load_splits(data_args, model_args.task, training_args.seed)
     columns = splits["train"].column_names
-    label = _find(columns, LABEL_COLUMNS, "label", data_args.label_column)
+    label = find_column(columns, LABEL_COLUMNS, "label", data_args.label_column)
     if not hasattr(splits["train"].features[label], "names"):
         splits = splits.class_encode_column(label)
     names = splits["train"].features[label].names
@@ -85,14 +85,14 @@ def run(
     counts = class_counts(splits["train"], label, len(names))
 
     if model_args.task == "image":
-        image = _find(columns, IMAGE_COLUMNS, "image", data_args.image_column)
+        image = find_column(columns, IMAGE_COLUMNS, "image", data_args.image_column)
         channels = 1 if np.asarray(splits["train"][0][image]).ndim == 2 else 3
         model = build_image_model(model_args, names, channels)
         size = model.config.image_size
         for split in splits.values():
             split.set_transform(image_transform(image, label, size, channels))
     else:
-        text = _find(columns, TEXT_COLUMNS, "text", data_args.text_column)
+        text = find_column(columns, TEXT_COLUMNS, "text", data_args.text_column)
         model, tokenizer = build_text_model(model_args, names)
 
         def tokenize(batch: dict[str, list]) -> dict[str, Any]:
