@@ -80,7 +80,9 @@ def test_a_datasets_image_folder_runs_through_the_same_script(tmp_path: Path) ->
             folder = tmp_path / "data" / split / label
             folder.mkdir(parents=True)
             for i in range(count):
-                Image.new("RGB", (8, 8), (200 if label == "a" else 20, 10 * i, 0)).save(folder / f"{i}.png")
+                Image.new("RGB", (8, 8), (200 if label == "a" else 20, 10 * i, 0)).save(
+                    folder / f"{i}.png"
+                )
     task = build_task(f"hf:{tmp_path / 'data'}")
     assert task.x_train.shape == (24, 3, 32, 32) and task.x_test.shape == (8, 3, 32, 32)
     assert task.make_model()(task.x_test).shape == (8, 2)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_fop_trainer.arguments import DataArguments, ModelArguments
-from hf_fop_trainer.train import _has_accelerator, run
+from hf_fop_trainer.train import has_accelerator, run
 from transformers import HfArgumentParser, TrainerCallback
 
 from hf_fop.integration import FOPTrainingArguments
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for flag, value in defaults.items():
         if flag not in argv:
             argv += [flag, value]
-    if not _has_accelerator() and "--use_cpu" not in argv:
+    if not has_accelerator() and "--use_cpu" not in argv:
         argv += ["--use_cpu", "true"]
     parser = HfArgumentParser(
         (CompareArguments, ModelArguments, DataArguments, FOPTrainingArguments)

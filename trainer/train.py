@@ -49,7 +49,7 @@ def parse_args(
     argv: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, FOPTrainingArguments]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not _has_accelerator() and "--use_cpu" not in argv:
+    if not has_accelerator() and "--use_cpu" not in argv:
         # Without this flag a multi-process launch on a CPU-only machine does not set up gloo.
         argv += ["--use_cpu", "true"]
     if "--output_dir" not in argv:
@@ -58,7 +58,7 @@ def parse_args(
     return parser.parse_args_into_dataclasses(argv)
 
 
-def _has_accelerator() -> bool:
+def has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
