@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from hf_fop.integration.factory import FOPFactory
 from hf_fop.integration.settings import fop_settings_from_args, is_fop_optim
 from hf_fop.optimizer import FOP
 from hf_fop.partition import UnsupportedWrapperError
+
+logger = logging.getLogger("hf_fop")
+STOCK_LEARNING_RATE = 5e-5
 
 try:  # transformers >= 5.2 builds non-Optimizer "factories" with the model
     from transformers.trainer_optimizer import is_optimizer_factory  # noqa: F401
@@ -103,6 +107,12 @@ class FOPTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_supported_setup(self.args)
+        if is_fop_optim(self.args) and self.args.learning_rate == STOCK_LEARNING_RATE:
+            logger.warning(
+                "learning_rate is the stock AdamW default (5e-05); FOP and K-FAC usually want "
+                "1e-3 to 3e-2 for the preconditioned layers (set --learning_rate, and "
+                "--fop_adamw_lr for embeddings and norms)"
+            )
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
