@@ -1,0 +1,65 @@
+"""Which layers FOP takes: by type and position, regex, lists, skips, caps, ties, freezing."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from hf_fop import partition_model
+from tests.helpers import TokenClassifier, tiny_gpt2
+
+
+def _names(partition) -> list[str]:
+    return [name for name, _ in partition.layers]
+
+
+def test_auto_takes_the_blocks_and_leaves_the_head() -> None:
+    partition = partition_model(TokenClassifier())
+    assert _names(partition) == ["blocks.0.1", "blocks.0.3", "blocks.1.1", "blocks.1.3"]
+    adamw = [name for name, _ in partition.adamw_decay + partition.adamw_no_decay]
+    assert "head.weight" in adamw and "embed.weight" in adamw and "norm.weight" in adamw
+    # No decay on 1-D tensors (biases, norms).
+    assert all(p.dim() < 2 for _, p in partition.adamw_no_decay)
+
+
+def test_auto_without_blocks_takes_every_supported_layer() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    assert _names(partition_model(model)) == ["0", "2"]
+
+
+def test_regex_list_skip_and_size_cap() -> None:
+    model = TokenClassifier()
+    assert _names(partition_model(model, targets=r"\.3$")) == ["blocks.0.3", "blocks.1.3"]
+    assert _names(partition_model(model, targets=["head", "blocks.1.1"])) == ["blocks.1.1", "head"]
+    skipped = partition_model(model, targets="all-linear", skip=[r"^blocks\.0"])
+    assert _names(skipped) == ["blocks.1.1", "blocks.1.3", "head"]
+    assert skipped.excluded == {"blocks.0.1": "skip list", "blocks.0.3": "skip list"}
+    capped = partition_model(model, max_factor_dim=20)
+    assert _names(capped) == [] and all("max_factor_dim" in r for r in capped.excluded.values())
+
+
+def test_tied_lm_head_and_frozen_layers_are_not_preconditioned() -> None:
+    model = tiny_gpt2()
+    partition = partition_model(model, targets="all-linear")
+    assert "lm_head" not in _names(partition)
+    assert partition.excluded["lm_head"] == "tied weight"
+    assert sum(1 for _, p in partition.adamw_decay if p is model.transformer.wte.weight) == 1
+
+    model.transformer.h[0].requires_grad_(False)
+    frozen = partition_model(model)
+    assert not any(name.startswith("transformer.h.0.") for name in _names(frozen))
+    assert frozen.excluded["transformer.h.0.attn.c_attn"] == "frozen"
+
+
+def test_grouped_conv_goes_to_adamw_with_the_reason() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 2, 1))
+    partition = partition_model(model)
+    assert _names(partition) == ["1"]
+    assert "groups" in partition.excluded["0"]
+    assert "not preconditioned (grouped" in partition.summary()
+
+
+@pytest.mark.parametrize("bad", ["(unclosed", ["missing_layer"]])
+def test_bad_targets_are_explained(bad) -> None:
+    with pytest.raises(ValueError, match="targets"):
+        partition_model(TokenClassifier(), targets=bad)
