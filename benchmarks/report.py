@@ -147,8 +147,9 @@ def headline(task: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
         b = adamw_reaching[-1]
         out["largest_batch_adamw_reaches"] = b
         for other in ("adamw", "kfac"):
-            fop, base = by[(b, "fop")]["seconds_to_target"], by[(b, other)]["seconds_to_target"]
-            out[f"time_to_target_fop_over_{other}"] = fop / base if fop and base else None
+            for unit in ("seconds", "epochs"):
+                fop, base = by[(b, "fop")][f"{unit}_to_target"], by[(b, other)][f"{unit}_to_target"]
+                out[f"{unit}_to_target_fop_over_{other}"] = fop / base if fop and base else None
     out["reach_target_at_full_batch"] = {
         NAMES[n]: f"{by[(batches[-1], n)]['reached']}/{by[(batches[-1], n)]['runs']}"
         for n in task["results"]
@@ -167,6 +168,23 @@ def headline(task: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
     return out
 
 
+def compact_table(tasks: list[tuple[dict[str, Any], float, list[dict[str, Any]]]]) -> str:
+    """One line per task and batch: final accuracy and epochs to target of every optimizer."""
+    names = list(NAMES)
+    head = ["task (target)", "batch"] + [NAMES[n] for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task, target, rows in tasks:
+        by = {(r["batch"], r["optimizer"]): r for r in rows}
+        for batch in task["batch_sizes"]:
+            cells = [f"{task['task']} ({target:.3f})", str(batch)]
+            for name in names:
+                r = by[(batch, name)]
+                epochs = "-" if r["epochs_to_target"] is None else f"{r['epochs_to_target']:.0f} ep"
+                cells.append(f"{r['final_mean']:.3f}, {r['reached']}/{r['runs']}, {epochs}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -178,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(
             f"no time_to_accuracy_*.json in {args.results_dir}: run benchmarks.time_to_accuracy first"
         )
-    sections, headlines = [], {}
+    sections, headlines, summaries = [], {}, []
     for file in files:
         task = json.loads(file.read_text())
         target = target_accuracy(task)
@@ -189,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         plot(task, target, args.results_dir / f"time_to_accuracy_{slug}.png")
         headlines[task["task"]] = headline(task, rows)
+        summaries.append((task, target, rows))
     text = (
         "# Time to accuracy\n\n"
         + (__doc__ or "").strip().split("\n\n", 2)[-1]
@@ -198,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     (args.results_dir / "time_to_accuracy.md").write_text(text)
     (args.results_dir / "headline.json").write_text(json.dumps(headlines, indent=2) + "\n")
+    (args.results_dir / "summary_table.md").write_text(compact_table(summaries) + "\n")
     print(json.dumps(headlines, indent=2))
     return headlines
 

@@ -126,24 +126,42 @@ class CurvatureCapture:
         self, index: int, layer_input: Tensor, micro_batch: int, grad_output: Tensor
     ) -> None:
         layer, stats = self.layers[index], self.stats[index]
-        a = layer.input_rows(layer_input).float()  # (N, L, in')
+        x = layer.input_positions(layer_input).float()  # (N, L, in)
         d = layer.output_grad_rows(grad_output).float()  # (N, L, out)
-        examples = a.shape[0]
+        examples = x.shape[0]
         first_half = self._first_half_count(micro_batch, examples)
         if micro_batch not in stats.micro_batches:
             stats.micro_batches.add(micro_batch)
             stats.examples += examples
             stats.first_half_examples += first_half
         if self.collect_factors:
-            a_rows, d_rows = a.flatten(0, 1), d.flatten(0, 1)
-            stats.A_sum = _accumulate(stats.A_sum, a_rows.T @ a_rows)
-            stats.A_rows += a_rows.shape[0]
+            x_rows, d_rows = x.flatten(0, 1), d.flatten(0, 1)
+            stats.A_sum = _accumulate(stats.A_sum, second_moment(x_rows, layer.has_bias))
+            stats.A_rows += x_rows.shape[0]
             stats.G_sum = _accumulate(stats.G_sum, d_rows.T @ d_rows)
         if self.collect_first_half and first_half > 0:
-            first_grad = d[:first_half].flatten(0, 1).T @ a[:first_half].flatten(0, 1)
+            first_grad = weight_gradient(
+                d[:first_half].flatten(0, 1), x[:first_half].flatten(0, 1), layer.has_bias
+            )
             stats.first_half_grad = _accumulate(stats.first_half_grad, first_grad)
         elif self.collect_first_half and stats.first_half_grad is None:
-            stats.first_half_grad = d.new_zeros(d.shape[-1], a.shape[-1])
+            stats.first_half_grad = d.new_zeros(layer.out_dim, layer.in_dim)
+
+
+def second_moment(x_rows: Tensor, bias: bool) -> Tensor:
+    """sum over rows of a a^T with a = [x, 1], built blockwise (no copy of the activations)."""
+    xx = x_rows.T @ x_rows
+    if not bias:
+        return xx
+    column = x_rows.sum(0)
+    count = x_rows.new_tensor([float(x_rows.shape[0])])
+    return torch.cat([torch.cat([xx, column[:, None]], 1), torch.cat([column, count])[None]], 0)
+
+
+def weight_gradient(d_rows: Tensor, x_rows: Tensor, bias: bool) -> Tensor:
+    """sum over rows of d a^T with a = [x, 1]: the (out x in') gradient matrix."""
+    grad = d_rows.T @ x_rows
+    return torch.cat([grad, d_rows.sum(0)[:, None]], 1) if bias else grad
 
 
 def _accumulate(total: Tensor | None, value: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """Layer adapters: how a module type turns into the K-FAC view (a, d, gradient matrix).
 
-Every adapter gives, for one call of its module, the layer inputs ``a`` as (N, L, in') and the
+Every adapter gives, for one call of its module, the layer inputs ``a`` as (N, L, in) and the
 output gradients ``d`` as (N, L, out), with N examples and L positions per example (tokens, or
 conv output locations). The bias is folded in as a constant input column, so a layer's gradient
-is one (out x in') matrix. A new module type is one new adapter class; nothing else changes.
+is one (out x in') matrix, in' = in + 1. A new module type is one new adapter class; nothing else changes.
 """
 
 from __future__ import annotations
@@ -65,12 +65,14 @@ class LayerAdapter(ABC):
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
         """Gradient w.r.t. the output as (N, L, out)."""
 
-    def input_rows(self, inputs: Tensor) -> Tensor:
-        """Layer input as (N, L, in'), with a column of ones when the bias is folded in."""
-        rows = self._input_positions(inputs)
-        if self.bias is not None:
-            rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
-        return rows
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    def input_positions(self, inputs: Tensor) -> Tensor:
+        """Layer input as (N, L, in), without the bias column (the capture adds it blockwise,
+        so the activations are never copied)."""
+        return self._input_positions(inputs)
 
     def grad_matrix(self) -> Tensor | None:
         """The current gradient as one out x in' matrix, or None when the layer got none."""
