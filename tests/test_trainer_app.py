@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from hf_fop_trainer import compare, train
+from packaging import version
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +170,10 @@ def test_two_processes_with_accelerate_and_resume(tmp_path: Path) -> None:
     # 2 processes x 8 examples per step: 4 steps cover 64 of the 1,437 training images.
     assert state["epoch"] == pytest.approx(4 * 16 / 1437, rel=0.05)
 
+    if version.parse(transformers.__version__) < version.parse("5.0"):
+        # transformers 4.x loads optimizer.pt with map_location=torch.device("cpu:0") in CPU DDP,
+        # which torch 2.13 rejects for every optimizer (AdamW too).
+        pytest.skip("resume under CPU DDP fails inside transformers < 5 for any optimizer")
     resumed = _launch(
         tmp_path / "resumed",
         "--resume_from_checkpoint",
