@@ -3,7 +3,7 @@
 A forward hook keeps the layer's input and puts a tensor hook on its output (full backward hooks
 break on in-place operations after the layer). The tensor hook sees the output gradient d of
 every example, so it adds up the Kronecker factor sums and the gradient of the first half of
-the step's examples, g1 (DESIGN.md section 2): no second backward pass.
+the step's examples, g1: no second backward pass.
 
 All work happens in the tensor hook, which fires exactly once per forward that takes part in the
 backward pass. Forwards in eval mode or under no_grad, and the recomputation inside a
@@ -59,9 +59,6 @@ class LayerStatistics:
     def g1(self) -> Tensor:
         """Gradient of the mean loss over the first half of the step's examples (out x in')."""
         return self.first_half_grad * (self.examples / self.first_half_examples)
-
-    def tensors(self) -> list[Tensor]:
-        return [t for t in (self.A_sum, self.G_sum, self.first_half_grad) if t is not None]
 
 
 class CurvatureCapture:

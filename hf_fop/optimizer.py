@@ -1,6 +1,6 @@
 """``hf_fop.FOP``: K-FAC natural gradient plus the Fisher-orthogonal correction, in one optimizer.
 
-One step, top to bottom (DESIGN.md section 1):
+One step, top to bottom (the equations are in fop_math.py and the README):
 1. gather what the hooks saw during the backward passes (factor estimates on curvature steps,
    g1 every step in FOP mode) and average it across ranks in one bucketed all-reduce;
 2. skip the step, touching nothing, if any gradient or statistic is not finite;
