@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_fop_trainer.arguments import DataArguments, ModelArguments
-from hf_fop_trainer.train import has_accelerator, run
+from hf_fop_trainer.train import LEARNING_RATES, run, with_defaults
 from transformers import HfArgumentParser, TrainerCallback
 
 from hf_fop.integration import FOPTrainingArguments
@@ -32,9 +32,9 @@ class CompareArguments:
     optimizers: str = field(
         default="fop,adamw_torch", metadata={"help": "Comma-separated optim names."}
     )
-    learning_rates: str = field(
-        default="fop=0.003,kfac=0.003,adamw_torch=0.001,sgd=0.1",
-        metadata={"help": "Per-optimizer learning rate, NAME=LR,..."},
+    learning_rates: str | None = field(
+        default=None,
+        metadata={"help": "Per-optimizer learning rates, NAME=LR,... (default: the trainer's)."},
     )
     target_accuracy: float = field(
         default=0.9, metadata={"help": "Accuracy that counts as reached."}
@@ -140,30 +140,17 @@ def plot(curves: dict[str, list[dict[str, float]]], target: float, path: Path, t
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    defaults = {
-        "--output_dir": "outputs/demo",
-        "--num_train_epochs": "20",
-        "--per_device_train_batch_size": "64",
-        "--eval_strategy": "epoch",
-        "--save_strategy": "no",
-        "--logging_strategy": "epoch",
-        "--report_to": "none",
-        "--lr_scheduler_type": "constant",
-        "--fop_adamw_lr": "0.003",
-        "--fop_curvature_interval": "1",
-        "--fop_inverse_interval": "5",
-        "--seed": "0",
-    }
-    for flag, value in defaults.items():
+    # The trainer's image defaults, plus a fixed seed and no checkpoints; --optim is per run.
+    argv = with_defaults(argv, output_dir="outputs/demo")
+    for flag, value in {"--save_strategy": "no", "--report_to": "none", "--seed": "0"}.items():
         if flag not in argv:
             argv += [flag, value]
-    if not has_accelerator() and "--use_cpu" not in argv:
-        argv += ["--use_cpu", "true"]
     parser = HfArgumentParser(
         (CompareArguments, ModelArguments, DataArguments, FOPTrainingArguments)
     )
     compare_args, model_args, data_args, base_args = parser.parse_args_into_dataclasses(argv)
-    rates = dict(item.split("=") for item in compare_args.learning_rates.split(",") if item)
+    rates = {name: rate for (task, name), rate in LEARNING_RATES.items() if task == model_args.task}
+    rates.update(item.split("=") for item in (compare_args.learning_rates or "").split(",") if item)
     output = Path(base_args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
 

@@ -45,15 +45,58 @@ class RunResult:
     trainer: FOPTrainer
 
 
+# Defaults tuned on the embedded data (learning rates from a 3-point grid each); any flag given
+# on the command line wins.
+IMAGE_DEFAULTS = {
+    "--num_train_epochs": "20",
+    "--per_device_train_batch_size": "64",
+    "--eval_strategy": "epoch",
+    "--logging_strategy": "epoch",
+    "--lr_scheduler_type": "constant",
+    "--fop_adamw_lr": "0.003",
+    "--fop_curvature_interval": "1",
+}
+TEXT_DEFAULTS = {
+    "--num_train_epochs": "1",
+    "--per_device_train_batch_size": "32",
+    "--eval_strategy": "epoch",
+}
+LEARNING_RATES = {
+    ("image", "fop"): "0.003",
+    ("image", "kfac"): "0.003",
+    ("image", "sgd"): "0.1",
+    ("image", "adamw_torch"): "0.001",
+    ("text", "fop"): "0.001",
+    ("text", "kfac"): "0.001",
+    ("text", "sgd"): "0.01",
+    ("text", "adamw_torch"): "5e-5",
+}
+
+
+def with_defaults(argv: list[str], output_dir: str = "outputs/train") -> list[str]:
+    """argv plus the defaults of the task and optimizer it names, for flags it does not set."""
+    task = argv[argv.index("--task") + 1] if "--task" in argv else "image"
+    optim = argv[argv.index("--optim") + 1] if "--optim" in argv else "adamw_torch"
+    defaults = {
+        "--output_dir": output_dir,
+        **(IMAGE_DEFAULTS if task == "image" else TEXT_DEFAULTS),
+    }
+    if (task, optim) in LEARNING_RATES:
+        defaults["--learning_rate"] = LEARNING_RATES[(task, optim)]
+    if task == "text":
+        defaults["--fop_adamw_lr"] = "5e-4" if "--use_peft" in argv else "5e-5"
+    if not has_accelerator():
+        # Without this flag a multi-process launch on a CPU-only machine does not set up gloo.
+        defaults["--use_cpu"] = "true"
+    return argv + [
+        item for flag, value in defaults.items() if flag not in argv for item in (flag, value)
+    ]
+
+
 def parse_args(
     argv: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, FOPTrainingArguments]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not has_accelerator() and "--use_cpu" not in argv:
-        # Without this flag a multi-process launch on a CPU-only machine does not set up gloo.
-        argv += ["--use_cpu", "true"]
-    if "--output_dir" not in argv:
-        argv += ["--output_dir", "outputs/train"]
+    argv = with_defaults(list(sys.argv[1:] if argv is None else argv))
     parser = HfArgumentParser((ModelArguments, DataArguments, FOPTrainingArguments))
     return parser.parse_args_into_dataclasses(argv)
 
