@@ -58,8 +58,9 @@ class LayerAdapter(ABC):
         """Inverse of ``_weight_matrix``."""
 
     @abstractmethod
-    def _input_positions(self, inputs: Tensor) -> Tensor:
-        """Layer input as (N, L, in)."""
+    def input_positions(self, inputs: Tensor) -> Tensor:
+        """Layer input as (N, L, in), without the bias column (the capture adds it blockwise,
+        so the activations are never copied)."""
 
     @abstractmethod
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
@@ -68,11 +69,6 @@ class LayerAdapter(ABC):
     @property
     def has_bias(self) -> bool:
         return self.bias is not None
-
-    def input_positions(self, inputs: Tensor) -> Tensor:
-        """Layer input as (N, L, in), without the bias column (the capture adds it blockwise,
-        so the activations are never copied)."""
-        return self._input_positions(inputs)
 
     def grad_matrix(self) -> Tensor | None:
         """The current gradient as one out x in' matrix, or None when the layer got none."""
@@ -102,7 +98,7 @@ class LinearAdapter(LayerAdapter):
     def _unflatten_weight(self, matrix: Tensor) -> Tensor:
         return matrix
 
-    def _input_positions(self, inputs: Tensor) -> Tensor:
+    def input_positions(self, inputs: Tensor) -> Tensor:
         return _as_examples(inputs)
 
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
@@ -149,7 +145,7 @@ class Conv2dAdapter(LayerAdapter):
     def _unflatten_weight(self, matrix: Tensor) -> Tensor:
         return matrix.reshape(self.weight.shape)
 
-    def _input_positions(self, inputs: Tensor) -> Tensor:
+    def input_positions(self, inputs: Tensor) -> Tensor:
         module = self.module
         if inputs.dim() == 3:  # unbatched (C, H, W)
             inputs = inputs.unsqueeze(0)

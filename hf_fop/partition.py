@@ -90,7 +90,10 @@ def partition_model(
     max_factor_dim: int = 8192,
 ) -> Partition:
     """Split ``model``'s trainable parameters: chosen layers to FOP, everything else to AdamW."""
-    candidates = [(name, module) for name, module in model.named_modules() if _is_supported(module)]
+    # Each module is adapted once: (adapter, None), or (None, why) for a supported type in a
+    # configuration that is not (reported, not dropped); other module types are no candidates.
+    adapted = {name: (module, *_adapt(module)) for name, module in model.named_modules()}
+    candidates = [(name, m) for name, (m, adapter, why) in adapted.items() if adapter or why]
     chosen = _select_targets(model, candidates, targets)
     owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     partition = Partition()
@@ -98,15 +101,10 @@ def partition_model(
     for name, module in candidates:
         if name not in chosen:
             continue
-        reason = _exclusion_reason(name, module, skip, max_factor_dim, owners)
-        adapter = None
-        if reason is None:
-            try:
-                adapter = make_adapter(module)
-            except UnsupportedLayerError as error:
-                reason = str(error)
-        if adapter is None:
-            partition.excluded[name] = reason or "unsupported"
+        _, adapter, unsupported = adapted[name]
+        reason = _exclusion_reason(name, module, adapter, skip, max_factor_dim, owners)
+        if reason is not None or adapter is None:
+            partition.excluded[name] = reason or unsupported
             continue
         partition.layers.append((name, adapter))
         taken.update(id(p) for p in adapter.params)
@@ -119,11 +117,11 @@ def partition_model(
     return partition
 
 
-def _is_supported(module: nn.Module) -> bool:
+def _adapt(module: nn.Module) -> tuple[LayerAdapter | None, str | None]:
     try:
-        return make_adapter(module) is not None
-    except UnsupportedLayerError:
-        return True  # a supported type in an unsupported configuration: reported, not dropped
+        return make_adapter(module), None
+    except UnsupportedLayerError as error:
+        return None, str(error)
 
 
 def _select_targets(
@@ -169,6 +167,7 @@ def _modules_in_blocks(model: nn.Module) -> set[int]:
 def _exclusion_reason(
     name: str,
     module: nn.Module,
+    adapter: LayerAdapter | None,
     skip: Sequence[str],
     max_factor_dim: int,
     owners: Counter,
@@ -183,10 +182,6 @@ def _exclusion_reason(
         return "frozen bias"
     if owners[id(weight)] > 1:
         return "tied weight"
-    try:
-        adapter = make_adapter(module)
-    except UnsupportedLayerError:
-        return None  # reported by the caller
     if adapter is not None and max(adapter.in_dim, adapter.out_dim) > max_factor_dim:
         return f"factor larger than max_factor_dim={max_factor_dim}"
     return None
