@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_fop import FOP
 from hf_fop.integration import FOPFactory, FOPTrainer, FOPTrainingArguments, parse_optim_args
+from hf_fop.integration.trainer import unwrap_optimizer
 from tests.helpers import image_dataset, lm_dataset, text_dataset, tiny_bert, tiny_gpt2, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,11 +111,7 @@ def test_fop_trainer_trains_hf_models(tmp_path: Path, make_model, make_data) -> 
     losses = _losses(trainer)
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
 
-    optimizer = (
-        trainer.optimizer.optimizer
-        if hasattr(trainer.optimizer, "optimizer")
-        else trainer.optimizer
-    )
+    optimizer = unwrap_optimizer(trainer.optimizer)
     assert isinstance(optimizer, FOP)
     # Hooks on the attention and MLP projections of the blocks, nowhere else (not the patch or
     # word embeddings, the LayerNorms or a tied LM head); each one saw backward passes.
@@ -213,11 +210,7 @@ def test_peft_lora_preconditions_only_the_adapters(tmp_path: Path) -> None:
         model=model, args=_args(tmp_path, max_steps=8), train_dataset=text_dataset()
     )
     trainer.train()
-    optimizer = (
-        trainer.optimizer.optimizer
-        if hasattr(trainer.optimizer, "optimizer")
-        else trainer.optimizer
-    )
+    optimizer = unwrap_optimizer(trainer.optimizer)
     names = optimizer.layer_names
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert len(names) == 2 * 2 * 2  # 2 blocks x (query, value) x (A, B)

@@ -19,6 +19,7 @@ from hf_fop.integration.trainer import (
     HAS_FACTORY_BRANCH,
     check_supported_setup,
     create_fop_optimizer,
+    needs_direct_build,
 )
 
 _ENABLED = False
@@ -52,7 +53,7 @@ def enable() -> None:
         stock_create = Trainer.create_optimizer
 
         def create_optimizer(self: Trainer, *args: Any, **kwargs: Any) -> Any:
-            if self.optimizer is None and is_fop_optim(self.args):
+            if needs_direct_build(self):
                 return create_fop_optimizer(self, *args)
             return stock_create(self, *args, **kwargs)
 

@@ -56,6 +56,12 @@ def check_supported_setup(args: Any) -> None:
         )
 
 
+def needs_direct_build(trainer: Trainer) -> bool:
+    """transformers < 5.2 would pass the Trainer's param groups to an Optimizer class, so FOP is
+    built here instead of through the factory branch."""
+    return trainer.optimizer is None and is_fop_optim(trainer.args) and not HAS_FACTORY_BRANCH
+
+
 def create_fop_optimizer(trainer: Trainer, model: nn.Module | None = None) -> FOP:
     """Build FOP for a Trainer on any transformers release (used where no factory branch exists)."""
     check_supported_setup(trainer.args)
@@ -121,8 +127,7 @@ class FOPTrainer(Trainer):
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        # transformers < 5.2 would pass the Trainer's param groups to an Optimizer class.
-        if self.optimizer is None and is_fop_optim(self.args) and not HAS_FACTORY_BRANCH:
+        if needs_direct_build(self):
             return create_fop_optimizer(self, *args)
         return super().create_optimizer(*args, **kwargs)
 
