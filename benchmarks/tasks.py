@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
+from hf_fop_trainer.data import long_tail_indices
 from torch import Tensor, nn
 
 
@@ -110,19 +110,6 @@ def _mnist1d(samples: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     )
 
 
-def long_tail_indices(labels: Tensor, imbalance: float, seed: int = 0) -> Tensor:
-    """Exponential profile: class c keeps n_max * imbalance^(-c / (C - 1)) examples."""
-    classes = labels.unique().tolist()
-    n_max = min(int((labels == c).sum()) for c in classes)
-    rng = np.random.default_rng(seed)
-    keep = []
-    for rank, c in enumerate(classes):
-        count = max(1, int(n_max * imbalance ** (-rank / (len(classes) - 1))))
-        members = torch.nonzero(labels == c).flatten().numpy()
-        keep.extend(rng.choice(members, size=count, replace=False).tolist())
-    return torch.tensor(sorted(keep))
-
-
 def hub_image_task(dataset_name: str) -> Task:
     """Any `datasets` image-classification set (e.g. "cifar10"), for users with a GPU: images
     resized to 32 x 32, a ViT with 6 layers of width 256, the official test split."""
@@ -177,7 +164,7 @@ def build_task(name: str, quick: bool = False) -> Task:
             task = Task(name, x_tr, y_tr, x_te, y_te, model, [32, 256, len(x_tr)], epochs=30)
         elif name.startswith("digits_cnn_lt"):
             imbalance = float(name.removeprefix("digits_cnn_lt"))
-            keep = long_tail_indices(y_tr, imbalance)
+            keep = torch.as_tensor(long_tail_indices(y_tr, imbalance))
             counts = torch.bincount(y_tr[keep], minlength=10).tolist()
             task = Task(
                 name,

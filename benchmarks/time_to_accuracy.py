@@ -14,6 +14,7 @@ only (evaluation after each epoch is excluded). Everything runs on one CPU threa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -27,6 +28,7 @@ from torch import nn
 
 from benchmarks.tasks import TASKS, Task, build_task
 from hf_fop import FOP
+from hf_fop.metrics import load_metric
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OPTIMIZERS = ("sgd", "adamw", "kfac", "fop")
@@ -52,6 +54,11 @@ def make_optimizer(
     return FOP(model, mode=name, lr=lr, damping=damping, **SECOND_ORDER)
 
 
+@functools.cache
+def _group_accuracy() -> Any:
+    return load_metric("group_accuracy", keep_in_memory=True)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task) -> dict[str, float]:
     model.eval()
@@ -60,14 +67,15 @@ def evaluate(model: nn.Module, task: Task) -> dict[str, float]:
     correct = (predictions == task.y_test).float().cpu()
     result = {"accuracy": correct.mean().item()}
     if task.class_counts is not None:
-        counts = torch.tensor(task.class_counts)[task.y_test.cpu()]
-        for group, mask in (
-            ("many", counts > 100),
-            ("medium", (counts <= 100) & (counts >= 20)),
-            ("few", counts < 20),
-        ):
-            if mask.any():
-                result[f"{group}_shot"] = correct[mask].mean().item()
+        # The shipped many/medium/few-shot metric, as the trainer reports it.
+        groups = _group_accuracy().compute(
+            predictions=predictions.tolist(),
+            references=task.y_test.tolist(),
+            class_counts=task.class_counts,
+        )
+        for key, value in groups.items():
+            if key != "accuracy" and value is not None:
+                result[key.removesuffix("_accuracy")] = value
     return result
 
 

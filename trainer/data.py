@@ -130,11 +130,12 @@ def find_column(
     raise ValueError(f"no {what} column among {columns}: name it with --{what}_column")
 
 
-def long_tailed(dataset: Dataset, label: str, imbalance: float, seed: int) -> Dataset:
-    """Keep n_c = n_max * imbalance^(-c / (C - 1)) examples of class c (exponential profile)."""
+def long_tail_indices(labels: Any, imbalance: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices that keep n_c = n_max * imbalance^(-c / (C - 1)) examples of class c
+    (exponential profile, n_max the smallest class's size)."""
     if imbalance < 1:
         raise ValueError(f"long_tail_imbalance must be >= 1, got {imbalance}")
-    labels = np.asarray(dataset[label])
+    labels = np.asarray(labels)
     classes = np.unique(labels)
     n_max = min(int((labels == c).sum()) for c in classes)
     rng = np.random.default_rng(seed)
@@ -143,7 +144,12 @@ def long_tailed(dataset: Dataset, label: str, imbalance: float, seed: int) -> Da
         count = max(1, int(n_max * imbalance ** (-rank / max(len(classes) - 1, 1))))
         members = np.flatnonzero(labels == c)
         keep.extend(rng.choice(members, size=count, replace=False).tolist())
-    return dataset.select(sorted(keep))
+    return np.array(sorted(keep))
+
+
+def long_tailed(dataset: Dataset, label: str, imbalance: float, seed: int) -> Dataset:
+    """The dataset subsampled to an exponential long tail (see ``long_tail_indices``)."""
+    return dataset.select(long_tail_indices(dataset[label], imbalance, seed))
 
 
 def class_counts(dataset: Dataset, label: str, num_labels: int) -> list[int]:
