@@ -10,28 +10,48 @@ from typing import Literal
 
 Mode = Literal["fop", "kfac"]
 Method = Literal["eigen", "inverse"]
+DampingMode = Literal["relative", "absolute"]
+Graft = Literal["adamw", "none"]
 
 MODES: tuple[str, ...] = ("fop", "kfac")
 METHODS: tuple[str, ...] = ("eigen", "inverse")
+DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
+GRAFTS: tuple[str, ...] = ("adamw", "none")
 
 
 @dataclass(frozen=True)
 class FOPConfig:
     """Every knob of :class:`hf_fop.FOP`, checked once when it is built.
 
+    The defaults make FOP a drop-in for AdamW: ``lr`` is an AdamW learning rate. Each
+    preconditioned layer's direction is grafted onto the norm of the AdamW step it replaces
+    (``graft="adamw"``), so the step size, warmup and schedule a user tuned for AdamW carry
+    over; the damping is relative to each layer's curvature, so it means the same at any scale.
+    ``graft="none"`` with ``damping_mode="absolute"`` is classic K-FAC practice (heavy-ball
+    momentum, a KL clip, learning rates of natural-gradient size).
+
     Preconditioned layers use ``lr``, ``momentum``, ``weight_decay``, ``damping`` and ``kl_clip``;
     the AdamW fallback (embeddings, norms, heads, everything not preconditioned) uses the
-    ``adamw_*`` fields.
+    ``adamw_*`` fields (``adamw_lr`` defaults to ``lr``).
     """
 
-    lr: float = 0.01
+    lr: float = 1e-3
+    # graft="adamw": Adam's first-moment average (bias-corrected) of the grafted direction;
+    # graft="none": heavy-ball momentum as in torch.optim.SGD.
     momentum: float = 0.9
-    weight_decay: float = 0.0
-    # Tikhonov damping added to every Kronecker eigenvalue lambda_G * lambda_A (method "eigen"),
-    # or split between the factors by their mean eigenvalues (method "inverse").
-    damping: float = 0.01
-    # Trust region on the preconditioned step (K-FAC practice); None turns it off.
-    kl_clip: float | None = 0.001
+    # Decoupled (AdamW-style) with graft="adamw"; added to the direction with graft="none".
+    weight_decay: float = 0.01
+    # "relative": F = A (x) G + damping * mean(eig A) * mean(eig G) I, unchanged when A or G is
+    # multiplied by a constant. "absolute": + damping I, whose meaning depends on the factors'
+    # scale (G's eigenvalues are ~1e-13 in a freshly initialised transformer).
+    damping: float = 0.1
+    damping_mode: DampingMode = "relative"
+    # "adamw": each layer's direction takes the norm of the AdamW step for that layer
+    # (Distributed Shampoo's grafting); "none": the raw natural-gradient step times lr.
+    graft: Graft = "adamw"
+    # Trust region on the preconditioned step (K-FAC practice; 1e-3 with graft="none"). None
+    # turns it off: a clip that binds at every step makes the learning rate meaningless.
+    kl_clip: float | None = None
     mode: Mode = "fop"
     method: Method = "eigen"
     # Collect A and G every `curvature_interval` steps; refresh their decomposition every
@@ -49,7 +69,8 @@ class FOPConfig:
     # Micro-batches per optimizer step; g1 is the gradient of the first half of the step's
     # examples. None learns it from the micro-batches of the previous step.
     gradient_accumulation_steps: int | None = None
-    adamw_lr: float = 1e-3
+    # None: the same rate as the preconditioned layers (``lr``).
+    adamw_lr: float | None = None
     adamw_betas: tuple[float, float] = (0.9, 0.999)
     adamw_eps: float = 1e-8
     adamw_weight_decay: float = 0.01
@@ -58,7 +79,10 @@ class FOPConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr >= 0, f"lr must be >= 0, got {self.lr}")
-        _check(self.adamw_lr >= 0, f"adamw_lr must be >= 0, got {self.adamw_lr}")
+        _check(
+            self.adamw_lr is None or self.adamw_lr >= 0,
+            f"adamw_lr must be >= 0 (or None: the same as lr), got {self.adamw_lr}",
+        )
         _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(
@@ -75,6 +99,11 @@ class FOPConfig:
         )
         _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         _check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        _check(
+            self.damping_mode in DAMPING_MODES,
+            f"damping_mode must be one of {DAMPING_MODES}, got {self.damping_mode!r}",
+        )
+        _check(self.graft in GRAFTS, f"graft must be one of {GRAFTS}, got {self.graft!r}")
         for name in ("curvature_interval", "inverse_interval", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if value is None and name == "gradient_accumulation_steps":
@@ -99,6 +128,11 @@ class FOPConfig:
             isinstance(self.targets, str) or all(isinstance(t, str) for t in self.targets),
             "targets must be 'auto', 'all-linear', a regular expression or a list of module names",
         )
+
+    @property
+    def fallback_lr(self) -> float:
+        """The AdamW side's learning rate."""
+        return self.lr if self.adamw_lr is None else self.adamw_lr
 
     def replace(self, **changes: object) -> FOPConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -3,11 +3,18 @@
 A layer's Fisher is approximated by F = A (x) G, so F vec(V) = vec(G V A) for a gradient matrix V
 (out x in). Two strategies give the damped products F V and F^-1 V behind one interface:
 
-- ``EigenPreconditioner`` (default): exact Tikhonov damping, (A (x) G + damping I)^-1, from the
+- ``EigenPreconditioner`` (default): exact Tikhonov damping, (A (x) G + lambda I)^-1, from the
   eigendecompositions of A and G. FOP runs in the Kronecker eigenbasis, where both operators are
   elementwise: 6 matmuls per layer against K-FAC's 4.
 - ``InversePreconditioner``: damping split between the factors by their mean eigenvalues,
-  F ~ (A + pi sqrt(d) I) (x) (G + sqrt(d)/pi I), applied through explicit inverses.
+  F ~ (A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi I), applied through explicit inverses.
+
+Damping convention. ``damping_mode="relative"`` (default): lambda = damping * mean(eig A) *
+mean(eig G), the layer's mean Kronecker eigenvalue times ``damping``, so the split reads
+(A + sqrt(damping) mean(eig A) I) (x) (G + sqrt(damping) mean(eig G) I). Multiplying A or G by
+a constant then multiplies F^-1 by its inverse and leaves every direction unchanged; a damping
+of 0.1 means the same in a CNN with G ~ 1e-1 as in a transformer whose fresh G is ~1e-13.
+``"absolute"``: lambda = damping, the K-FAC papers' convention.
 """
 
 from __future__ import annotations
@@ -82,8 +89,16 @@ class Preconditioner(Protocol):
     def state_shapes(in_dim: int, out_dim: int) -> dict[str, tuple[int, ...]]: ...
 
 
+def kronecker_damping(mean_A: Tensor, mean_G: Tensor, damping: float, damping_mode: str) -> Tensor:
+    """lambda, added to every Kronecker eigenvalue l_G * l_A (see the module docstring)."""
+    if damping_mode == "absolute":
+        return torch.full_like(mean_A, damping)
+    tiny = torch.finfo(torch.float32).tiny
+    return damping * torch.clamp(mean_A * mean_G, min=tiny)
+
+
 class EigenPreconditioner:
-    """(A (x) G + damping I)^-1 through A = Q_A diag(l_A) Q_A^T and G = Q_G diag(l_G) Q_G^T."""
+    """(A (x) G + lambda I)^-1 through A = Q_A diag(l_A) Q_A^T and G = Q_G diag(l_G) Q_G^T."""
 
     STATE_KEYS = ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")
 
@@ -94,19 +109,25 @@ class EigenPreconditioner:
         eigvals_G: Tensor,
         eigvecs_G: Tensor,
         damping: float,
+        damping_mode: str = "relative",
     ) -> None:
         self.eigvals_A, self.eigvecs_A = eigvals_A, eigvecs_A
         self.eigvals_G, self.eigvecs_G = eigvals_G, eigvecs_G
+        self.damping = kronecker_damping(eigvals_A.mean(), eigvals_G.mean(), damping, damping_mode)
         # Kronecker eigenvalues of the damped Fisher, laid out like the rotated gradient (out x in).
-        self.kronecker_eigvals = torch.outer(eigvals_G, eigvals_A) + damping
+        self.kronecker_eigvals = torch.outer(eigvals_G, eigvals_A) + self.damping
 
     @classmethod
-    def from_factors(cls, A: Tensor, G: Tensor, damping: float) -> EigenPreconditioner:
-        return cls(*symmetric_eigh(A), *symmetric_eigh(G), damping=damping)
+    def from_factors(
+        cls, A: Tensor, G: Tensor, damping: float, damping_mode: str = "relative"
+    ) -> EigenPreconditioner:
+        return cls(*symmetric_eigh(A), *symmetric_eigh(G), damping, damping_mode)
 
     @classmethod
-    def from_state(cls, state: dict[str, Tensor], damping: float) -> EigenPreconditioner:
-        return cls(*(state[key] for key in cls.STATE_KEYS), damping=damping)
+    def from_state(
+        cls, state: dict[str, Tensor], damping: float, damping_mode: str = "relative"
+    ) -> EigenPreconditioner:
+        return cls(*(state[key] for key in cls.STATE_KEYS), damping, damping_mode)
 
     def state(self) -> dict[str, Tensor]:
         return {key: getattr(self, key) for key in self.STATE_KEYS}
@@ -158,12 +179,16 @@ class InversePreconditioner:
         self.A_inv, self.G_inv = A_inv, G_inv
 
     @classmethod
-    def from_factors(cls, A: Tensor, G: Tensor, damping: float) -> InversePreconditioner:
-        A_damped, G_damped = split_damping(A, G, damping)
+    def from_factors(
+        cls, A: Tensor, G: Tensor, damping: float, damping_mode: str = "relative"
+    ) -> InversePreconditioner:
+        A_damped, G_damped = split_damping(A, G, damping, damping_mode)
         return cls(A_damped, G_damped, _spd_inverse(A_damped), _spd_inverse(G_damped))
 
     @classmethod
-    def from_state(cls, state: dict[str, Tensor], damping: float) -> InversePreconditioner:
+    def from_state(
+        cls, state: dict[str, Tensor], damping: float, damping_mode: str = "relative"
+    ) -> InversePreconditioner:
         return cls(*(state[key] for key in cls.STATE_KEYS))
 
     def state(self) -> dict[str, Tensor]:
@@ -191,12 +216,18 @@ class InversePreconditioner:
         return fop_direction(g_avg, g_diff, self.fisher, self.inverse_fisher, zero_tol)
 
 
-def split_damping(A: Tensor, G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
-    """A + pi sqrt(d) I and G + sqrt(d) / pi I, pi = sqrt(mean eig(A) / mean eig(G))."""
-    mean_A = torch.clamp(torch.trace(A) / A.shape[0], min=1e-12)
-    mean_G = torch.clamp(torch.trace(G) / G.shape[0], min=1e-12)
+def split_damping(
+    A: Tensor, G: Tensor, damping: float, damping_mode: str = "relative"
+) -> tuple[Tensor, Tensor]:
+    """A + pi sqrt(lambda) I and G + sqrt(lambda) / pi I, pi = sqrt(mean eig(A) / mean eig(G)).
+
+    With relative damping this is A + sqrt(damping) mean(eig A) I and likewise for G.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    mean_A = torch.clamp(torch.trace(A) / A.shape[0], min=tiny)
+    mean_G = torch.clamp(torch.trace(G) / G.shape[0], min=tiny)
     pi = torch.sqrt(mean_A / mean_G)
-    root = damping**0.5
+    root = torch.sqrt(kronecker_damping(mean_A, mean_G, damping, damping_mode))
     eye_A = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     eye_G = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
     return A + pi * root * eye_A, G + root / pi * eye_G
@@ -207,7 +238,7 @@ def _spd_inverse(matrix: Tensor) -> Tensor:
         return torch.cholesky_inverse(torch.linalg.cholesky(matrix.double())).float()
     except RuntimeError:
         eigenvalues, eigenvectors = symmetric_eigh(matrix)
-        floor = torch.clamp(eigenvalues.max() * 1e-7, min=1e-12)
+        floor = torch.clamp(eigenvalues.max() * 1e-7, min=torch.finfo(torch.float32).tiny)
         return (eigenvectors / torch.clamp(eigenvalues, min=floor)) @ eigenvectors.T
 
 

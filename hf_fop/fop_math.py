@@ -27,6 +27,8 @@ class FOPDirection(NamedTuple):
     eta: Tensor
     # rho = D / sqrt(a E) in [-1, 1]: unlike beta it does not depend on the size of g_perp.
     rho: Tensor
+    # Cosine between this direction and the K-FAC direction F^-1 g_avg (1 for K-FAC itself).
+    kfac_cosine: Tensor
 
 
 def inner(x: Tensor, y: Tensor) -> Tensor:
@@ -82,13 +84,16 @@ def fop_direction(
     denominator = inner(g_comb, n_comb)
     eta = _safe_divide(numerator, denominator, denominator > 0, 1.0)
     rho = _safe_divide(D, torch.sqrt(a * E), has_signal & (a > 0), 0.0)
-    return FOPDirection(eta * n_comb, beta, eta, rho)
+    norms = torch.linalg.vector_norm(n_comb) * torch.linalg.vector_norm(n_avg)
+    cosine = _safe_divide(inner(n_comb, n_avg), norms, norms > 0, 1.0)
+    return FOPDirection(eta * n_comb, beta, eta, rho, cosine)
 
 
 def kfac_direction(g_avg: Tensor, inverse_fisher: LinearOperator) -> FOPDirection:
     """The K-FAC step F^-1 g_avg in the same form (beta = 0, eta = 1): the baseline."""
     zero = g_avg.new_zeros(())
-    return FOPDirection(inverse_fisher(g_avg), zero, torch.ones_like(zero), zero)
+    one = torch.ones_like(zero)
+    return FOPDirection(inverse_fisher(g_avg), zero, one, zero, one)
 
 
 def eta_at_optimal_beta(rho: Tensor) -> Tensor:

@@ -28,14 +28,19 @@ from hf_fop.config import FOPConfig
 from hf_fop.curvature import PRECONDITIONERS, update_running_factor
 from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
 from hf_fop.fop_math import FOPDirection, inner
+from hf_fop.grafting import adam_step_norm, graft
 from hf_fop.layers import LayerAdapter
 from hf_fop.partition import Partition, partition_model, unwrap_model
 
 logger = logging.getLogger("hf_fop")
 
 FACTOR_KEYS = ("A", "G")
-CURVATURE_KEYS = FACTOR_KEYS + tuple(
-    key for cls in PRECONDITIONERS.values() for key in cls.STATE_KEYS
+# State kept in fp32 whatever the parameters' precision.
+FP32_KEYS = (
+    *FACTOR_KEYS,
+    *(key for cls in PRECONDITIONERS.values() for key in cls.STATE_KEYS),
+    "graft_exp_avg_sq",
+    "exp_avg",
 )
 
 
@@ -170,11 +175,14 @@ class FOP(torch.optim.Optimizer):
         # torch casts floating state to the parameter's dtype; curvature stays fp32 whatever
         # the model's precision.
         params = [p for g in self.param_groups for p in g["params"]]
+        preconditioned = {id(p) for p in (self.fop_group or {"params": []})["params"]}
         for index, saved in state_dict["state"].items():
             if not isinstance(index, int) or index >= len(params):
                 continue
             param = params[index]
-            for key in CURVATURE_KEYS:
+            if id(param) not in preconditioned:
+                continue
+            for key in FP32_KEYS:
                 if key in saved:
                     self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32)
         self._arm_capture()
@@ -272,7 +280,9 @@ class FOP(torch.optim.Optimizer):
             layer = self.layers[index]
             state = self.state[layer.weight]
             if owner == rank:
-                computed = preconditioner.from_factors(state["A"], state["G"], group["damping"])
+                computed = preconditioner.from_factors(
+                    state["A"], state["G"], group["damping"], config.damping_mode
+                )
                 values = computed.state()
             else:
                 values = {
@@ -294,6 +304,7 @@ class FOP(torch.optim.Optimizer):
         refreshed = self._refresh_curvature(group, gathered)
         preconditioner = PRECONDITIONERS[config.method]
         lr, damping = group["lr"], group["damping"]
+        step = group["step"] + 1  # 1-based, for the bias corrections of grafting
 
         updates: list[tuple[LayerAdapter, Tensor, Tensor]] = []
         results: list[FOPDirection] = []
@@ -310,16 +321,25 @@ class FOP(torch.optim.Optimizer):
                     "on a curvature step); it takes a plain gradient step until they do",
                 )
                 zero = g_avg.new_zeros(())
-                result = FOPDirection(g_avg, zero, zero + 1, zero)
+                result = FOPDirection(g_avg, zero, zero + 1, zero, zero + 1)
             else:
-                metric = preconditioner.from_state(state, damping)
+                metric = preconditioner.from_state(state, damping, config.damping_mode)
                 if item.g1 is not None:
                     g_diff = 2 * (item.g1 - g_avg)  # g1 - g2 with g2 = 2 g_avg - g1
                     result = metric.fop(g_avg, g_diff, config.fop_zero_tol)
                 else:
                     result = metric.kfac(g_avg)
+            direction = result.direction
+            if config.graft == "adamw":
+                if "graft_exp_avg_sq" not in state:
+                    state["graft_exp_avg_sq"] = torch.zeros_like(g_avg)
+                _, beta2 = config.adamw_betas
+                norm = adam_step_norm(
+                    g_avg, state["graft_exp_avg_sq"], beta2, config.adamw_eps, step
+                )
+                direction = graft(direction, norm)
             results.append(result)
-            updates.append((layer, result.direction, g_avg))
+            updates.append((layer, direction, g_avg))
 
         scale = torch.ones(())
         if updates and group["kl_clip"] is not None:
@@ -330,13 +350,14 @@ class FOP(torch.optim.Optimizer):
 
         for layer, direction, _ in updates:
             for param, update in zip(layer.params, layer.split_matrix(direction * scale)):
-                self._apply(param, update.to(param.dtype), group)
+                self._apply(param, update, group, step)
 
         if results:
             self._last_stats = {
                 "beta": torch.stack([r.beta for r in results]),
                 "eta": torch.stack([r.eta for r in results]),
                 "rho": torch.stack([r.rho for r in results]),
+                "kfac_cosine": torch.stack([r.kfac_cosine for r in results]),
                 "kl_scale": scale,
             }
         self._last_stats.update(
@@ -346,17 +367,34 @@ class FOP(torch.optim.Optimizer):
         )
         group["step"] += 1
 
-    def _apply(self, param: Tensor, update: Tensor, group: dict[str, Any]) -> None:
-        """SGD with momentum and (coupled) weight decay on the preconditioned direction."""
-        if group["weight_decay"]:
-            update = update.add(param, alpha=group["weight_decay"])
-        if group["momentum"]:
-            state = self.state[param]
+    def _apply(self, param: Tensor, update: Tensor, group: dict[str, Any], step: int) -> None:
+        """Momentum, weight decay and the parameter update of a preconditioned direction.
+
+        Grafted (AdamW-sized) directions take AdamW's rules: a bias-corrected moving average and
+        decoupled weight decay. Raw natural-gradient directions take SGD's: heavy-ball momentum
+        and weight decay added to the direction (K-FAC practice).
+        """
+        momentum, weight_decay = group["momentum"], group["weight_decay"]
+        state = self.state[param]
+        if self.config.graft == "adamw":
+            if momentum:
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(update)
+                state["exp_avg"].lerp_(update, 1 - momentum)
+                update = state["exp_avg"] / (1 - momentum**step)
+            if weight_decay:
+                param.mul_(1 - group["lr"] * weight_decay)
+            param.add_(update.to(param.dtype), alpha=-group["lr"])
+            return
+        update = update.to(param.dtype)
+        if weight_decay:
+            update = update.add(param, alpha=weight_decay)
+        if momentum:
             buffer = state.get("momentum_buffer")
             if buffer is None:
                 buffer = state["momentum_buffer"] = update.clone()
             else:
-                buffer.mul_(group["momentum"]).add_(update)
+                buffer.mul_(momentum).add_(update)
             update = buffer
         param.add_(update, alpha=-group["lr"])
 
@@ -404,7 +442,7 @@ def _param_groups(partition: Partition, config: FOPConfig) -> list[dict[str, Any
                 {
                     "params": [p for _, p in params],
                     "kind": "adamw",
-                    "lr": config.adamw_lr,
+                    "lr": config.fallback_lr,
                     "betas": tuple(config.adamw_betas),
                     "eps": config.adamw_eps,
                     "weight_decay": decay,

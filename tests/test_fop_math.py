@@ -22,10 +22,14 @@ def _dense_operators(F: torch.Tensor):
     return (lambda m: unvec(F @ vec(m), m.shape[0])), (lambda m: unvec(F_inv @ vec(m), m.shape[0]))
 
 
-def test_eigen_preconditioner_matches_dense_damped_fisher() -> None:
-    A, G = _factors()
-    F = torch.kron(A, G) + DAMPING * torch.eye(IN * OUT, dtype=torch.float64)
-    metric = EigenPreconditioner.from_factors(A.float(), G.float(), DAMPING)
+def _kronecker_damping(A: torch.Tensor, G: torch.Tensor, damping_mode: str) -> float:
+    """lambda as the README states it: damping, or damping * mean eig(A) * mean eig(G)."""
+    if damping_mode == "absolute":
+        return DAMPING
+    return DAMPING * (torch.trace(A) / IN * torch.trace(G) / OUT).item()
+
+
+def _assert_matches_dense(metric, F: torch.Tensor) -> None:
     V = torch.randn(OUT, IN, dtype=torch.float64)
     torch.testing.assert_close(
         metric.fisher(V.float()).double(), unvec(F @ vec(V), OUT), rtol=1e-4, atol=1e-5
@@ -36,22 +40,62 @@ def test_eigen_preconditioner_matches_dense_damped_fisher() -> None:
     )
 
 
-def test_inverse_preconditioner_matches_dense_split_damping() -> None:
+@pytest.mark.parametrize("damping_mode", ["relative", "absolute"])
+def test_eigen_preconditioner_matches_dense_damped_fisher(damping_mode: str) -> None:
     A, G = _factors()
-    metric = InversePreconditioner.from_factors(A.float(), G.float(), DAMPING)
+    damping = _kronecker_damping(A, G, damping_mode)
+    F = torch.kron(A, G) + damping * torch.eye(IN * OUT, dtype=torch.float64)
+    metric = EigenPreconditioner.from_factors(A.float(), G.float(), DAMPING, damping_mode)
+    _assert_matches_dense(metric, F)
+
+
+@pytest.mark.parametrize("damping_mode", ["relative", "absolute"])
+def test_inverse_preconditioner_matches_dense_split_damping(damping_mode: str) -> None:
+    A, G = _factors()
+    metric = InversePreconditioner.from_factors(A.float(), G.float(), DAMPING, damping_mode)
+    root = _kronecker_damping(A, G, damping_mode) ** 0.5
     mean_A, mean_G = torch.trace(A) / IN, torch.trace(G) / OUT
     pi = torch.sqrt(mean_A / mean_G)
-    A_d = A + pi * DAMPING**0.5 * torch.eye(IN, dtype=torch.float64)
-    G_d = G + DAMPING**0.5 / pi * torch.eye(OUT, dtype=torch.float64)
-    F = torch.kron(A_d, G_d)
-    V = torch.randn(OUT, IN, dtype=torch.float64)
+    A_d = A + pi * root * torch.eye(IN, dtype=torch.float64)
+    G_d = G + root / pi * torch.eye(OUT, dtype=torch.float64)
+    _assert_matches_dense(metric, torch.kron(A_d, G_d))
+
+
+@pytest.mark.parametrize("method", [EigenPreconditioner, InversePreconditioner])
+@pytest.mark.parametrize(("scale_A", "scale_G"), [(1e3, 1.0), (1.0, 1e-9), (7.0, 3e-4)])
+def test_relative_damping_gives_the_same_direction_at_any_factor_scale(
+    method, scale_A: float, scale_G: float
+) -> None:
+    # G's eigenvalues in a freshly initialised transformer are ~1e-13: a damping that means
+    # the same at every scale multiplies F^-1 by 1 / (scale_A scale_G) and changes nothing else.
+    A, G = _factors()
+    g_avg, g_diff = torch.randn(OUT, IN), torch.randn(OUT, IN)
+    base = method.from_factors(A.float(), G.float(), DAMPING, "relative")
+    scaled = method.from_factors((scale_A * A).float(), (scale_G * G).float(), DAMPING, "relative")
+    factor = scale_A * scale_G
     torch.testing.assert_close(
-        metric.fisher(V.float()).double(), unvec(F @ vec(V), OUT), rtol=1e-4, atol=1e-5
+        scaled.inverse_fisher(g_avg) * factor, base.inverse_fisher(g_avg), rtol=1e-4, atol=1e-6
     )
-    expected = unvec(torch.linalg.solve(F, vec(V)), OUT)
-    torch.testing.assert_close(
-        metric.inverse_fisher(V.float()).double(), expected, rtol=1e-3, atol=1e-4
-    )
+    expected, result = base.fop(g_avg, g_diff, 1e-10), scaled.fop(g_avg, g_diff, 1e-10)
+    torch.testing.assert_close(result.direction * factor, expected.direction, rtol=1e-3, atol=1e-5)
+    for name in ("beta", "eta", "rho", "kfac_cosine"):
+        assert getattr(result, name).item() == pytest.approx(
+            getattr(expected, name).item(), rel=1e-3
+        )
+
+
+def test_absolute_damping_turns_into_sgd_when_g_is_tiny_and_relative_does_not() -> None:
+    A, G = _factors()
+    G = 1e-12 * G  # a fresh transformer's inner layers
+    g_avg = torch.randn(OUT, IN)
+
+    def cosine_with_gradient(damping_mode: str) -> float:
+        metric = EigenPreconditioner.from_factors(A.float(), G.float(), DAMPING, damping_mode)
+        step = metric.inverse_fisher(g_avg)
+        return torch.nn.functional.cosine_similarity(step.flatten(), g_avg.flatten(), 0).item()
+
+    assert cosine_with_gradient("absolute") > 0.9999  # F^-1 g = g / damping: plain SGD
+    assert cosine_with_gradient("relative") < 0.9
 
 
 @pytest.mark.parametrize("method", [EigenPreconditioner, InversePreconditioner])

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hf_fop import FOP, FOPConfig
+from hf_fop.grafting import adam_step_norm
 from tests.helpers import TokenClassifier, assert_identical, image_data, tiny_vit, token_data, train
 
 
@@ -213,7 +214,7 @@ def test_clipped_gradients_give_the_clip_factor_times_the_fop_step() -> None:
     for clip in (None, 0.3):
         torch.manual_seed(0)
         model = TokenClassifier()
-        optimizer = FOP(model, momentum=0.0, kl_clip=None)
+        optimizer = FOP(model, graft="none", momentum=0.0, weight_decay=0.0)
         nn.functional.cross_entropy(model(tokens[:16]), labels[:16]).backward()
         if clip is not None:
             for p in model.parameters():
@@ -245,3 +246,43 @@ def test_accumulation_steps_are_learned_from_the_previous_step() -> None:
     layer = reference.blocks[0][1]
     expected = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1)
     torch.testing.assert_close(g1, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_step_norm_matches_torch_adam_over_several_steps() -> None:
+    # The grafting norm is the size of the step torch's Adam (no momentum) takes, step by step.
+    param = nn.Parameter(torch.zeros(5, 3))
+    adam = torch.optim.Adam([param], lr=1.0, betas=(0.0, 0.999), eps=1e-8, foreach=False)
+    exp_avg_sq = torch.zeros(5, 3)
+    for step in range(1, 5):
+        grad = torch.randn(5, 3) * step
+        before = param.detach().clone()
+        param.grad = grad.clone()
+        adam.step()
+        expected = torch.linalg.vector_norm(param.detach() - before)
+        norm = adam_step_norm(grad, exp_avg_sq, 0.999, 1e-8, step)
+        assert norm.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fop", "kfac"])
+def test_grafted_step_has_adams_size_and_fops_direction(mode: str) -> None:
+    tokens, labels = token_data()
+    steps = {}
+    for graft in ("adamw", "none"):
+        torch.manual_seed(0)
+        model = TokenClassifier()
+        optimizer = FOP(model, mode=mode, graft=graft, lr=1e-3, momentum=0.0, weight_decay=0.0)
+        nn.functional.cross_entropy(model(tokens[:16]), labels[:16]).backward()
+        layer = optimizer.layers[1]
+        grad, before = layer.grad_matrix().clone(), layer.weight.detach().clone()
+        bias_before = layer.bias.detach().clone()
+        optimizer.step()
+        steps[graft] = torch.cat(
+            [layer.weight.detach() - before, (layer.bias.detach() - bias_before)[:, None]], 1
+        )
+    # AdamW's first step on this layer: lr * g / (|g| + eps), elementwise.
+    adam_norm = 1e-3 * torch.linalg.vector_norm(grad / (grad.abs() + 1e-8))
+    assert torch.linalg.vector_norm(steps["adamw"]).item() == pytest.approx(
+        adam_norm.item(), rel=1e-4
+    )
+    cosine = nn.functional.cosine_similarity(steps["adamw"].flatten(), steps["none"].flatten(), 0)
+    assert cosine.item() == pytest.approx(1.0, abs=1e-5)

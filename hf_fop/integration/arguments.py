@@ -33,37 +33,56 @@ def register_optimizer_names() -> None:
 class FOPTrainingArguments(TrainingArguments):
     """TrainingArguments plus FOP's settings (``--optim fop`` or ``--optim kfac``).
 
-    ``learning_rate`` is the rate of the preconditioned layers (FOP and K-FAC want ~1e-3 to 1e-2
-    from scratch); ``fop_adamw_lr`` sets the AdamW fallback's (default: ``learning_rate``).
-    ``optim_args`` ("damping=0.02,curvature_interval=10") overrides any ``fop_*`` field.
+    A drop-in for AdamW: ``learning_rate``, warmup, schedule, ``weight_decay`` and
+    ``adam_beta1/2`` mean what they mean for AdamW (each preconditioned layer's direction takes
+    the size of AdamW's step, see ``fop_graft``). Every ``fop_*`` field left at None takes
+    :class:`hf_fop.FOPConfig`'s default; ``optim_args`` ("damping=0.3,curvature_interval=10")
+    overrides any of them.
     """
 
     optim: str = field(
         default="adamw_torch",
         metadata={"help": "The optimizer: 'fop', 'kfac' (the K-FAC baseline) or any stock name."},
     )
-    fop_damping: float = field(
-        default=0.01, metadata={"help": "Damping added to the Kronecker eigenvalues."}
+    fop_damping: float | None = field(
+        default=None,
+        metadata={"help": "Damping (default 0.1, relative to each layer's mean curvature)."},
     )
-    fop_momentum: float = field(default=0.9, metadata={"help": "Momentum of the FOP update."})
-    fop_weight_decay: float = field(
-        default=0.0, metadata={"help": "Weight decay of the preconditioned layers."}
+    fop_damping_mode: str | None = field(
+        default=None,
+        metadata={"help": "'relative' (default) or 'absolute' (added to the eigenvalues as is)."},
+    )
+    fop_graft: str | None = field(
+        default=None,
+        metadata={
+            "help": "'adamw' (default: each layer's step takes AdamW's size, so the AdamW "
+            "learning rate carries over) or 'none' (raw natural-gradient steps)."
+        },
+    )
+    fop_momentum: float | None = field(
+        default=None, metadata={"help": "Momentum of the FOP update (default: adam_beta1)."}
+    )
+    fop_weight_decay: float | None = field(
+        default=None,
+        metadata={"help": "Weight decay of the preconditioned layers (default: weight_decay)."},
     )
     fop_kl_clip: float | None = field(
-        default=0.001, metadata={"help": "KL-norm clip of the preconditioned step (None: off)."}
+        default=None, metadata={"help": "KL-norm clip of the preconditioned step (default: off)."}
     )
-    fop_curvature_interval: int = field(
-        default=5, metadata={"help": "Collect Kronecker factors every N steps."}
+    fop_curvature_interval: int | None = field(
+        default=None, metadata={"help": "Collect Kronecker factors every N steps (default 5)."}
     )
-    fop_inverse_interval: int = field(
-        default=5, metadata={"help": "Refresh the eigendecompositions every N steps."}
+    fop_inverse_interval: int | None = field(
+        default=None, metadata={"help": "Refresh the decompositions every N steps (default 5)."}
     )
-    fop_factor_decay: float = field(
-        default=0.95, metadata={"help": "Running-average decay of the Kronecker factors."}
+    fop_factor_decay: float | None = field(
+        default=None, metadata={"help": "Running-average decay of the factors (default 0.95)."}
     )
-    fop_method: str = field(default="eigen", metadata={"help": "'eigen' or 'inverse'."})
-    fop_targets: str = field(
-        default="auto",
+    fop_method: str | None = field(
+        default=None, metadata={"help": "'eigen' (default) or 'inverse'."}
+    )
+    fop_targets: str | None = field(
+        default=None,
         metadata={
             "help": "Layers to precondition: 'auto' (Linear layers of transformer blocks), "
             "'all-linear', a regex, or comma-separated module names."
@@ -72,8 +91,9 @@ class FOPTrainingArguments(TrainingArguments):
     fop_skip: str | None = field(
         default=None, metadata={"help": "Comma-separated regexes of modules to leave to AdamW."}
     )
-    fop_max_factor_dim: int = field(
-        default=8192, metadata={"help": "Layers with a larger factor (vocab heads) use AdamW."}
+    fop_max_factor_dim: int | None = field(
+        default=None,
+        metadata={"help": "Layers with a larger factor (vocab heads) use AdamW (default 8192)."},
     )
     fop_adamw_lr: float | None = field(
         default=None, metadata={"help": "AdamW fallback learning rate (default: learning_rate)."}

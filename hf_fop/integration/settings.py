@@ -80,14 +80,16 @@ def _is_union(hint: Any) -> bool:
 def fop_settings_from_args(args: Any) -> dict[str, Any]:
     """The FOP keyword arguments a Trainer run asks for.
 
-    ``learning_rate`` is the preconditioned layers' rate, AdamW's ``adam_*`` and ``weight_decay``
-    drive the fallback groups, ``fop_*`` fields (FOPTrainingArguments) set the rest, and
+    The AdamW settings a user already has carry over to both sides: ``learning_rate``,
+    ``weight_decay``, ``adam_beta1`` (FOP's momentum), ``adam_beta2`` and ``adam_epsilon`` (the
+    grafting norm and the fallback). ``fop_*`` fields (FOPTrainingArguments) set the rest, and
     ``optim_args`` overrides everything.
     """
     settings: dict[str, Any] = {
         "mode": optim_name(args),
         "lr": args.learning_rate,
-        "adamw_lr": args.learning_rate,
+        "momentum": args.adam_beta1,
+        "weight_decay": args.weight_decay,
         "adamw_betas": (args.adam_beta1, args.adam_beta2),
         "adamw_eps": args.adam_epsilon,
         "adamw_weight_decay": args.weight_decay,

@@ -113,11 +113,12 @@ class FOPTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_supported_setup(self.args)
-        if is_fop_optim(self.args) and self.args.learning_rate == STOCK_LEARNING_RATE:
+        settings = fop_settings_from_args(self.args) if is_fop_optim(self.args) else {}
+        if settings.get("graft") == "none" and self.args.learning_rate == STOCK_LEARNING_RATE:
             logger.warning(
-                "learning_rate is the stock AdamW default (5e-05); FOP and K-FAC usually want "
-                "1e-3 to 3e-2 for the preconditioned layers (set --learning_rate, and "
-                "--fop_adamw_lr for embeddings and norms)"
+                "learning_rate is the stock AdamW default (5e-05), but with fop_graft='none' "
+                "the preconditioned layers take raw natural-gradient steps, which usually want "
+                "1e-3 to 3e-2 (set --learning_rate, and --fop_adamw_lr for embeddings and norms)"
             )
 
     @staticmethod

@@ -1,0 +1,30 @@
+"""Layer-wise grafting: the preconditioned direction with the step size of AdamW.
+
+Natural-gradient steps have another size than Adam's, so a learning rate tuned for AdamW means
+nothing to a raw K-FAC or FOP step. Grafting (Agarwal et al., 2020; Distributed Shampoo) keeps
+each layer's preconditioned direction and gives it the norm of the step AdamW would take for
+that layer. The user's AdamW learning rate, warmup and schedule then carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def adam_step_norm(grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int) -> Tensor:
+    """||g / (sqrt(v_hat) + eps)||, the size of AdamW's step for this layer before momentum.
+
+    Updates the second-moment average ``exp_avg_sq`` in place (v = beta2 v + (1 - beta2) g^2;
+    v_hat = v / (1 - beta2^step)), exactly as AdamW would.
+    """
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
+    return torch.linalg.vector_norm(grad / denominator)
+
+
+def graft(direction: Tensor, norm: Tensor) -> Tensor:
+    """``direction`` rescaled to ``norm`` (a zero direction stays zero)."""
+    size = torch.linalg.vector_norm(direction)
+    safe = torch.where(size > 0, size, torch.ones_like(size))
+    return direction * torch.where(size > 0, norm / safe, torch.zeros_like(size))
