@@ -50,9 +50,7 @@ def main(
     args = FOPTrainingArguments(
         output_dir=output_dir,
         optim="fop",
-        learning_rate=2e-3 if use_peft else 1e-3,
-        fop_adamw_lr=5e-4 if use_peft else 5e-5,
-        fop_damping=0.03,
+        learning_rate=5e-4 if use_peft else 5e-5,  # the usual AdamW rates
         num_train_epochs=2,
         max_steps=max_steps,
         per_device_train_batch_size=32,

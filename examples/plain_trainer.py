@@ -43,7 +43,7 @@ def main(max_steps: int = 300, output_dir: str = "outputs/plain_trainer") -> dic
         remove_unused_columns=False,
         use_cpu=True,
     )
-    fop_settings = {"model": model, "lr": 0.01, "adamw_lr": 3e-3, "curvature_interval": 1}
+    fop_settings = {"model": model, "lr": 1e-3}  # an AdamW learning rate
     trainer = Trainer(
         model=model,
         args=args,

@@ -35,7 +35,7 @@ def main(steps: int = 150, batch_size: int = 128) -> None:
         torch.manual_seed(0)
         model = make_model()
         if name == "fop":
-            optimizer = FOP(model, lr=0.03, damping=0.01)
+            optimizer = FOP(model, lr=3e-3)  # the AdamW learning rate carries over
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         start = time.perf_counter()

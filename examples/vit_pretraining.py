@@ -32,10 +32,7 @@ def main(max_steps: int = -1, output_dir: str = "outputs/vit_pretraining") -> di
     args = FOPTrainingArguments(
         output_dir=output_dir,
         optim="fop",  # the one line: "kfac" gives the K-FAC baseline, "adamw_torch" AdamW
-        learning_rate=0.01,  # preconditioned attention and MLP layers
-        fop_adamw_lr=3e-3,  # embeddings, norms and the head (AdamW inside FOP)
-        fop_damping=0.01,
-        fop_curvature_interval=1,
+        learning_rate=1e-3,  # the AdamW learning rate: FOP's steps take AdamW's size
         num_train_epochs=12,
         max_steps=max_steps,
         per_device_train_batch_size=64,

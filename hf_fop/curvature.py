@@ -30,19 +30,24 @@ from hf_fop.fop_math import FOPDirection, fop_direction, kfac_direction
 logger = logging.getLogger(__name__)
 
 
-def update_running_factor(running: Tensor | None, estimate: Tensor, decay: float) -> Tensor:
-    """Exponential moving average of a Kronecker factor, kept in fp32.
+def update_running_factor(
+    running: Tensor | None, estimate: Tensor, decay: float, updates: int
+) -> Tensor:
+    """Moving average of a Kronecker factor with a warm start, kept in fp32.
 
-    The first estimate from a batch with fewer rows than the factor's size is rank-deficient and
-    makes the inverse blow up, so the average starts from the identity, scaled to the estimate's
-    mean eigenvalue so that the damping keeps its meaning from the first step on.
+    ``updates`` estimates came before this one. The k-th estimate gets weight
+    max(1 - decay, 1 / k), so the average starts as the plain mean of the estimates seen so far
+    and becomes an exponential average once 1 / k < 1 - decay. Starting from a fixed prior (an
+    identity) instead would precondition with the prior for tens of curvature steps, which is
+    plain normalised SGD and trains transformers slowly. A first estimate from fewer rows than
+    the factor's size is rank-deficient, but the gradients of that batch lie in its range, and
+    the damping is relative to the factor's mean eigenvalue, so nothing blows up.
     """
     estimate = estimate.float()
-    if running is None:
-        size = estimate.shape[0]
-        scale = torch.clamp(torch.trace(estimate) / size, min=torch.finfo(torch.float32).tiny)
-        running = scale * torch.eye(size, dtype=torch.float32, device=estimate.device)
-    return decay * running + (1 - decay) * estimate
+    if running is None or updates == 0:
+        return estimate.clone()
+    weight = max(1.0 - decay, 1.0 / (updates + 1))
+    return running.lerp(estimate, weight)
 
 
 def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:

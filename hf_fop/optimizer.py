@@ -259,8 +259,12 @@ class FOP(torch.optim.Optimizer):
             if item.A is None:
                 continue
             state = self.state[layer.weight]
-            state["A"] = update_running_factor(state.get("A"), item.A, config.factor_decay)
-            state["G"] = update_running_factor(state.get("G"), item.G, config.factor_decay)
+            updates = state.get("factor_updates", 0)
+            for key, estimate in (("A", item.A), ("G", item.G)):
+                state[key] = update_running_factor(
+                    state.get(key), estimate, config.factor_decay, updates
+                )
+            state["factor_updates"] = updates + 1
 
         preconditioner = PRECONDITIONERS[config.method]
         inverse_step = group["step"] % config.inverse_interval == 0
@@ -357,6 +361,7 @@ class FOP(torch.optim.Optimizer):
                 "beta": torch.stack([r.beta for r in results]),
                 "eta": torch.stack([r.eta for r in results]),
                 "rho": torch.stack([r.rho for r in results]),
+                "rho_abs": torch.stack([r.rho for r in results]).abs(),
                 "kfac_cosine": torch.stack([r.kfac_cosine for r in results]),
                 "kl_scale": scale,
             }

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hf_fop import FOP
 from tests.helpers import image_data, tiny_vit
 
-SETTINGS = dict(lr=0.02, adamw_lr=3e-3, curvature_interval=1, inverse_interval=2)
+SETTINGS = dict(lr=3e-3, curvature_interval=1, inverse_interval=2)
 
 
 def init_process(rank: int, world_size: int, port: int) -> None:

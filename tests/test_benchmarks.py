@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import report, step_cost, time_to_accuracy
+from benchmarks import drop_in, report, step_cost, time_to_accuracy
 from benchmarks.tasks import build_task, long_tail_indices
 
 
@@ -86,3 +86,48 @@ def test_a_datasets_image_folder_runs_through_the_same_script(tmp_path: Path) ->
     task = build_task(f"hf:{tmp_path / 'data'}")
     assert task.x_train.shape == (24, 3, 32, 32) and task.x_test.shape == (8, 3, 32, 32)
     assert task.make_model()(task.x_test).shape == (8, 2)
+
+
+def test_shipped_mnist_and_wikitext(tmp_path: Path, monkeypatch) -> None:
+    from hf_fop_trainer import shipped
+
+    monkeypatch.setenv("HF_FOP_CACHE", str(tmp_path))
+    data = shipped.mnist()
+    assert data["x_train"].shape == (60000, 28, 28) and data["x_test"].shape == (10000, 28, 28)
+    assert sorted(set(data["y_test"].tolist())) == list(range(10))
+    # The first training digits of MNIST, as every copy of it has them.
+    assert data["y_train"][:8].tolist() == [5, 0, 4, 1, 9, 2, 1, 3]
+    assert (tmp_path / "mnist.npz").is_file()
+    text = shipped.wikitext2()
+    assert text["train"].lstrip().startswith("= Valkyria Chronicles III =")
+    assert len(text["train"]) > 10_000_000 and len(text["validation"]) > 1_000_000
+
+
+def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
+    result = drop_in.main(
+        [
+            "--task",
+            "mnist_mlp",
+            "--quick",
+            "--batches",
+            "64,512",
+            "--steps",
+            "6",
+            "--optimizers",
+            "adamw,fop",
+            "--seeds",
+            "1",
+            "--evaluations",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    rows = {(r["batch"], r["optimizer"]): r for r in result["summary"]}
+    assert set(rows) == {(64, "adamw"), (64, "fop"), (512, "adamw"), (512, "fop")}
+    # 512 is the whole quick training set: a full-batch run.
+    assert rows[(512, "fop")]["kfac_cosine"] is not None and rows[(64, "adamw")]["rho_abs"] is None
+    assert 0.0 < rows[(512, "fop")]["kfac_cosine"] <= 1.0
+    assert rows[(64, "adamw")]["target"] == rows[(64, "adamw")]["final_mean"] - 0.01
+    assert (tmp_path / "drop_in_mnist_mlp.png").stat().st_size > 10_000
+    assert "| 512 | FOP |" in (tmp_path / "drop_in_mnist_mlp.md").read_text()

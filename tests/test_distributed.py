@@ -59,9 +59,12 @@ def test_two_ranks_equal_one_rank_with_the_double_batch(two_rank_run: dict[int, 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    # Four AdamW-sized steps move parameters by ~1e-2; the ranks sum in another order than one
+    # process does, and the preconditioner amplifies that round-off to ~1e-6. A protocol error
+    # (g1 or a factor not averaged, a rank's share lost) differs by ~1e-3.
     for name, param in model.named_parameters():
         torch.testing.assert_close(
-            two_rank_run[0]["params"][name], param.detach(), rtol=1e-5, atol=1e-6
+            two_rank_run[0]["params"][name], param.detach(), rtol=1e-5, atol=1e-5, msg=name
         )
 
 

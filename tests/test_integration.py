@@ -26,8 +26,7 @@ def _args(tmp_path: Path, **overrides) -> FOPTrainingArguments:
     settings = dict(
         output_dir=str(tmp_path / "out"),
         optim="fop",
-        learning_rate=0.01,
-        fop_adamw_lr=3e-3,
+        learning_rate=3e-3,  # an AdamW learning rate: FOP grafts onto AdamW's step size
         per_device_train_batch_size=16,
         max_steps=12,
         logging_steps=1,
@@ -103,9 +102,7 @@ def _block_layers(model: nn.Module) -> set[int]:
 )
 def test_fop_trainer_trains_hf_models(tmp_path: Path, make_model, make_data) -> None:
     model = make_model()
-    args = _args(
-        tmp_path, max_steps=24, learning_rate=0.02, fop_adamw_lr=1e-2, lr_scheduler_type="constant"
-    )
+    args = _args(tmp_path, max_steps=24, lr_scheduler_type="constant")
     trainer = FOPTrainer(model=model, args=args, train_dataset=make_data())
     trainer.train()
     losses = _losses(trainer)
@@ -192,8 +189,11 @@ def test_gradient_accumulation_gives_the_same_first_update(tmp_path: Path) -> No
         )
         FOPTrainer(model=model, args=args, train_dataset=image_dataset()).train()
         results.append(copy.deepcopy(model.state_dict()))
+    # Updates are ~1e-2; the first factors come from one 8-example estimate, whose fp32
+    # round-off (summation order differs between 8 x 1 and 4 x 2) the preconditioner amplifies
+    # up to ~1e-4 relative. A wrong split of g1 would differ at O(1).
     for key in results[0]:
-        torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-5, atol=1e-5)
 
 
 def test_peft_lora_preconditions_only_the_adapters(tmp_path: Path) -> None:

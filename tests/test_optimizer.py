@@ -286,3 +286,24 @@ def test_grafted_step_has_adams_size_and_fops_direction(mode: str) -> None:
     )
     cosine = nn.functional.cosine_similarity(steps["adamw"].flatten(), steps["none"].flatten(), 0)
     assert cosine.item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_tiny_vit_trains_at_the_adamw_learning_rate_as_well_as_adamw() -> None:
+    # The drop-in promise: only the optimizer changes; the learning rate stays AdamW's.
+    images, classes = image_data(256)
+    accuracies, losses = {}, {}
+    for name in ("adamw", "fop"):
+        torch.manual_seed(0)
+        vit = tiny_vit()
+        if name == "fop":
+            optimizer = FOP(vit, lr=3e-3)
+        else:
+            optimizer = torch.optim.AdamW(vit.parameters(), lr=3e-3)
+        losses[name] = train(vit, optimizer, images[:192], classes[:192], steps=60, batch=32)
+        vit.eval()
+        with torch.no_grad():
+            predicted = vit(pixel_values=images[192:]).logits.argmax(-1)
+        accuracies[name] = (predicted == classes[192:]).float().mean().item()
+    assert accuracies["adamw"] >= 0.95
+    assert accuracies["fop"] >= 0.95
+    assert sum(losses["fop"][-5:]) / 5 < 0.3  # from ln 4 = 1.39 at the start

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_fop_trainer.arguments import DataArguments, ModelArguments
-from hf_fop_trainer.train import LEARNING_RATES, run, with_defaults
+from hf_fop_trainer.train import default_learning_rate, run, with_defaults
 from transformers import HfArgumentParser, TrainerCallback
 
 from hf_fop.integration import FOPTrainingArguments
@@ -140,6 +140,7 @@ def plot(curves: dict[str, list[dict[str, float]]], target: float, path: Path, t
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    explicit_rate = "--learning_rate" in argv
     # The trainer's image defaults, plus a fixed seed and no checkpoints; --optim is per run.
     argv = with_defaults(argv, output_dir="outputs/demo")
     for flag, value in {"--save_strategy": "no", "--report_to": "none", "--seed": "0"}.items():
@@ -149,8 +150,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         (CompareArguments, ModelArguments, DataArguments, FOPTrainingArguments)
     )
     compare_args, model_args, data_args, base_args = parser.parse_args_into_dataclasses(argv)
-    rates = {name: rate for (task, name), rate in LEARNING_RATES.items() if task == model_args.task}
-    rates.update(item.split("=") for item in (compare_args.learning_rates or "").split(",") if item)
+    rates = dict(item.split("=") for item in (compare_args.learning_rates or "").split(",") if item)
     output = Path(base_args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
 
@@ -158,7 +158,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for name in [n for n in compare_args.optimizers.split(",") if n]:
         args = copy.deepcopy(base_args)
         args.optim = name
-        args.learning_rate = float(rates.get(name, base_args.learning_rate))
+        default = (
+            base_args.learning_rate
+            if explicit_rate
+            else default_learning_rate(model_args.task, name, model_args.use_peft)
+        )
+        args.learning_rate = float(rates.get(name, default))
         args.output_dir = str(output / name)
         print(f"\n=== {name} (learning rate {args.learning_rate}) ===", flush=True)
         curve = AccuracyCurve()

@@ -45,32 +45,29 @@ class RunResult:
     trainer: FOPTrainer
 
 
-# Defaults tuned on the embedded data (learning rates from a 3-point grid each); any flag given
-# on the command line wins.
+# Defaults for the embedded data; any flag given on the command line wins. FOP and K-FAC graft
+# their steps onto AdamW's size, so they take AdamW's learning rate; only SGD needs its own.
 IMAGE_DEFAULTS = {
     "--num_train_epochs": "20",
     "--per_device_train_batch_size": "64",
     "--eval_strategy": "epoch",
     "--logging_strategy": "epoch",
     "--lr_scheduler_type": "constant",
-    "--fop_adamw_lr": "0.003",
-    "--fop_curvature_interval": "1",
 }
 TEXT_DEFAULTS = {
     "--num_train_epochs": "1",
     "--per_device_train_batch_size": "32",
     "--eval_strategy": "epoch",
 }
-LEARNING_RATES = {
-    ("image", "fop"): "0.003",
-    ("image", "kfac"): "0.003",
-    ("image", "sgd"): "0.1",
-    ("image", "adamw_torch"): "0.001",
-    ("text", "fop"): "0.001",
-    ("text", "kfac"): "0.001",
-    ("text", "sgd"): "0.01",
-    ("text", "adamw_torch"): "5e-5",
-}
+ADAMW_LEARNING_RATES = {"image": "0.001", "text": "5e-5", "text+peft": "5e-4"}
+SGD_LEARNING_RATES = {"image": "0.1", "text": "0.01", "text+peft": "0.01"}
+
+
+def default_learning_rate(task: str, optim: str, peft: bool = False) -> str:
+    """The learning rate the trainer uses when none is given (AdamW's for every non-SGD optim)."""
+    key = f"{task}+peft" if peft and task == "text" else task
+    table = SGD_LEARNING_RATES if optim.startswith("sgd") else ADAMW_LEARNING_RATES
+    return table.get(key, ADAMW_LEARNING_RATES["image"])
 
 
 def with_defaults(argv: list[str], output_dir: str = "outputs/train") -> list[str]:
@@ -81,10 +78,7 @@ def with_defaults(argv: list[str], output_dir: str = "outputs/train") -> list[st
         "--output_dir": output_dir,
         **(IMAGE_DEFAULTS if task == "image" else TEXT_DEFAULTS),
     }
-    if (task, optim) in LEARNING_RATES:
-        defaults["--learning_rate"] = LEARNING_RATES[(task, optim)]
-    if task == "text":
-        defaults["--fop_adamw_lr"] = "5e-4" if "--use_peft" in argv else "5e-5"
+    defaults["--learning_rate"] = default_learning_rate(task, optim, "--use_peft" in argv)
     if not has_accelerator():
         # Without this flag a multi-process launch on a CPU-only machine does not set up gloo.
         defaults["--use_cpu"] = "true"

