@@ -30,11 +30,14 @@ from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
 from hf_fop.fop_math import FOPDirection, inner
 from hf_fop.grafting import adam_step_norm, graft
 from hf_fop.layers import LayerAdapter
+from hf_fop.mixed_precision import check_not_scaled, loss_scale
 from hf_fop.partition import Partition, partition_model, unwrap_model
 
 logger = logging.getLogger("hf_fop")
 
 FACTOR_KEYS = ("A", "G")
+# An unannounced loss scale is looked for during the first steps only (reading it syncs).
+UNSCALED_CHECK_STEPS = 10
 # State kept in fp32 whatever the parameters' precision.
 FP32_KEYS = (
     *FACTOR_KEYS,
@@ -66,12 +69,17 @@ class FOP(torch.optim.Optimizer):
     drives all of them.
     """
 
+    # GradScaler.step then calls step() itself, with grad_scale and found_inf set, so that FOP
+    # can unscale what its hooks gathered (mixed_precision.py).
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         model: nn.Module,
         config: FOPConfig | None = None,
         *,
         communicator: Communicator | None = None,
+        grad_scaler: Any | None = None,
         **settings: Any,
     ) -> None:
         config = config or FOPConfig()
@@ -96,6 +104,8 @@ class FOP(torch.optim.Optimizer):
         self.layer_names = [name for name, _ in partition.layers]
         self.layers: list[LayerAdapter] = [layer for _, layer in partition.layers]
         self.communicator = communicator or Communicator()
+        # The torch.amp.GradScaler scaling the loss, if any (see mixed_precision.py).
+        self.grad_scaler = grad_scaler
         self.capture = CurvatureCapture(model, self.layers)
         self.capture.accumulation_steps = config.gradient_accumulation_steps
         self._last_stats: dict[str, Tensor | float] = {}
@@ -151,8 +161,18 @@ class FOP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
+        if found_inf is not None and bool(found_inf.sum() > 0):
+            # The scaler skips this step: nothing of its backward may stay behind.
+            self.capture.reset()
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)  # set while p.grad is still scaled
+        if grad_scale is not None:
+            self._unscale_gradients(1.0 / float(grad_scale))
         group = self.fop_group
         gathered = self._gather(group) if group is not None else []
+        if group is not None:
+            self._unscale_statistics(group, gathered, loss_scale(grad_scale, self.grad_scaler))
         statistics = [t for g in gathered for t in (g.A, g.G, g.g1) if t is not None]
         if not self._all_finite(statistics):
             logger.warning(
@@ -195,6 +215,30 @@ class FOP(torch.optim.Optimizer):
         step = group["step"] if group is not None else 0
         self.capture.collect_factors = step % self.config.curvature_interval == 0
         self.capture.collect_first_half = self.config.mode == "fop"
+
+    def _unscale_gradients(self, inverse_scale: float) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(inverse_scale)
+
+    def _unscale_statistics(
+        self, group: dict[str, Any], gathered: list[_Gathered], scale: float
+    ) -> None:
+        """Undo a loss scale S in the hooks' statistics: G carries S^2, g1 carries S."""
+        if scale != 1.0:
+            for item in gathered:
+                if item.G is not None:
+                    item.G /= scale * scale
+                if item.g1 is not None:
+                    item.g1 /= scale
+        elif group["step"] < UNSCALED_CHECK_STEPS:
+            pairs = [
+                (item.g1, layer.grad_matrix())
+                for layer, item in zip(self.layers, gathered)
+                if item.g1 is not None and layer.weight.grad is not None
+            ]
+            check_not_scaled([g1 for g1, _ in pairs], [g.float() for _, g in pairs])
 
     def _all_finite(self, extra: Iterable[Tensor]) -> bool:
         tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]

@@ -20,6 +20,7 @@ from hf_fop.integration.trainer import (
     check_supported_setup,
     create_fop_optimizer,
     needs_direct_build,
+    sync_with_trainer,
 )
 
 _ENABLED = False
@@ -48,6 +49,14 @@ def enable() -> None:
             return stock_get(args, model)
 
         Trainer.get_optimizer_cls_and_kwargs = staticmethod(get_optimizer_cls_and_kwargs)
+
+    stock_training_step = Trainer.training_step
+
+    def training_step(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+        sync_with_trainer(self)
+        return stock_training_step(self, *args, **kwargs)
+
+    Trainer.training_step = training_step
 
     if not HAS_FACTORY_BRANCH:
         stock_create = Trainer.create_optimizer

@@ -56,6 +56,20 @@ def check_supported_setup(args: Any) -> None:
         )
 
 
+def sync_with_trainer(trainer: Trainer) -> None:
+    """Tell FOP what the Trainer knows before each micro-batch: the micro-batches of this step
+    (fewer at an epoch's end) and accelerate's loss scaler (fp16), which FOP needs to unscale
+    the statistics its hooks gather. A no-op for other optimizers."""
+    fop = unwrap_optimizer(trainer.optimizer)
+    if not isinstance(fop, FOP):
+        return
+    steps = getattr(trainer, "current_gradient_accumulation_steps", None)
+    if steps:
+        fop.gradient_accumulation_steps = int(steps)
+    accelerator = getattr(trainer, "accelerator", None)
+    fop.grad_scaler = getattr(accelerator, "scaler", None)
+
+
 def needs_direct_build(trainer: Trainer) -> bool:
     """transformers < 5.2 would pass the Trainer's param groups to an Optimizer class, so FOP is
     built here instead of through the factory branch."""
@@ -135,10 +149,7 @@ class FOPTrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        fop = unwrap_optimizer(self.optimizer)
-        steps = getattr(self, "current_gradient_accumulation_steps", None)
-        if isinstance(fop, FOP) and steps:
-            fop.gradient_accumulation_steps = int(steps)
+        sync_with_trainer(self)
         return super().training_step(model, inputs, *args, **kwargs)
 
     def _load_from_checkpoint(

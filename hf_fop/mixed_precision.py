@@ -1,0 +1,56 @@
+"""Loss scaling (fp16 with a GradScaler): what the hooks saw, and how to undo it.
+
+A loss scaler multiplies every output gradient by S during backward; ``GradScaler.unscale_``
+divides ``p.grad`` by S but cannot reach what FOP's hooks gathered: the G factor carries S^2
+and g1 carries S. Left alone, the preconditioned layers stall (g1 swamps g_avg, G swamps the
+damping). FOP therefore learns S:
+
+- from ``torch.amp.GradScaler.step`` itself: FOP declares ``_step_supports_amp_scaling``, so the
+  scaler calls ``FOP.step()`` with ``grad_scale`` (S, when ``p.grad`` is still scaled) and
+  ``found_inf`` set, and FOP unscales, or skips the step, on its own;
+- from ``grad_scaler`` (``FOP(model, grad_scaler=scaler)``; FOPTrainer passes accelerate's),
+  which covers ``unscale_`` before ``step`` (gradient clipping).
+
+A scaled backward FOP was not told about is detected from g1 being orders of magnitude larger
+than the gradient it is half of, and named in an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# g1 (a half-batch gradient) is O(1) times g_avg; loss scales are 2^8 - 2^24.
+UNSCALED_RATIO_LIMIT = 1000.0
+
+
+def loss_scale(grad_scale: Tensor | float | None, grad_scaler: Any | None) -> float:
+    """S, the factor the last backward passes multiplied the output gradients by."""
+    if grad_scale is not None:
+        return float(grad_scale)
+    if grad_scaler is not None and grad_scaler.is_enabled():
+        return float(grad_scaler.get_scale())
+    return 1.0
+
+
+def check_not_scaled(g1: Sequence[Tensor], g_avg: Sequence[Tensor]) -> None:
+    """Raise when the hooks saw scaled gradients that FOP was not told about."""
+    ratios = [
+        torch.linalg.vector_norm(a) / torch.linalg.vector_norm(b)
+        for a, b in zip(g1, g_avg)
+        if bool(torch.linalg.vector_norm(b) > 0)
+    ]
+    if not ratios:
+        return
+    ratio = torch.stack(ratios).median().item()
+    if ratio > UNSCALED_RATIO_LIMIT:
+        raise RuntimeError(
+            f"FOP's hooks saw output gradients about {ratio:.3g}x larger than the parameters' "
+            "gradients: the backward ran under a loss scaler (fp16 GradScaler) that FOP was not "
+            "told about, and its curvature would be wrong. Pass the scaler: "
+            "FOP(model, grad_scaler=scaler) (FOPTrainer and accelerate launch do it for you), "
+            "or call scaler.step(optimizer) without unscale_ first."
+        )
