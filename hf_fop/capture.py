@@ -13,6 +13,8 @@ times, and a module called twice counts twice, as its weight gradient does.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -66,6 +68,11 @@ class CurvatureCapture:
 
     The optimizer sets ``collect_factors`` (curvature steps) and ``collect_first_half`` (FOP
     mode) before each step's backward passes, and calls ``reset`` after the step.
+
+    Lifetime: a layer's input is held from its forward until its output's gradient arrives, and
+    dropped then (the graph may live on, e.g. in a ``loss`` variable kept for logging). The hooks
+    reach the capture through a weak reference and are removed when it is collected, so they go
+    away with the optimizer; a model carries one live capture at a time.
     """
 
     def __init__(self, root: nn.Module, layers: Sequence[LayerAdapter]) -> None:
@@ -76,41 +83,64 @@ class CurvatureCapture:
         self.accumulation_steps: int | None = None
         self._observed_steps = 1
         self.stats = [LayerStatistics() for _ in self.layers]
-        self._micro_batch = -1
-        # Counting calls of the root model numbers the micro-batches of a step; g1 is taken over
-        # the first half of the step's examples, so batch 8 x 1 and batch 4 x 2 agree.
+        # Forwards of the root model are numbered; a micro-batch is a forward whose backward
+        # ran, numbered in the order of the backward passes. A forward without a backward (a
+        # metric computed in train mode) therefore never counts. g1 is taken over the first
+        # half of the step's examples, so batch 8 x 1 and batch 4 x 2 agree.
+        self._forwards = 0
+        self._micro_batches: dict[int, int] = {}
+        # Layer inputs waiting for their output gradient. Each is held by its output's hook (so
+        # it dies with a graph that never runs backward) and dropped when the hook fires.
+        self._held: weakref.WeakSet[_Held] = weakref.WeakSet()
+        previous = _LIVE_CAPTURES.get(root)
+        if previous is not None and previous() is not None:
+            warnings.warn(
+                "this model already had FOP hooks from another optimizer; they are removed and "
+                "the new optimizer's hooks replace them (one live FOP per model)",
+                stacklevel=3,
+            )
+            previous().remove()
+        _LIVE_CAPTURES[root] = weakref.ref(self)
+        self_ref = weakref.ref(self)
         self._handles: list[RemovableHandle] = [
-            root.register_forward_pre_hook(self._count_micro_batch)
+            root.register_forward_pre_hook(partial(_call, self_ref, "_count_forward"))
         ]
         for index, layer in enumerate(self.layers):
             self._handles.append(
-                layer.module.register_forward_hook(partial(self._on_forward, index))
+                layer.module.register_forward_hook(partial(_call, self_ref, "_on_forward", index))
             )
+        weakref.finalize(self, _remove_handles, list(self._handles))
+
+    @property
+    def pending_inputs(self) -> int:
+        """Layer inputs held for a backward that has not run yet."""
+        return sum(held.tensor is not None for held in self._held)
 
     def reset(self) -> None:
-        if self._micro_batch >= 0:
-            self._observed_steps = self._micro_batch + 1
+        if self._micro_batches:
+            self._observed_steps = len(self._micro_batches)
         self.stats = [LayerStatistics() for _ in self.layers]
-        self._micro_batch = -1
+        self._micro_batches = {}
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        _remove_handles(self._handles)
         self._handles.clear()
 
-    def _count_micro_batch(self, module: nn.Module, args: object) -> None:
+    def _count_forward(self, module: nn.Module, args: object) -> None:
         if module.training and torch.is_grad_enabled():
-            self._micro_batch += 1
+            self._forwards += 1
 
     def _on_forward(self, index: int, module: nn.Module, inputs: tuple, output: object) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
-        if not (self.collect_factors or self.collect_first_half):
-            return
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
             return
-        micro_batch = max(self._micro_batch, 0)
-        output.register_hook(partial(self._on_output_grad, index, inputs[0].detach(), micro_batch))
+        held = _Held(inputs[0].detach())
+        self._held.add(held)
+        self_ref = weakref.ref(self)
+        output.register_hook(
+            partial(_call, self_ref, "_on_output_grad", index, held, self._forwards)
+        )
 
     def _first_half_count(self, micro_batch: int, examples: int) -> int:
         """How many leading examples of this micro-batch belong to the step's first half."""
@@ -119,20 +149,34 @@ class CurvatureCapture:
         return min(max(half - micro_batch * examples, 0), examples)
 
     @torch.no_grad()
-    def _on_output_grad(
-        self, index: int, layer_input: Tensor, micro_batch: int, grad_output: Tensor
-    ) -> None:
+    def _on_output_grad(self, index: int, held: _Held, forward: int, grad_output: Tensor) -> None:
+        layer_input, held.tensor = held.tensor, None
+        if layer_input is None:  # a second backward through a retained graph
+            return
+        micro_batch = self._micro_batches.setdefault(forward, len(self._micro_batches))
         layer, stats = self.layers[index], self.stats[index]
-        x = layer.input_positions(layer_input).float()  # (N, L, in)
-        d = layer.output_grad_rows(grad_output).float()  # (N, L, out)
-        examples = x.shape[0]
+        d = layer.output_grad_rows(grad_output)  # (N, L, out)
+        examples = d.shape[0]
+        if examples == 0:
+            return
         first_half = self._first_half_count(micro_batch, examples)
         if micro_batch not in stats.micro_batches:
             stats.micro_batches.add(micro_batch)
             stats.examples += examples
             stats.first_half_examples += first_half
+        if not (self.collect_factors or self.collect_first_half):
+            return
+        x = layer.input_positions(layer_input).float()  # (N, L, in)
+        d = d.float()
         if self.collect_factors:
             x_rows, d_rows = x.flatten(0, 1), d.flatten(0, 1)
+            # Positions that take no part in the loss (padding, ignored labels) have an output
+            # gradient of exactly zero; they must not dilute A. G and the gradients are
+            # unaffected by them anyway. (A layer whose output gradient is zero everywhere,
+            # such as LoRA's A before B has moved, keeps every row: no row says more.)
+            active = d_rows.ne(0).any(dim=1)
+            if bool(active.any()) and not bool(active.all()):
+                x_rows, d_rows = x_rows[active], d_rows[active]
             stats.A_sum = _accumulate(stats.A_sum, second_moment(x_rows, layer.has_bias))
             stats.A_rows += x_rows.shape[0]
             stats.G_sum = _accumulate(stats.G_sum, d_rows.T @ d_rows)
@@ -143,6 +187,32 @@ class CurvatureCapture:
             stats.first_half_grad = _accumulate(stats.first_half_grad, first_grad)
         elif self.collect_first_half and stats.first_half_grad is None:
             stats.first_half_grad = d.new_zeros(layer.out_dim, layer.in_dim)
+
+
+# The live capture of each model (weak on both sides: nothing is kept alive, nothing is
+# stored on the model, which stays picklable).
+_LIVE_CAPTURES: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+class _Held:
+    """A layer input on its way to the output gradient's hook."""
+
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor: Tensor | None = tensor
+
+
+def _call(capture_ref: weakref.ref, method: str, *args: object) -> None:
+    """Dispatch a hook to the capture while it lives (hooks must not keep it alive)."""
+    capture = capture_ref()
+    if capture is not None:
+        getattr(capture, method)(*args)
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def second_moment(x_rows: Tensor, bias: bool) -> Tensor:

@@ -8,6 +8,7 @@ is one (out x in') matrix, in' = in + 1. A new module type is one new adapter cl
 
 from __future__ import annotations
 
+import math
 import sys
 from abc import ABC, abstractmethod
 
@@ -168,7 +169,8 @@ def _as_examples(tensor: Tensor) -> Tensor:
     """(N, ..., features) -> (N, L, features); a 1-D input is one example at one position."""
     if tensor.dim() == 1:
         return tensor.reshape(1, 1, -1)
-    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+    positions = math.prod(tensor.shape[1:-1])
+    return tensor.reshape(tensor.shape[0], positions, tensor.shape[-1])
 
 
 def _conv1d_type() -> type[nn.Module] | None:

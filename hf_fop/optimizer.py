@@ -161,6 +161,10 @@ class FOP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._empty_step():
+            logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
+            self.capture.reset()
+            return loss
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
         if found_inf is not None and bool(found_inf.sum() > 0):
             # The scaler skips this step: nothing of its backward may stay behind.
@@ -215,6 +219,13 @@ class FOP(torch.optim.Optimizer):
         step = group["step"] if group is not None else 0
         self.capture.collect_factors = step % self.config.curvature_interval == 0
         self.capture.collect_first_half = self.config.mode == "fop"
+
+    def _empty_step(self) -> bool:
+        """No example reached the preconditioned layers and every gradient is zero."""
+        if not self.layers or any(stats.examples for stats in self.capture.stats):
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return all(not bool(grad.any()) for grad in grads)
 
     def _unscale_gradients(self, inverse_scale: float) -> None:
         for group in self.param_groups:
