@@ -91,7 +91,15 @@ class LayerAdapter(ABC):
 
 
 class LinearAdapter(LayerAdapter):
-    """nn.Linear (and LoRA's Linear pieces), on inputs of any number of leading dimensions."""
+    """nn.Linear (and LoRA's Linear pieces), on inputs of any number of leading dimensions.
+
+    ``sequence_first``: 3-D inputs are (L, N, features), as in PyTorch's transformer layers with
+    batch_first=False; examples must be told apart from positions for g1 and G.
+    """
+
+    def __init__(self, module: nn.Module, sequence_first: bool = False) -> None:
+        super().__init__(module)
+        self.sequence_first = sequence_first
 
     def _weight_matrix(self, weight: Tensor) -> Tensor:
         return weight
@@ -99,11 +107,16 @@ class LinearAdapter(LayerAdapter):
     def _unflatten_weight(self, matrix: Tensor) -> Tensor:
         return matrix
 
+    def _examples_first(self, tensor: Tensor) -> Tensor:
+        if self.sequence_first and tensor.dim() == 3:
+            tensor = tensor.transpose(0, 1)
+        return _as_examples(tensor)
+
     def input_positions(self, inputs: Tensor) -> Tensor:
-        return _as_examples(inputs)
+        return self._examples_first(inputs)
 
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
-        return _as_examples(grad_output)
+        return self._examples_first(grad_output)
 
 
 class Conv1DAdapter(LinearAdapter):
@@ -180,7 +193,7 @@ def _conv1d_type() -> type[nn.Module] | None:
     return getattr(module, "Conv1D", None)
 
 
-def make_adapter(module: nn.Module) -> LayerAdapter | None:
+def make_adapter(module: nn.Module, sequence_first: bool = False) -> LayerAdapter | None:
     """The adapter for a supported module, None for other types.
 
     Raises UnsupportedLayerError for a supported type in a configuration that is not (the caller
@@ -190,7 +203,7 @@ def make_adapter(module: nn.Module) -> LayerAdapter | None:
     if conv1d is not None and isinstance(module, conv1d):
         return Conv1DAdapter(module)
     if isinstance(module, nn.Linear):
-        return LinearAdapter(module)
+        return LinearAdapter(module, sequence_first)
     if isinstance(module, nn.Conv2d):
         return Conv2dAdapter(module)
     return None

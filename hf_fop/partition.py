@@ -8,6 +8,7 @@ transformers releases): by default the Linear/Conv layers inside repeated blocks
 from __future__ import annotations
 
 import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -92,7 +93,11 @@ def partition_model(
     """Split ``model``'s trainable parameters: chosen layers to FOP, everything else to AdamW."""
     # Each module is adapted once: (adapter, None), or (None, why) for a supported type in a
     # configuration that is not (reported, not dropped); other module types are no candidates.
-    adapted = {name: (module, *_adapt(module)) for name, module in model.named_modules()}
+    sequence_first, uncalled = _layouts(model)
+    adapted = {
+        name: (module, *_adapt(module, name in sequence_first, uncalled.get(name)))
+        for name, module in model.named_modules()
+    }
     candidates = [(name, m) for name, (m, adapter, why) in adapted.items() if adapter or why]
     chosen = _select_targets(model, candidates, targets)
     owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
@@ -114,14 +119,66 @@ def partition_model(
         # Usual Hugging Face split: no weight decay on biases and norm weights (1-D tensors).
         group = partition.adamw_decay if param.dim() >= 2 else partition.adamw_no_decay
         group.append((name, param))
+    _check_selection(partition, targets)
     return partition
 
 
-def _adapt(module: nn.Module) -> tuple[LayerAdapter | None, str | None]:
+def _check_selection(partition: Partition, targets: str | Sequence[str]) -> None:
+    """A selection that takes nothing, or drops a layer the user named, must not pass silently."""
+    if not isinstance(targets, str):
+        dropped = {
+            n: r
+            for n, r in partition.excluded.items()
+            if any(n == t or n.endswith("." + t) for t in targets)
+        }
+        if dropped:
+            raise ValueError(
+                "targets names layers that cannot be preconditioned: "
+                + "; ".join(f"{n} ({r})" for n, r in dropped.items())
+                + ". Remove them from targets (they are then updated by AdamW)."
+            )
+        return
+    if not partition.layers:
+        reasons = f" (excluded: {dict(partition.excluded)})" if partition.excluded else ""
+        warnings.warn(
+            f"targets={targets!r} selects no layer to precondition{reasons}: FOP updates every "
+            "parameter with AdamW. Use targets='all-linear', a regex or a list of module names.",
+            stacklevel=3,
+        )
+
+
+def _layouts(model: nn.Module) -> tuple[set[str], dict[str, str]]:
+    """Layers that see sequence-first inputs, and layers whose parent never calls them.
+
+    PyTorch's transformer layers with batch_first=False feed their Linear layers (L, N, d);
+    nn.MultiheadAttention applies out_proj's weight directly, so hooks on out_proj never fire.
+    """
+    sequence_first: set[str] = set()
+    uncalled: dict[str, str] = {}
+    layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, layers) and not module.self_attn.batch_first:
+            sequence_first.update(prefix + child for child, _ in module.named_modules() if child)
+        if isinstance(module, nn.MultiheadAttention):
+            for child, _ in module.named_modules():
+                if child:
+                    uncalled[prefix + child] = (
+                        "inside nn.MultiheadAttention, which uses the weight without calling it"
+                    )
+    return sequence_first, uncalled
+
+
+def _adapt(
+    module: nn.Module, sequence_first: bool, uncalled: str | None
+) -> tuple[LayerAdapter | None, str | None]:
     try:
-        return make_adapter(module), None
+        adapter = make_adapter(module, sequence_first)
     except UnsupportedLayerError as error:
         return None, str(error)
+    if adapter is not None and uncalled is not None:
+        return None, uncalled
+    return adapter, None
 
 
 def _select_targets(

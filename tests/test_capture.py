@@ -196,3 +196,30 @@ def test_module_called_twice_and_inplace_activation() -> None:
     _loss(first, x[:4], y[:4]).backward()
     expected = torch.cat([first.layer.weight.grad, first.layer.bias.grad[:, None]], dim=1)
     torch.testing.assert_close(stats.g1(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_g1_and_g_of_pytorch_transformer_layers_in_either_layout(batch_first: bool) -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(
+        8, 2, dim_feedforward=16, dropout=0.0, batch_first=batch_first
+    )
+    head = nn.Linear(8, 3)
+    model = nn.ModuleDict({"layer": layer, "head": head})
+
+    def loss_of(module: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = module["layer"](x if batch_first else x.transpose(0, 1))
+        h = h if batch_first else h.transpose(0, 1)
+        return F.cross_entropy(module["head"](h.mean(1)), y)
+
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 5, 8), torch.randint(0, 3, (8,))
+    optimizer = FOP(model, targets="all-linear", curvature_interval=1)
+    loss_of(model, x, y).backward()
+    index = optimizer.layer_names.index("layer.linear1")
+    stats = optimizer.capture.stats[index]
+    assert stats.examples == 8  # examples, not positions
+    loss_of(reference, x[:4], y[:4]).backward()
+    linear = reference["layer"].linear1
+    expected = torch.cat([linear.weight.grad, linear.bias.grad[:, None]], dim=1)
+    torch.testing.assert_close(stats.g1(), expected, rtol=1e-4, atol=1e-6)

@@ -172,7 +172,7 @@ def test_invalid_settings_raise_value_error(setting: str, value: object) -> None
 
 def test_nothing_to_optimize_and_unknown_setting() -> None:
     model = TokenClassifier().requires_grad_(False)
-    with pytest.raises(ValueError, match="nothing to optimize"):
+    with pytest.raises(ValueError, match="nothing to optimize"), pytest.warns(UserWarning):
         FOP(model)
     with pytest.raises(TypeError, match="unknown FOP setting"):
         FOP(TokenClassifier(), dampening=0.1)

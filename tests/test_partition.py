@@ -34,7 +34,8 @@ def test_regex_list_skip_and_size_cap() -> None:
     skipped = partition_model(model, targets="all-linear", skip=[r"^blocks\.0"])
     assert _names(skipped) == ["blocks.1.1", "blocks.1.3", "head"]
     assert skipped.excluded == {"blocks.0.1": "skip list", "blocks.0.3": "skip list"}
-    capped = partition_model(model, max_factor_dim=20)
+    with pytest.warns(UserWarning, match="selects no layer"):
+        capped = partition_model(model, max_factor_dim=20)
     assert _names(capped) == [] and all("max_factor_dim" in r for r in capped.excluded.values())
 
 
@@ -63,3 +64,21 @@ def test_grouped_conv_goes_to_adamw_with_the_reason() -> None:
 def test_bad_targets_are_explained(bad) -> None:
     with pytest.raises(ValueError, match="targets"):
         partition_model(TokenClassifier(), targets=bad)
+
+
+def test_a_selection_that_takes_nothing_warns_and_a_dropped_named_layer_fails() -> None:
+    with pytest.warns(UserWarning, match="selects no layer"):
+        partition_model(TokenClassifier(), targets=r"no_such_module")
+    with pytest.raises(ValueError, match=r"blocks.0.1 \(skip list\)"):
+        partition_model(TokenClassifier(), targets=["blocks.0.1", "head"], skip=[r"blocks\.0"])
+
+
+def test_multihead_attention_projection_goes_to_adamw_with_its_reason() -> None:
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+    model = nn.Sequential(nn.Linear(4, 8), layer)
+    partition = partition_model(model, targets="all-linear")
+    assert _names(partition) == ["0", "1.linear1", "1.linear2"]
+    assert "MultiheadAttention" in partition.excluded["1.self_attn.out_proj"]
+    assert "nn.MultiheadAttention" in partition.summary()
+    adamw = {name for name, _ in partition.adamw_decay + partition.adamw_no_decay}
+    assert {"1.self_attn.out_proj.weight", "1.self_attn.in_proj_weight"} <= adamw
