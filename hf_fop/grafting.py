@@ -12,15 +12,20 @@ import torch
 from torch import Tensor
 
 
-def adam_step_norm(grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int) -> Tensor:
-    """||g / (sqrt(v_hat) + eps)||, the size of AdamW's step for this layer before momentum.
+def adam_direction(grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int) -> Tensor:
+    """g / (sqrt(v_hat) + eps): AdamW's step for this layer before momentum and the rate.
 
     Updates the second-moment average ``exp_avg_sq`` in place (v = beta2 v + (1 - beta2) g^2;
     v_hat = v / (1 - beta2^step)), exactly as AdamW would.
     """
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
-    return torch.linalg.vector_norm(grad / denominator)
+    return grad / denominator
+
+
+def adam_step_norm(grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int) -> Tensor:
+    """||g / (sqrt(v_hat) + eps)||, the size of AdamW's step (see ``adam_direction``)."""
+    return torch.linalg.vector_norm(adam_direction(grad, exp_avg_sq, beta2, eps, step))
 
 
 def graft(direction: Tensor, norm: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from hf_fop.config import FOPConfig
 from hf_fop.curvature import PRECONDITIONERS, update_running_factor
 from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
 from hf_fop.fop_math import FOPDirection, inner
-from hf_fop.grafting import adam_step_norm, graft
+from hf_fop.grafting import adam_direction, adam_step_norm, graft
 from hf_fop.layers import LayerAdapter
 from hf_fop.mixed_precision import check_not_scaled, loss_scale
 from hf_fop.partition import Partition, partition_model, unwrap_model
@@ -367,32 +367,35 @@ class FOP(torch.optim.Optimizer):
 
         updates: list[tuple[LayerAdapter, Tensor, Tensor]] = []
         results: list[FOPDirection] = []
-        for layer, item in zip(self.layers, gathered):
+        _, beta2 = config.adamw_betas
+        for name, layer, item in zip(self.layer_names, self.layers, gathered):
             g_avg = layer.grad_matrix()
             if g_avg is None:
                 continue
             g_avg = g_avg.float()
             state = self.state[layer.weight]
+            needs_adam = config.graft == "adamw" or preconditioner.STATE_KEYS[0] not in state
+            if needs_adam and "graft_exp_avg_sq" not in state:
+                state["graft_exp_avg_sq"] = torch.zeros_like(g_avg)
             if preconditioner.STATE_KEYS[0] not in state:
-                self._warn_once(
-                    "no-curvature",
-                    "a preconditioned layer has no curvature yet (its hooks saw no backward pass "
-                    "on a curvature step); it takes a plain gradient step until they do",
+                # No curvature yet (its hooks never saw a backward on a curvature step): the
+                # layer is updated as by AdamW meanwhile.
+                self._report_uncovered(name)
+                direction = adam_direction(
+                    g_avg, state["graft_exp_avg_sq"], beta2, config.adamw_eps, step
                 )
                 zero = g_avg.new_zeros(())
-                result = FOPDirection(g_avg, zero, zero + 1, zero, zero + 1)
+                results.append(FOPDirection(direction, zero, zero + 1, zero, zero + 1))
+                updates.append((layer, direction, g_avg))
+                continue
+            metric = preconditioner.from_state(state, damping, config.damping_mode)
+            if item.g1 is not None:
+                g_diff = 2 * (item.g1 - g_avg)  # g1 - g2 with g2 = 2 g_avg - g1
+                result = metric.fop(g_avg, g_diff, config.fop_zero_tol)
             else:
-                metric = preconditioner.from_state(state, damping, config.damping_mode)
-                if item.g1 is not None:
-                    g_diff = 2 * (item.g1 - g_avg)  # g1 - g2 with g2 = 2 g_avg - g1
-                    result = metric.fop(g_avg, g_diff, config.fop_zero_tol)
-                else:
-                    result = metric.kfac(g_avg)
+                result = metric.kfac(g_avg)
             direction = result.direction
             if config.graft == "adamw":
-                if "graft_exp_avg_sq" not in state:
-                    state["graft_exp_avg_sq"] = torch.zeros_like(g_avg)
-                _, beta2 = config.adamw_betas
                 norm = adam_step_norm(
                     g_avg, state["graft_exp_avg_sq"], beta2, config.adamw_eps, step
                 )
@@ -471,6 +474,24 @@ class FOP(torch.optim.Optimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
             )
+
+    def _report_uncovered(self, name: str) -> None:
+        """Name a targeted layer that gets gradients but no curvature, once."""
+        if name in self.partition.uncovered:
+            return
+        index = self.layer_names.index(name)
+        never_fired = self.capture.stats[index].examples == 0
+        reason = (
+            "its hooks never fire: its parent uses the weight without calling the layer"
+            if never_fired
+            else "its hooks have not yet seen a backward pass on a curvature step"
+        )
+        self.partition.uncovered[name] = reason
+        message = f"FOP: layer {name!r} gets gradients but no curvature ({reason}); it is updated as by AdamW"
+        if never_fired:
+            message += f". Leave it to AdamW explicitly: skip=[{name!r}]"
+        warnings.warn(message, stacklevel=4)
+        logger.warning(message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -58,6 +58,9 @@ class Partition:
     adamw_no_decay: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     # Supported-type modules that went to AdamW anyway, with the reason.
     excluded: dict[str, str] = field(default_factory=dict)
+    # Preconditioned layers found at run time to get gradients without curvature (their hooks
+    # never fire), updated as by AdamW, with the reason.
+    uncovered: dict[str, str] = field(default_factory=dict)
 
     @property
     def fop_params(self) -> int:
@@ -81,6 +84,8 @@ class Partition:
         for reason, count in Counter(self.excluded.values()).items():
             names = [n for n, r in self.excluded.items() if r == reason]
             lines.append(f"  not preconditioned ({reason}): {_abbreviate(names)} [{count}]")
+        for name, reason in self.uncovered.items():
+            lines.append(f"  updated as by AdamW at run time ({reason}): {name}")
         return "\n".join(lines)
 
 

@@ -82,3 +82,38 @@ def test_multihead_attention_projection_goes_to_adamw_with_its_reason() -> None:
     assert "nn.MultiheadAttention" in partition.summary()
     adamw = {name for name, _ in partition.adamw_decay + partition.adamw_no_decay}
     assert {"1.self_attn.out_proj.weight", "1.self_attn.in_proj_weight"} <= adamw
+
+
+def test_a_layer_whose_hooks_never_fire_is_named_and_updated_as_by_adamw() -> None:
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from hf_fop import FOP
+
+    class Uncalled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # proj's weight is used without calling proj (as nn.MultiheadAttention does).
+            return self.head(torch.tanh(F.linear(x, self.proj.weight, self.proj.bias)))
+
+    torch.manual_seed(0)
+    model = Uncalled()
+    reference = copy.deepcopy(model.proj)
+    optimizer = FOP(model, targets="all-linear", lr=1e-2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    F.cross_entropy(model(x), y).backward()
+    reference.weight.grad = model.proj.weight.grad.clone()
+    reference.bias.grad = model.proj.bias.grad.clone()
+    with pytest.warns(UserWarning, match="'proj' gets gradients but no curvature.*never fire"):
+        optimizer.step()
+    assert "proj" in optimizer.partition.uncovered and "proj" in optimizer.partition.summary()
+    adamw = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.01)
+    adamw.step()
+    torch.testing.assert_close(model.proj.weight, reference.weight, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(model.proj.bias, reference.bias, rtol=1e-5, atol=1e-7)
