@@ -101,6 +101,7 @@ class CurvatureCapture:
             )
             previous().remove()
         _LIVE_CAPTURES[root] = weakref.ref(self)
+        self._root = weakref.ref(root)
         self_ref = weakref.ref(self)
         self._handles: list[RemovableHandle] = [
             root.register_forward_pre_hook(partial(_call, self_ref, "_count_forward"))
@@ -125,6 +126,10 @@ class CurvatureCapture:
     def remove(self) -> None:
         _remove_handles(self._handles)
         self._handles.clear()
+        root = self._root()
+        live = _LIVE_CAPTURES.get(root) if root is not None else None
+        if live is not None and live() is self:
+            del _LIVE_CAPTURES[root]
 
     def _count_forward(self, module: nn.Module, args: object) -> None:
         if module.training and torch.is_grad_enabled():

@@ -98,7 +98,13 @@ class FOP(torch.optim.Optimizer):
                 "the model has no trainable parameters, so there is nothing to optimize: set "
                 "requires_grad=True on the parameters to train (or check the PEFT config)"
             )
-        super().__init__(groups, {"lr": config.lr})
+        defaults = {
+            "lr": config.fallback_lr,
+            "betas": tuple(config.adamw_betas),
+            "eps": config.adamw_eps,
+            "weight_decay": config.adamw_weight_decay,
+        }
+        super().__init__(groups, defaults)
         self.config = config
         self.partition = partition
         self.layer_names = [name for name, _ in partition.layers]
@@ -194,8 +200,33 @@ class FOP(torch.optim.Optimizer):
         self._arm_capture()
         return loss
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Parameters added after construction join the AdamW side (torch's defaults apply)."""
+        if "kind" not in param_group:
+            param_group = {**param_group, "kind": "adamw"}
+        elif param_group["kind"] == "fop" and any(g["kind"] == "fop" for g in self.param_groups):
+            raise ValueError(
+                "FOP preconditions the layers it found when it was built; parameters added later "
+                "join the AdamW side (leave out 'kind'). Build a new FOP to precondition more layers."
+            )
+        super().add_param_group(param_group)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's semantics (the checkpoint's lr, betas and weight decay win, so schedules
+        resume), except FOP's own settings: the damping and the KL clip given to this optimizer
+        win over the checkpoint's, with a warning when they differ."""
         super().load_state_dict(state_dict)
+        group = self.fop_group
+        if group is not None:
+            for key in ("damping", "kl_clip"):
+                configured = getattr(self.config, key)
+                if group[key] != configured:
+                    warnings.warn(
+                        f"the checkpoint's {key}={group[key]} is replaced by this optimizer's "
+                        f"{key}={configured}",
+                        stacklevel=2,
+                    )
+                    group[key] = configured
         # torch casts floating state to the parameter's dtype; curvature stays fp32 whatever
         # the model's precision.
         params = [p for g in self.param_groups for p in g["params"]]
@@ -367,7 +398,7 @@ class FOP(torch.optim.Optimizer):
 
         updates: list[tuple[LayerAdapter, Tensor, Tensor]] = []
         results: list[FOPDirection] = []
-        _, beta2 = config.adamw_betas
+        _, beta2 = group["betas"]
         for name, layer, item in zip(self.layer_names, self.layers, gathered):
             g_avg = layer.grad_matrix()
             if g_avg is None:
@@ -437,7 +468,7 @@ class FOP(torch.optim.Optimizer):
         decoupled weight decay. Raw natural-gradient directions take SGD's: heavy-ball momentum
         and weight decay added to the direction (K-FAC practice).
         """
-        momentum, weight_decay = group["momentum"], group["weight_decay"]
+        momentum, weight_decay = group["betas"][0], group["weight_decay"]
         state = self.state[param]
         if self.config.graft == "adamw":
             if momentum:
@@ -507,7 +538,9 @@ def _param_groups(partition: Partition, config: FOPConfig) -> list[dict[str, Any
                 "params": [p for _, layer in partition.layers for p in layer.params],
                 "kind": "fop",
                 "lr": config.lr,
-                "momentum": config.momentum,
+                # (momentum, second-moment decay of the grafting norm), under the name torch's
+                # cyclic schedulers drive (OneCycleLR, CyclicLR with cycle_momentum).
+                "betas": (config.momentum, config.adamw_betas[1]),
                 "weight_decay": config.weight_decay,
                 "damping": config.damping,
                 "kl_clip": config.kl_clip,

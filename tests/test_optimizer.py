@@ -307,3 +307,57 @@ def test_tiny_vit_trains_at_the_adamw_learning_rate_as_well_as_adamw() -> None:
     assert accuracies["adamw"] >= 0.95
     assert accuracies["fop"] >= 0.95
     assert sum(losses["fop"][-5:]) / 5 < 0.3  # from ln 4 = 1.39 at the start
+
+
+def test_added_parameters_join_the_adamw_side_and_train() -> None:
+    tokens, labels = token_data()
+    model = TokenClassifier()
+    optimizer = FOP(model, lr=1e-2)
+    extra = nn.Linear(4, 4)
+    model.extra_head = extra
+    optimizer.add_param_group({"params": list(extra.parameters())})
+    assert optimizer.param_groups[-1]["kind"] == "adamw"
+    before = extra.weight.detach().clone()
+    out = model(tokens[:16])
+    loss = nn.functional.cross_entropy(extra(out), labels[:16])
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(extra.weight, before)
+    with pytest.raises(ValueError, match="join the AdamW side"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "kind": "fop"})
+
+
+@pytest.mark.parametrize("scheduler", ["one_cycle", "cyclic"])
+def test_cyclic_schedulers_drive_lr_and_momentum_of_every_group(scheduler: str) -> None:
+    tokens, labels = token_data()
+    model = TokenClassifier()
+    optimizer = FOP(model, lr=1e-2)
+    if scheduler == "one_cycle":
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=10)
+    else:
+        schedule = torch.optim.lr_scheduler.CyclicLR(
+            optimizer, base_lr=1e-3, max_lr=1e-2, step_size_up=5, cycle_momentum=True
+        )
+    momenta = []
+    for _ in range(4):
+        train(model, optimizer, tokens, labels, steps=1)
+        schedule.step()
+        momenta.append(optimizer.fop_group["betas"][0])
+    assert len(set(momenta)) > 1  # the FOP group's momentum is cycled too
+    assert all(g["betas"][0] == optimizer.fop_group["betas"][0] for g in optimizer.param_groups)
+
+
+def test_resume_with_another_damping_uses_the_new_one_and_says_so() -> None:
+    tokens, labels = token_data()
+    model = TokenClassifier()
+    optimizer = FOP(model, damping=0.1)
+    train(model, optimizer, tokens, labels, steps=2)
+    saved = optimizer.state_dict()
+    optimizer.remove_hooks()
+    resumed = FOP(model, damping=0.3)
+    with pytest.warns(UserWarning, match="damping=0.1 is replaced by this optimizer's damping=0.3"):
+        resumed.load_state_dict(saved)
+    assert resumed.fop_group["damping"] == 0.3
+    train(model, resumed, tokens, labels, steps=1)
+    assert resumed.statistics()["damping"] == 0.3
