@@ -262,9 +262,9 @@ def test_unmodified_script_with_the_opt_in_launcher(tmp_path: Path) -> None:
         "--optim",
         "fop",
         "--optim_args",
-        "damping=0.02,curvature_interval=1,adamw_lr=0.01",
+        "damping=0.02,curvature_interval=1",
         "--learning_rate",
-        "0.02",
+        "3e-3",
         "--max_steps",
         "16",
         "--per_device_train_batch_size",
@@ -286,3 +286,19 @@ def test_unmodified_script_with_the_opt_in_launcher(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["optimizer"] == "FOP" and summary["damping"] == 0.02
     assert summary["last_loss"] < summary["first_loss"]
+    # The stock script's output says that FOP is on and what it takes, and its logs carry
+    # FOP's statistics as under FOPTrainer.
+    assert "hf-fop: FOP preconditions 12 layers" in result.stderr
+    assert summary["logged_fop_statistics"]
+
+
+def test_bad_optim_args_fail_when_the_arguments_are_parsed() -> None:
+    from hf_fop import enable
+
+    enable()
+    with pytest.raises(ValueError, match="damping must be"):
+        TrainingArguments(output_dir="x", optim="fop", optim_args="damping=-1", report_to="none")
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        TrainingArguments(output_dir="x", optim="fop", optim_args="dampnig=1", report_to="none")
+    with pytest.raises(ValueError, match="graft must be"):
+        FOPTrainingArguments(output_dir="x", optim="kfac", fop_graft="sgd", report_to="none")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from hf_fop.integration.settings import FOP_OPTIMIZERS
+from hf_fop.integration.settings import FOP_OPTIMIZERS, validate_fop_args
 
 
 def register_optimizer_names() -> None:
@@ -102,3 +102,4 @@ class FOPTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         register_optimizer_names()
         super().__post_init__()
+        validate_fop_args(self)

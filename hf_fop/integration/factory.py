@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
 
 from hf_fop.optimizer import FOP
+
+logger = logging.getLogger("hf_fop")
 
 
 def unwrap_for_fop(model: nn.Module) -> nn.Module:
@@ -53,4 +56,7 @@ class FOPFactory:
                 "FOPFactory needs the model, not parameter groups: with transformers < 5.2 pass "
                 "optimizer_cls_and_kwargs=(FOPFactory, {'model': model, ...})"
             )
-        return FOP(unwrap_for_fop(model), **settings)
+        optimizer = FOP(unwrap_for_fop(model), **settings)
+        # Stock scripts hide INFO logs: say at WARNING level that FOP is on and what it takes.
+        logger.warning("hf-fop: %s", optimizer.partition.summary())
+        return optimizer

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from hf_fop.integration.arguments import register_optimizer_names
 from hf_fop.integration.factory import FOPFactory
-from hf_fop.integration.settings import FOP_OPTIMIZERS, fop_settings_from_args, is_fop_optim
+from hf_fop.integration.settings import (
+    FOP_OPTIMIZERS,
+    fop_settings_from_args,
+    is_fop_optim,
+    validate_fop_args,
+)
 from hf_fop.integration.trainer import (
     HAS_FACTORY_BRANCH,
     check_supported_setup,
     create_fop_optimizer,
     needs_direct_build,
     sync_with_trainer,
+    with_fop_statistics,
 )
 
 _ENABLED = False
@@ -57,6 +63,21 @@ def enable() -> None:
         return stock_training_step(self, *args, **kwargs)
 
     Trainer.training_step = training_step
+
+    stock_log = Trainer.log
+
+    def log(self: Trainer, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        stock_log(self, with_fop_statistics(self, logs), *args, **kwargs)
+
+    Trainer.log = log
+
+    stock_post_init = TrainingArguments.__post_init__
+
+    def post_init_with_fop_check(self: TrainingArguments) -> None:
+        stock_post_init(self)
+        validate_fop_args(self)
+
+    TrainingArguments.__post_init__ = post_init_with_fop_check
 
     if not HAS_FACTORY_BRANCH:
         stock_create = Trainer.create_optimizer

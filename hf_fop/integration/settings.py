@@ -115,3 +115,9 @@ def _split_list(value: Any) -> Any:
     if isinstance(value, str) and "," in value:
         return [v for v in value.split(",") if v]
     return value
+
+
+def validate_fop_args(args: Any) -> None:
+    """Fail while the arguments are parsed, not when training starts, for bad FOP settings."""
+    if is_fop_optim(args):
+        FOPConfig(**fop_settings_from_args(args))

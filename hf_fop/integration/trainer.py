@@ -70,6 +70,15 @@ def sync_with_trainer(trainer: Trainer) -> None:
     fop.grad_scaler = getattr(accelerator, "scaler", None)
 
 
+def with_fop_statistics(trainer: Trainer, logs: dict[str, float]) -> dict[str, float]:
+    """A training log entry plus FOP's last statistics (``fop/eta_mean``, ``fop/rho_mean``...),
+    so they reach the progress bar, TensorBoard or any ``report_to``."""
+    fop = unwrap_optimizer(trainer.optimizer)
+    if isinstance(fop, FOP) and "loss" in logs:
+        return {**logs, **{f"fop/{k}": round(v, 6) for k, v in fop.statistics().items()}}
+    return logs
+
+
 def needs_direct_build(trainer: Trainer) -> bool:
     """transformers < 5.2 would pass the Trainer's param groups to an Optimizer class, so FOP is
     built here instead of through the factory branch."""
@@ -159,7 +168,4 @@ class FOPTrainer(Trainer):
         reload_renamed_weights(model if model is not None else self.model, resume_from_checkpoint)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        fop = unwrap_optimizer(self.optimizer)
-        if isinstance(fop, FOP) and "loss" in logs:
-            logs = {**logs, **{f"fop/{k}": round(v, 6) for k, v in fop.statistics().items()}}
-        super().log(logs, *args, **kwargs)
+        super().log(with_fop_statistics(self, logs), *args, **kwargs)

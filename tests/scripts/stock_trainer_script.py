@@ -20,5 +20,8 @@ summary = {
     "damping": optimizer.param_groups[0].get("damping"),
     "first_loss": sum(losses[:3]) / 3,
     "last_loss": sum(losses[-3:]) / 3,
+    "logged_fop_statistics": all(
+        "fop/eta_mean" in e for e in trainer.state.log_history if "loss" in e
+    ),
 }
 Path(args.output_dir, "summary.json").write_text(json.dumps(summary))
