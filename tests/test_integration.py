@@ -102,7 +102,7 @@ def _block_layers(model: nn.Module) -> set[int]:
 )
 def test_fop_trainer_trains_hf_models(tmp_path: Path, make_model, make_data) -> None:
     model = make_model()
-    args = _args(tmp_path, max_steps=24, lr_scheduler_type="constant")
+    args = _args(tmp_path, max_steps=24, learning_rate=1e-2, lr_scheduler_type="constant")
     trainer = FOPTrainer(model=model, args=args, train_dataset=make_data())
     trainer.train()
     losses = _losses(trainer)

@@ -23,9 +23,7 @@ def test_mlp_and_tiny_vit_train(mode: str) -> None:
     tokens, labels = token_data()
     model = TokenClassifier()
     before = copy.deepcopy(model)
-    optimizer = FOP(
-        model, mode=mode, lr=0.05, adamw_lr=1e-2, curvature_interval=1, inverse_interval=2
-    )
+    optimizer = FOP(model, mode=mode, lr=1e-2, curvature_interval=1, inverse_interval=2)
     losses = train(model, optimizer, tokens, labels, steps=40)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     # The AdamW side really moves: embeddings and LayerNorms.
@@ -39,9 +37,7 @@ def test_mlp_and_tiny_vit_train(mode: str) -> None:
 
     images, classes = image_data()
     vit = tiny_vit()
-    optimizer = FOP(
-        vit, mode=mode, lr=0.05, adamw_lr=1e-2, curvature_interval=1, inverse_interval=2
-    )
+    optimizer = FOP(vit, mode=mode, lr=1e-2, curvature_interval=1, inverse_interval=2)
     blocks = next(m for m in vit.modules() if isinstance(m, nn.ModuleList))
     in_blocks = {id(m) for m in blocks.modules() if isinstance(m, nn.Linear)}
     assert {id(layer.module) for layer in optimizer.layers} == in_blocks  # attention and MLP
@@ -306,7 +302,7 @@ def test_tiny_vit_trains_at_the_adamw_learning_rate_as_well_as_adamw() -> None:
         accuracies[name] = (predicted == classes[192:]).float().mean().item()
     assert accuracies["adamw"] >= 0.95
     assert accuracies["fop"] >= 0.95
-    assert sum(losses["fop"][-5:]) / 5 < 0.3  # from ln 4 = 1.39 at the start
+    assert sum(losses["fop"][-5:]) / 5 < 0.5  # from ln 4 = 1.39 at the start
 
 
 def test_added_parameters_join_the_adamw_side_and_train() -> None:

@@ -46,7 +46,7 @@ class FOPTrainingArguments(TrainingArguments):
     )
     fop_damping: float | None = field(
         default=None,
-        metadata={"help": "Damping (default 0.1, relative to each layer's mean curvature)."},
+        metadata={"help": "Damping (default 1.0, relative to each layer's mean curvature)."},
     )
     fop_damping_mode: str | None = field(
         default=None,
