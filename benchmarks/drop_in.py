@@ -137,17 +137,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_optimizer = {}
         for name in optimizers:
             grid = LR_GRID[name][1:2] if args.quick else LR_GRID[name]
-            if args.fixed_lr is not None and name != "sgd":
-                grid = (args.fixed_lr,)  # the drop-in question: AdamW's rate for everyone
             trials = []
-            for lr in grid:
-                curve = train_run(task, name, lr, batch, args.steps, 0, args.evaluations)
-                trials.append({"lr": lr, "final": curve[-1]["metric"], "curve": curve})
-                print(
-                    f"[{task.name} b={batch}] {name} lr={lr:g}: {curve[-1]['metric']:.4g}",
-                    flush=True,
-                )
-            best = max(trials, key=lambda t: _final(task, t["curve"]))
+            if args.fixed_lr is not None and name != "sgd":
+                # The drop-in question: AdamW's rate for everyone, no tuning run.
+                trials.append({"lr": args.fixed_lr, "final": None, "curve": None})
+            else:
+                for lr in grid:
+                    curve = train_run(task, name, lr, batch, args.steps, 0, args.evaluations)
+                    trials.append({"lr": lr, "final": curve[-1]["metric"], "curve": curve})
+                    print(
+                        f"[{task.name} b={batch}] {name} lr={lr:g}: {trials[-1]['final']:.4g}",
+                        flush=True,
+                    )
+            best = max(trials, key=lambda t: _final(task, t["curve"]) if t["curve"] else 0.0)
             curves = [
                 train_run(task, name, best["lr"], batch, args.steps, seed, args.evaluations)
                 for seed in seeds
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "lr": best["lr"],
                 "tuning": [{k: v for k, v in t.items() if k != "curve"} for t in trials],
                 "tuned": len(trials) > 1,
-                "tuning_curve": best["curve"],
+                "tuning_seed_curve": best["curve"],
                 "curves": curves,
             }
         results[str(batch)] = per_optimizer
