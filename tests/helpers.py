@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
+
+from hf_fop.integration import FOPTrainingArguments
 
 
 class TokenClassifier(nn.Module):
@@ -171,3 +175,25 @@ def lm_dataset(n: int = 64, length: int = 12) -> DictDataset:
     starts = torch.randint(0, 24, (n, 1), generator=torch.Generator().manual_seed(4))
     ids = (starts + torch.arange(length)) % 24
     return DictDataset(input_ids=ids, labels=ids.clone())
+
+
+def fop_args(tmp_path: Path, **overrides: object) -> FOPTrainingArguments:
+    """Trainer arguments for the tiny models: FOP, CPU, quiet, curvature every step."""
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        optim="fop",
+        learning_rate=3e-3,  # an AdamW learning rate: FOP grafts onto AdamW's step size
+        per_device_train_batch_size=16,
+        max_steps=12,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        fop_curvature_interval=1,
+        fop_inverse_interval=2,
+        dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    return FOPTrainingArguments(**settings)

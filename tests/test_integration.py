@@ -17,30 +17,17 @@ from transformers.pytorch_utils import Conv1D
 from hf_fop import FOP
 from hf_fop.integration import FOPFactory, FOPTrainer, FOPTrainingArguments, parse_optim_args
 from hf_fop.integration.trainer import unwrap_optimizer
-from tests.helpers import image_dataset, lm_dataset, text_dataset, tiny_bert, tiny_gpt2, tiny_vit
+from tests.helpers import (
+    fop_args,
+    image_dataset,
+    lm_dataset,
+    text_dataset,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_vit,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _args(tmp_path: Path, **overrides) -> FOPTrainingArguments:
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        optim="fop",
-        learning_rate=3e-3,  # an AdamW learning rate: FOP grafts onto AdamW's step size
-        per_device_train_batch_size=16,
-        max_steps=12,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        fop_curvature_interval=1,
-        fop_inverse_interval=2,
-        dataloader_num_workers=0,
-    )
-    settings.update(overrides)
-    return FOPTrainingArguments(**settings)
 
 
 def _losses(trainer: Trainer) -> list[float]:
@@ -102,7 +89,7 @@ def _block_layers(model: nn.Module) -> set[int]:
 )
 def test_fop_trainer_trains_hf_models(tmp_path: Path, make_model, make_data) -> None:
     model = make_model()
-    args = _args(tmp_path, max_steps=24, learning_rate=1e-2, lr_scheduler_type="constant")
+    args = fop_args(tmp_path, max_steps=24, learning_rate=1e-2, lr_scheduler_type="constant")
     trainer = FOPTrainer(model=model, args=args, train_dataset=make_data())
     trainer.train()
     losses = _losses(trainer)
@@ -138,14 +125,14 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path: Path) -> None:
     )
     torch.manual_seed(0)
     full = FOPTrainer(
-        model=tiny_bert(), args=_args(tmp_path, **settings), train_dataset=text_dataset()
+        model=tiny_bert(), args=fop_args(tmp_path, **settings), train_dataset=text_dataset()
     )
     full.train()
 
     torch.manual_seed(1)  # a different initialisation: everything must come from the checkpoint
     resumed = FOPTrainer(
         model=tiny_bert(),
-        args=_args(tmp_path, output_dir=str(tmp_path / "resumed"), **settings),
+        args=fop_args(tmp_path, output_dir=str(tmp_path / "resumed"), **settings),
         train_dataset=text_dataset(),
     )
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
@@ -180,7 +167,7 @@ def test_gradient_accumulation_gives_the_same_first_update(tmp_path: Path) -> No
     for batch, accumulation in ((8, 1), (4, 2)):
         torch.manual_seed(0)
         model = tiny_vit()
-        args = _args(
+        args = fop_args(
             tmp_path,
             max_steps=1,
             per_device_train_batch_size=batch,
@@ -207,7 +194,7 @@ def test_peft_lora_preconditions_only_the_adapters(tmp_path: Path) -> None:
         n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
     }
     trainer = FOPTrainer(
-        model=model, args=_args(tmp_path, max_steps=8), train_dataset=text_dataset()
+        model=model, args=fop_args(tmp_path, max_steps=8), train_dataset=text_dataset()
     )
     trainer.train()
     optimizer = unwrap_optimizer(trainer.optimizer)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from hf_fop import FOP
-from hf_fop.integration import FOPTrainer, FOPTrainingArguments
+from hf_fop.integration import FOPTrainer
 from hf_fop.integration.trainer import unwrap_optimizer
-from tests.helpers import TokenClassifier, image_dataset, tiny_vit, token_data
+from tests.helpers import TokenClassifier, fop_args, image_dataset, tiny_vit, token_data
 
 SCALE = 2.0**16
 
@@ -107,23 +107,10 @@ def test_trainer_with_accelerates_scaler_moves_weights_like_fp32(tmp_path: Path)
         torch.manual_seed(0)
         model = tiny_vit()
         before = copy.deepcopy(model)
-        args = FOPTrainingArguments(
-            output_dir=str(tmp_path / str(scaled)),
-            optim="fop",
-            learning_rate=3e-3,
-            per_device_train_batch_size=16,
-            max_steps=8,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            seed=0,
-            disable_tqdm=True,
-            fop_curvature_interval=1,
-            # On a CPU accelerate does not unscale before clipping (it does for fp16 on a GPU),
-            # so clipping here would clip the scaled gradients; unscale_-then-clip is covered
-            # by the plain-loop test above.
-            max_grad_norm=0.0,
-        )
+        # On a CPU accelerate does not unscale before clipping (it does for fp16 on a GPU), so
+        # clipping here would clip the scaled gradients; unscale_-then-clip is covered by the
+        # plain-loop test above.
+        args = fop_args(tmp_path / str(scaled), max_steps=8, max_grad_norm=0.0)
         trainer = FOPTrainer(model=model, args=args, train_dataset=image_dataset())
         if scaled:  # what accelerate sets up for fp16 on a GPU
             trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
