@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.tasks import small_vit
+
 
 @dataclass
 class RealTask:
@@ -40,37 +42,18 @@ def _mnist_tensors(quick: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from hf_fop_trainer.shipped import mnist
 
     data = mnist()
+    # (N, 1, 28, 28), normalised with MNIST's usual mean and standard deviation.
     x_train = torch.from_numpy(data["x_train"]).float().div_(255).sub_(0.1307).div_(0.3081)
     x_test = torch.from_numpy(data["x_test"]).float().div_(255).sub_(0.1307).div_(0.3081)
+    x_train, x_test = x_train.unsqueeze(1), x_test.unsqueeze(1)
     y_train, y_test = torch.from_numpy(data["y_train"]), torch.from_numpy(data["y_test"])
     if quick:
         x_train, y_train, x_test, y_test = x_train[:512], y_train[:512], x_test[:256], y_test[:256]
     return x_train, y_train, x_test, y_test
 
 
-class _Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(pixel_values=x.unsqueeze(1)).logits
-
-
 def _vit() -> nn.Module:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(
-        image_size=28,
-        patch_size=7,
-        num_channels=1,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=10,
-    )
-    return _Logits(ViTForImageClassification(config))
+    return small_vit(image_size=28, patch_size=7, layers=4, intermediate=128)
 
 
 def _mlp() -> nn.Module:

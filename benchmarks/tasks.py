@@ -60,20 +60,27 @@ def digits_cnn() -> nn.Module:
     )
 
 
-def digits_vit() -> nn.Module:
+def small_vit(
+    image_size: int, patch_size: int, layers: int, intermediate: int, width: int = 64
+) -> nn.Module:
+    """A Hugging Face ViT for one-channel images and ten classes, returning logits."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        image_size=8,
-        patch_size=2,
+        image_size=image_size,
+        patch_size=patch_size,
         num_channels=1,
-        hidden_size=64,
-        num_hidden_layers=3,
+        hidden_size=width,
+        num_hidden_layers=layers,
         num_attention_heads=4,
-        intermediate_size=256,
+        intermediate_size=intermediate,
         num_labels=10,
     )
     return LogitsOnly(ViTForImageClassification(config))
+
+
+def digits_vit() -> nn.Module:
+    return small_vit(image_size=8, patch_size=2, layers=3, intermediate=256)
 
 
 class LogitsOnly(nn.Module):
