@@ -129,9 +129,9 @@ def _final(task: RealTask, curve: list[dict[str, float]]) -> float:
     return value if task.higher_is_better else -value
 
 
-def reached(task: RealTask, curve: list[dict[str, float]], target: float) -> dict | None:
+def reached(curve: list[dict[str, float]], target: float, higher_is_better: bool) -> dict | None:
     for point in curve:
-        ok = point["metric"] >= target if task.higher_is_better else point["metric"] <= target
+        ok = point["metric"] >= target if higher_is_better else point["metric"] <= target
         if ok:
             return point
     return None
@@ -191,7 +191,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Per batch and optimizer: final metric over seeds, steps and seconds to AdamW's level."""
     higher = result["metric"] == "accuracy"
-    task = RealTask("", None, None, None, result["metric"], 0)  # type: ignore[arg-type]
     rows = []
     for batch, per_optimizer in result["results"].items():
         baseline = per_optimizer.get("adamw")
@@ -202,7 +201,7 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
         for name, entry in per_optimizer.items():
             fop = name.startswith("fop") or None
             finals = [c[-1]["metric"] for c in entry["curves"]]
-            hits = [reached(task, c, target) for c in entry["curves"]] if target else []
+            hits = [reached(c, target, higher) for c in entry["curves"]] if target else []
             hits = [h for h in hits if h is not None]
             last = [c[-1] for c in entry["curves"]]
             rows.append(

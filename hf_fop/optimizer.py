@@ -399,7 +399,7 @@ class FOP(torch.optim.Optimizer):
         updates: list[tuple[LayerAdapter, Tensor, Tensor]] = []
         results: list[FOPDirection] = []
         _, beta2 = group["betas"]
-        for name, layer, item in zip(self.layer_names, self.layers, gathered):
+        for index, (layer, item) in enumerate(zip(self.layers, gathered)):
             g_avg = layer.grad_matrix()
             if g_avg is None:
                 continue
@@ -411,7 +411,7 @@ class FOP(torch.optim.Optimizer):
             if preconditioner.STATE_KEYS[0] not in state:
                 # No curvature yet (its hooks never saw a backward on a curvature step): the
                 # layer is updated as by AdamW meanwhile.
-                self._report_uncovered(name)
+                self._report_uncovered(index)
                 direction = adam_direction(
                     g_avg, state["graft_exp_avg_sq"], beta2, config.adamw_eps, step
                 )
@@ -446,11 +446,12 @@ class FOP(torch.optim.Optimizer):
                 self._apply(param, update, group, step)
 
         if results:
+            rho = torch.stack([r.rho for r in results])
             self._last_stats = {
                 "beta": torch.stack([r.beta for r in results]),
                 "eta": torch.stack([r.eta for r in results]),
-                "rho": torch.stack([r.rho for r in results]),
-                "rho_abs": torch.stack([r.rho for r in results]).abs(),
+                "rho": rho,
+                "rho_abs": rho.abs(),
                 "kfac_cosine": torch.stack([r.kfac_cosine for r in results]),
                 "kl_scale": scale,
             }
@@ -506,9 +507,9 @@ class FOP(torch.optim.Optimizer):
                 weight_decay=group["weight_decay"],
             )
 
-    def _report_uncovered(self, name: str) -> None:
+    def _report_uncovered(self, index: int) -> None:
         """Say why a targeted layer gets gradients but has no curvature (once)."""
-        index = self.layer_names.index(name)
+        name = self.layer_names[index]
         if self.capture.stats[index].examples > 0:
             self._warn_once(
                 "no-curvature",

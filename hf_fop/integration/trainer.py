@@ -66,8 +66,10 @@ def sync_with_trainer(trainer: Trainer) -> None:
     steps = getattr(trainer, "current_gradient_accumulation_steps", None)
     if steps:
         fop.gradient_accumulation_steps = int(steps)
-    accelerator = getattr(trainer, "accelerator", None)
-    fop.grad_scaler = getattr(accelerator, "scaler", None)
+    # accelerate's scaler when it has one; a scaler the user gave FOP is kept otherwise.
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    if scaler is not None:
+        fop.grad_scaler = scaler
 
 
 def with_fop_statistics(trainer: Trainer, logs: dict[str, float]) -> dict[str, float]:
