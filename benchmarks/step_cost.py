@@ -80,7 +80,7 @@ def _measure(config: dict[str, Any], queue: Any) -> None:
         {
             **config,
             "mean_step_s": sum(times) / len(times),
-            "optimizer_state_bytes": _state_bytes(optimizer.state_dict()["state"]),
+            "optimizer_state_bytes": _state_bytes(optimizer.state_dict()),
             "peak_rss_increase_mib": (peak - rss_before) / 1024,
             "parameters": sum(p.numel() for p in model.parameters()),
         }

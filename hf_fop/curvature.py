@@ -51,12 +51,23 @@ def update_running_factor(
 
 
 def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD factor, in fp32.
+    """Eigenvalues (clamped at 0) and eigenvectors of symmetric PSD factors (..., d, d), in fp32.
 
-    fp32 eigh fails on some factors (dead units give repeated zero eigenvalues): retry in fp64,
+    A stack of factors of one size is decomposed in one batched call. fp32 eigh fails on some
+    factors (dead units give repeated zero eigenvalues): those are retried one by one in fp64,
     then with a small diagonal jitter, so a failure never becomes a NaN update.
     """
-    matrix = (matrix + matrix.T) / 2
+    matrix = (matrix + matrix.mT) / 2
+    if matrix.dim() > 2:
+        try:
+            eigenvalues, eigenvectors = torch.linalg.eigh(matrix.float())
+            if torch.isfinite(eigenvalues).all() and torch.isfinite(eigenvectors).all():
+                return eigenvalues.clamp(min=0), eigenvectors
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            pass
+        pairs = [symmetric_eigh(m) for m in matrix.reshape(-1, *matrix.shape[-2:])]
+        eigenvalues = torch.stack([p[0] for p in pairs]).reshape(matrix.shape[:-1])
+        return eigenvalues, torch.stack([p[1] for p in pairs]).reshape(matrix.shape)
     attempts = (torch.float32, torch.float64, None)
     for dtype in attempts:
         work = matrix.double() if dtype is None else matrix.to(dtype)
@@ -65,7 +76,7 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
             work = work + jitter * torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
         try:
             eigenvalues, eigenvectors = torch.linalg.eigh(work)
-        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        except RuntimeError:
             continue
         if torch.isfinite(eigenvalues).all() and torch.isfinite(eigenvectors).all():
             if dtype is not torch.float32:
@@ -103,7 +114,11 @@ def kronecker_damping(mean_A: Tensor, mean_G: Tensor, damping: float, damping_mo
 
 
 class EigenPreconditioner:
-    """(A (x) G + lambda I)^-1 through A = Q_A diag(l_A) Q_A^T and G = Q_G diag(l_G) Q_G^T."""
+    """(A (x) G + lambda I)^-1 through A = Q_A diag(l_A) Q_A^T and G = Q_G diag(l_G) Q_G^T.
+
+    Every tensor may carry leading batch dimensions: a stack of layers of one shape is then
+    preconditioned by the same few batched matmuls.
+    """
 
     STATE_KEYS = ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")
 
@@ -118,9 +133,11 @@ class EigenPreconditioner:
     ) -> None:
         self.eigvals_A, self.eigvecs_A = eigvals_A, eigvecs_A
         self.eigvals_G, self.eigvecs_G = eigvals_G, eigvecs_G
-        self.damping = kronecker_damping(eigvals_A.mean(), eigvals_G.mean(), damping, damping_mode)
+        self.damping = kronecker_damping(
+            eigvals_A.mean(-1), eigvals_G.mean(-1), damping, damping_mode
+        )[..., None, None]
         # Kronecker eigenvalues of the damped Fisher, laid out like the rotated gradient (out x in).
-        self.kronecker_eigvals = torch.outer(eigvals_G, eigvals_A) + self.damping
+        self.kronecker_eigvals = eigvals_G[..., :, None] * eigvals_A[..., None, :] + self.damping
 
     @classmethod
     def from_factors(
@@ -147,10 +164,10 @@ class EigenPreconditioner:
         }
 
     def rotate(self, matrix: Tensor) -> Tensor:
-        return self.eigvecs_G.T @ matrix @ self.eigvecs_A
+        return self.eigvecs_G.mT @ matrix @ self.eigvecs_A
 
     def unrotate(self, matrix: Tensor) -> Tensor:
-        return self.eigvecs_G @ matrix @ self.eigvecs_A.T
+        return self.eigvecs_G @ matrix @ self.eigvecs_A.mT
 
     def fisher(self, matrix: Tensor) -> Tensor:
         return self.unrotate(self.rotate(matrix) * self.kronecker_eigvals)
@@ -226,22 +243,34 @@ def split_damping(
 ) -> tuple[Tensor, Tensor]:
     """A + pi sqrt(lambda) I and G + sqrt(lambda) / pi I, pi = sqrt(mean eig(A) / mean eig(G)).
 
-    With relative damping this is A + sqrt(damping) mean(eig A) I and likewise for G.
+    With relative damping this is A + sqrt(damping) mean(eig A) I and likewise for G. Batched
+    over leading dimensions like the preconditioners.
     """
     tiny = torch.finfo(torch.float32).tiny
-    mean_A = torch.clamp(torch.trace(A) / A.shape[0], min=tiny)
-    mean_G = torch.clamp(torch.trace(G) / G.shape[0], min=tiny)
+    mean_A = torch.clamp(_mean_diagonal(A), min=tiny)
+    mean_G = torch.clamp(_mean_diagonal(G), min=tiny)
     pi = torch.sqrt(mean_A / mean_G)
     root = torch.sqrt(kronecker_damping(mean_A, mean_G, damping, damping_mode))
-    eye_A = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    eye_G = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    return A + pi * root * eye_A, G + root / pi * eye_G
+    return _add_to_diagonal(A, pi * root), _add_to_diagonal(G, root / pi)
+
+
+def _mean_diagonal(matrix: Tensor) -> Tensor:
+    return matrix.diagonal(dim1=-2, dim2=-1).sum(-1) / matrix.shape[-1]
+
+
+def _add_to_diagonal(matrix: Tensor, value: Tensor) -> Tensor:
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    return matrix + value[..., None, None] * eye
 
 
 def _spd_inverse(matrix: Tensor) -> Tensor:
+    """Inverse of SPD matrices (..., d, d) through Cholesky in fp64; eigh where that fails."""
     try:
         return torch.cholesky_inverse(torch.linalg.cholesky(matrix.double())).float()
     except RuntimeError:
+        if matrix.dim() > 2:
+            flat = matrix.reshape(-1, *matrix.shape[-2:])
+            return torch.stack([_spd_inverse(m) for m in flat]).reshape(matrix.shape)
         eigenvalues, eigenvectors = symmetric_eigh(matrix)
         floor = torch.clamp(eigenvalues.max() * 1e-7, min=torch.finfo(torch.float32).tiny)
         return (eigenvectors / torch.clamp(eigenvalues, min=floor)) @ eigenvectors.T

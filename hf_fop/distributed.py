@@ -78,6 +78,32 @@ class Communicator:
             flat /= self.world_size
             _unflatten_into(flat, tensors)
 
+    def average_partial(
+        self, tensors: Sequence[Tensor | None], shapes: Sequence[tuple[int, ...]], like: Tensor
+    ) -> list[Tensor | None]:
+        """Average per-layer statistics that some ranks may lack (a layer that did not run).
+
+        Every rank sends every tensor (zeros where absent) plus a presence flag each, in one
+        fp32 all-reduce; a tensor present on k ranks is their mean, absent everywhere is None.
+        Outside torch.distributed the tensors come back as they are.
+        """
+        if not self.active:
+            return list(tensors)
+        filled = [
+            t.float() if t is not None else like.new_zeros(shape, dtype=torch.float32)
+            for t, shape in zip(tensors, shapes)
+        ]
+        present = torch.tensor(
+            [float(t is not None) for t in tensors], device=like.device, dtype=torch.float32
+        )
+        with self._timed():
+            flat = torch.cat([present] + [t.reshape(-1) for t in filled])
+            dist.all_reduce(flat, group=self.group)
+            _unflatten_into(flat, [present, *filled])
+        # The flags were fetched to the host once per step: they decide which layers update.
+        shares = present.tolist()
+        return [t / share if share > 0 else None for t, share in zip(filled, shares)]
+
     def share_owned(self, tensors: Sequence[Tensor], owned: Sequence[bool]) -> None:
         """Give every rank the owners' values: non-owners hold zeros, one summing all-reduce."""
         if not self.active or not tensors:

@@ -5,7 +5,9 @@ linear operators. The same code therefore serves the dense reference (F built ex
 Kronecker eigenbasis (both operators elementwise) and explicit Kronecker inverses.
 
 Notation (Lu & Armour, AAAI-26): g_avg = (g1 + g2) / 2 is the batch gradient, g_diff = g1 - g2.
-All scalars stay tensors, so nothing here waits on the device.
+All scalars stay tensors, so nothing here waits on the device. Every function is batched: the
+gradients may be stacks (..., out, in) of layers of one shape, and the scalars then have the
+leading shape (...), so one call serves every layer of a shape.
 """
 
 from __future__ import annotations
@@ -32,8 +34,17 @@ class FOPDirection(NamedTuple):
 
 
 def inner(x: Tensor, y: Tensor) -> Tensor:
-    """Frobenius inner product <x, y>."""
-    return torch.sum(x * y)
+    """Frobenius inner product <x, y> of each matrix in a stack (shape (..., 1, 1))."""
+    return torch.sum(x * y, dim=(-2, -1), keepdim=True)
+
+
+def _norm(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+
+
+def _scalar(x: Tensor) -> Tensor:
+    """(..., 1, 1) -> (...): one value per layer."""
+    return x.squeeze(-1).squeeze(-1)
 
 
 def _safe_divide(numerator: Tensor, denominator: Tensor, valid: Tensor, fallback: float) -> Tensor:
@@ -84,14 +95,14 @@ def fop_direction(
     denominator = inner(g_comb, n_comb)
     eta = _safe_divide(numerator, denominator, denominator > 0, 1.0)
     rho = _safe_divide(D, torch.sqrt(a * E), has_signal & (a > 0), 0.0)
-    norms = torch.linalg.vector_norm(n_comb) * torch.linalg.vector_norm(n_avg)
+    norms = _norm(n_comb) * _norm(n_avg)
     cosine = _safe_divide(inner(n_comb, n_avg), norms, norms > 0, 1.0)
-    return FOPDirection(eta * n_comb, beta, eta, rho, cosine)
+    return FOPDirection(eta * n_comb, *(_scalar(x) for x in (beta, eta, rho, cosine)))
 
 
 def kfac_direction(g_avg: Tensor, inverse_fisher: LinearOperator) -> FOPDirection:
     """The K-FAC step F^-1 g_avg in the same form (beta = 0, eta = 1): the baseline."""
-    zero = g_avg.new_zeros(())
+    zero = g_avg.new_zeros(g_avg.shape[:-2])
     one = torch.ones_like(zero)
     return FOPDirection(inverse_fisher(g_avg), zero, one, zero, one)
 

@@ -4,6 +4,7 @@ Natural-gradient steps have another size than Adam's, so a learning rate tuned f
 nothing to a raw K-FAC or FOP step. Grafting (Agarwal et al., 2020; Distributed Shampoo) keeps
 each layer's preconditioned direction and gives it the norm of the step AdamW would take for
 that layer. The user's AdamW learning rate, warmup and schedule then carry over unchanged.
+Norms are per matrix, so a stack (layers, out, in) of one shape is grafted in one call.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ def adam_direction(grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, s
 
 
 def adam_step_norm(grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int) -> Tensor:
-    """||g / (sqrt(v_hat) + eps)||, the size of AdamW's step (see ``adam_direction``)."""
-    return torch.linalg.vector_norm(adam_direction(grad, exp_avg_sq, beta2, eps, step))
+    """||g / (sqrt(v_hat) + eps)|| per matrix (shape (..., 1, 1)): the size of AdamW's step."""
+    direction = adam_direction(grad, exp_avg_sq, beta2, eps, step)
+    return torch.linalg.vector_norm(direction, dim=(-2, -1), keepdim=True)
 
 
 def graft(direction: Tensor, norm: Tensor) -> Tensor:
-    """``direction`` rescaled to ``norm`` (a zero direction stays zero)."""
-    size = torch.linalg.vector_norm(direction)
+    """Each matrix of ``direction`` rescaled to its ``norm`` (a zero matrix stays zero)."""
+    size = torch.linalg.vector_norm(direction, dim=(-2, -1), keepdim=True)
     safe = torch.where(size > 0, size, torch.ones_like(size))
     return direction * torch.where(size > 0, norm / safe, torch.zeros_like(size))

@@ -1,59 +1,48 @@
 """``hf_fop.FOP``: K-FAC natural gradient plus the Fisher-orthogonal correction, in one optimizer.
 
-One step, top to bottom (the equations are in fop_math.py and the README):
-1. gather what the hooks saw during the backward passes (factor estimates on curvature steps,
-   g1 every step in FOP mode) and average it across ranks in one bucketed all-reduce;
+``step()`` is a short pipeline (the equations are in fop_math.py, the curvature in
+model_curvature.py, the update rules in update_rules.py):
+1. gather what the hooks saw (factor estimates on curvature steps, g1 in FOP mode), averaged
+   across ranks in one all-reduce, and undo a loss scale;
 2. skip the step, touching nothing, if any gradient or statistic is not finite;
-3. fold the estimates into the running factors; refresh the decompositions on inverse steps
-   (each rank decomposes the layers it owns and shares them);
-4. per layer: eta * F^-1 (g_avg + beta g_perp) (or F^-1 g_avg in K-FAC mode), a KL-norm clip over
-   the group, weight decay and momentum, then the parameter update;
-5. AdamW for every parameter that is not preconditioned.
+3. refresh the curvature: fold the estimates in, decompose where due (batched per layer shape);
+4. the directions: eta * F^-1 (g_avg + beta g_perp) per layer (F^-1 g_avg in K-FAC mode),
+   grafted onto AdamW's step size, and a KL-norm clip over the group;
+5. the updates: momentum and weight decay on the preconditioned layers, AdamW on the rest.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hf_fop.adamw import adamw_update
-from hf_fop.capture import CurvatureCapture
 from hf_fop.config import FOPConfig
-from hf_fop.curvature import PRECONDITIONERS, update_running_factor
-from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
-from hf_fop.fop_math import FOPDirection, inner
-from hf_fop.grafting import adam_direction, adam_step_norm, graft
+from hf_fop.curvature import PRECONDITIONERS
+from hf_fop.distributed import Communicator
+from hf_fop.fop_math import inner
 from hf_fop.layers import LayerAdapter
 from hf_fop.mixed_precision import check_not_scaled, loss_scale
+from hf_fop.model_curvature import BucketStatistics, BucketStep, ModelCurvature
 from hf_fop.partition import Partition, partition_model, unwrap_model
+from hf_fop.update_rules import adamw_step, grafted_step, heavy_ball_step
 
 logger = logging.getLogger("hf_fop")
 
-FACTOR_KEYS = ("A", "G")
 # An unannounced loss scale is looked for during the first steps only (reading it syncs).
 UNSCALED_CHECK_STEPS = 10
-# State kept in fp32 whatever the parameters' precision.
-FP32_KEYS = (
-    *FACTOR_KEYS,
-    *(key for cls in PRECONDITIONERS.values() for key in cls.STATE_KEYS),
+# Per-layer curvature keys of checkpoints written before curvature was saved by layer name.
+LEGACY_CURVATURE_KEYS = (
+    "A",
+    "G",
+    "factor_updates",
     "graft_exp_avg_sq",
-    "exp_avg",
+    *(key for cls in PRECONDITIONERS.values() for key in cls.STATE_KEYS),
 )
-
-
-@dataclass
-class _Gathered:
-    """One layer's statistics for this step, already averaged across ranks."""
-
-    A: Tensor | None = None
-    G: Tensor | None = None
-    g1: Tensor | None = None
 
 
 class FOP(torch.optim.Optimizer):
@@ -108,20 +97,30 @@ class FOP(torch.optim.Optimizer):
         self.config = config
         self.partition = partition
         self.layer_names = [name for name, _ in partition.layers]
-        self.layers: list[LayerAdapter] = [layer for _, layer in partition.layers]
         self.communicator = communicator or Communicator()
         # The torch.amp.GradScaler scaling the loss, if any (see mixed_precision.py).
         self.grad_scaler = grad_scaler
-        self.capture = CurvatureCapture(model, self.layers)
+        self.curvature = ModelCurvature(model, partition.layers, config, self.communicator)
         self.capture.accumulation_steps = config.gradient_accumulation_steps
         self._last_stats: dict[str, Tensor | float] = {}
         self._warned: set[str] = set()
-        # Indices of the layers this rank decomposed at the last refresh (for inspection).
-        self._decomposed_by_rank: list[int] = []
         self._arm_capture()
         logger.info(partition.summary())
 
     # ----------------------------------------------------------------------------------- public
+
+    @property
+    def layers(self) -> list[LayerAdapter]:
+        return self.curvature.layers
+
+    @property
+    def capture(self) -> Any:
+        """The hooks' per-step statistics (``CurvatureCapture``)."""
+        return self.curvature.capture
+
+    @property
+    def _decomposed_by_rank(self) -> list[int]:
+        return self.curvature.decomposed_by_rank
 
     @property
     def gradient_accumulation_steps(self) -> int | None:
@@ -167,36 +166,9 @@ class FOP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._empty_step():
-            logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
-            self.capture.reset()
-            return loss
-        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
-        if found_inf is not None and bool(found_inf.sum() > 0):
-            # The scaler skips this step: nothing of its backward may stay behind.
-            self.capture.reset()
-            return loss
-        grad_scale = getattr(self, "grad_scale", None)  # set while p.grad is still scaled
-        if grad_scale is not None:
-            self._unscale_gradients(1.0 / float(grad_scale))
-        group = self.fop_group
-        gathered = self._gather(group) if group is not None else []
-        if group is not None:
-            self._unscale_statistics(group, gathered, loss_scale(grad_scale, self.grad_scaler))
-        statistics = [t for g in gathered for t in (g.A, g.G, g.g1) if t is not None]
-        if not self._all_finite(statistics):
-            logger.warning(
-                "FOP skipped a step: the gradients hold NaN or Inf; parameters and optimizer "
-                "state are unchanged"
-            )
-            self.capture.reset()
-            return loss
-        if group is not None:
-            self._fop_update(group, gathered)
-        for adamw_group in self.param_groups:
-            if adamw_group["kind"] == "adamw":
-                self._adamw_update(adamw_group)
-        self.capture.reset()
+        if not self._skip_before_gathering():
+            self._step()
+        self.curvature.reset()
         self._arm_capture()
         return loss
 
@@ -211,11 +183,24 @@ class FOP(torch.optim.Optimizer):
             )
         super().add_param_group(param_group)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict plus the curvature, keyed by layer name (tensors and plain
+        containers only)."""
+        state = super().state_dict()
+        state["curvature"] = self.curvature.state_dict()
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's semantics (the checkpoint's lr, betas and weight decay win, so schedules
         resume), except FOP's own settings: the damping and the KL clip given to this optimizer
-        win over the checkpoint's, with a warning when they differ."""
+        win over the checkpoint's, with a warning when they differ. A checkpoint of another
+        model fails here, naming the layer."""
+        state_dict = dict(state_dict)
+        curvature = state_dict.pop("curvature", None)
         super().load_state_dict(state_dict)
+        if curvature is None:
+            curvature = self._legacy_curvature(state_dict)
+        self.curvature.load_state_dict(curvature)
         group = self.fop_group
         if group is not None:
             for key in ("damping", "kl_clip"):
@@ -227,19 +212,13 @@ class FOP(torch.optim.Optimizer):
                         stacklevel=2,
                     )
                     group[key] = configured
-        # torch casts floating state to the parameter's dtype; curvature stays fp32 whatever
-        # the model's precision.
-        params = [p for g in self.param_groups for p in g["params"]]
-        preconditioned = {id(p) for p in (self.fop_group or {"params": []})["params"]}
-        for index, saved in state_dict["state"].items():
-            if not isinstance(index, int) or index >= len(params):
-                continue
-            param = params[index]
-            if id(param) not in preconditioned:
-                continue
-            for key in FP32_KEYS:
-                if key in saved:
-                    self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32)
+            # torch casts floating state to the parameter's dtype; the preconditioned layers'
+            # moving average stays fp32 whatever the model's precision.
+            indices = _param_indices(self.param_groups)
+            for param in group["params"]:
+                saved = state_dict["state"].get(indices[id(param)], {})
+                if "exp_avg" in saved:
+                    self.state[param]["exp_avg"] = saved["exp_avg"].to(param.device, torch.float32)
         self._arm_capture()
 
     # --------------------------------------------------------------------------------- internal
@@ -251,6 +230,37 @@ class FOP(torch.optim.Optimizer):
         self.capture.collect_factors = step % self.config.curvature_interval == 0
         self.capture.collect_first_half = self.config.mode == "fop"
 
+    def _skip_before_gathering(self) -> bool:
+        """An empty batch, or a step GradScaler skips: nothing may change."""
+        if self._empty_step():
+            logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
+            return True
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
+        return found_inf is not None and bool(found_inf.sum() > 0)
+
+    def _step(self) -> None:
+        grad_scale = getattr(self, "grad_scale", None)  # set while p.grad is still scaled
+        if grad_scale is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / float(grad_scale))
+        group = self.fop_group
+        statistics: list[BucketStatistics] = []
+        if group is not None:
+            refresh = group["step"] % self.config.curvature_interval == 0
+            statistics = self.curvature.gather(refresh, self.config.mode == "fop")
+            self._unscale_statistics(group, statistics, loss_scale(grad_scale, self.grad_scaler))
+        if not self._all_finite([t for s in statistics for t in s.tensors()]):
+            logger.warning(
+                "FOP skipped a step: the gradients hold NaN or Inf; parameters and optimizer "
+                "state are unchanged"
+            )
+            return
+        if group is not None:
+            self._fop_update(group, statistics)
+        for adamw_group in self.param_groups:
+            if adamw_group["kind"] == "adamw":
+                adamw_step(adamw_group, self.state)
+
     def _empty_step(self) -> bool:
         """No example reached the preconditioned layers and every gradient is zero."""
         if not self.layers or any(stats.examples for stats in self.capture.stats):
@@ -258,254 +268,103 @@ class FOP(torch.optim.Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         return all(not bool(grad.any()) for grad in grads)
 
-    def _unscale_gradients(self, inverse_scale: float) -> None:
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.mul_(inverse_scale)
-
     def _unscale_statistics(
-        self, group: dict[str, Any], gathered: list[_Gathered], scale: float
+        self, group: dict[str, Any], statistics: list[BucketStatistics], scale: float
     ) -> None:
         """Undo a loss scale S in the hooks' statistics: G carries S^2, g1 carries S."""
         if scale != 1.0:
-            for item in gathered:
-                if item.G is not None:
-                    item.G /= scale * scale
-                if item.g1 is not None:
-                    item.g1 /= scale
+            for stats in statistics:
+                if stats.G is not None:
+                    stats.G /= scale * scale
+                if stats.g1 is not None:
+                    stats.g1 /= scale
         elif group["step"] < UNSCALED_CHECK_STEPS:
             pairs = [
-                (item.g1, layer.grad_matrix())
-                for layer, item in zip(self.layers, gathered)
-                if item.g1 is not None and layer.weight.grad is not None
+                (stats.g1[row], self.layers[index].grad_matrix().float())
+                for bucket, stats in zip(self.curvature.buckets, statistics)
+                for row, index in enumerate(bucket.indices)
+                if stats.g1 is not None
+                and stats.has_split[row]
+                and self.layers[index].weight.grad is not None
             ]
-            check_not_scaled([g1 for g1, _ in pairs], [g.float() for _, g in pairs])
+            check_not_scaled([g1 for g1, _ in pairs], [g for _, g in pairs])
 
-    def _all_finite(self, extra: Iterable[Tensor]) -> bool:
+    def _all_finite(self, extra: list[Tensor]) -> bool:
         tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        tensors += list(extra)
+        tensors += extra
         if not tensors:
             return True
         return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
-    def _gather(self, group: dict[str, Any]) -> list[_Gathered]:
-        """This step's factor estimates and g1 per layer, averaged across ranks in one bucket."""
-        refresh = group["step"] % self.config.curvature_interval == 0
-        want_g1 = self.config.mode == "fop"
-        pad = self.communicator.active  # every rank must send the same tensors
-        gathered, flags = [], []
-        for layer, stats in zip(self.layers, self.capture.stats):
-            item = _Gathered()
-            has_factors = refresh and stats.has_factors
-            has_split = want_g1 and stats.has_split
-            if has_factors:
-                item.A, item.G = stats.A(), stats.G()
-            elif refresh and pad:
-                item.A = layer.weight.new_zeros(layer.in_dim, layer.in_dim, dtype=torch.float32)
-                item.G = layer.weight.new_zeros(layer.out_dim, layer.out_dim, dtype=torch.float32)
-            if has_split:
-                item.g1 = stats.g1()
-            elif want_g1 and pad:
-                item.g1 = layer.weight.new_zeros(layer.out_dim, layer.in_dim, dtype=torch.float32)
-            if want_g1 and not has_split and stats.examples > 0:
-                self._warn_once(
-                    "no-split",
-                    "FOP could not split a step's examples into two halves (a batch of one "
-                    "example, or fewer micro-batches than gradient_accumulation_steps); such "
-                    "steps use the K-FAC direction",
-                )
-            gathered.append(item)
-            flags.append([float(has_factors), float(has_split)])
-        if not self.communicator.active:
-            return gathered
-        device = self.layers[0].weight.device
-        share = torch.tensor(flags, device=device).reshape(-1, 2)
-        self.communicator.all_reduce_mean(
-            [share] + [t for g in gathered for t in (g.A, g.G, g.g1) if t is not None]
-        )
-        # A layer that ran on only some ranks is averaged over those ranks.
-        for item, (factor_share, split_share) in zip(gathered, share.tolist()):
-            if factor_share == 0:
-                item.A = item.G = None
-            elif factor_share < 1 and item.A is not None:
-                item.A /= factor_share
-                item.G /= factor_share
-            if split_share == 0:
-                item.g1 = None
-            elif split_share < 1 and item.g1 is not None:
-                item.g1 /= split_share
-        return gathered
-
-    def _refresh_curvature(self, group: dict[str, Any], gathered: list[_Gathered]) -> bool:
-        """Fold the estimates into the running factors; decompose where due. Returns whether
-        any decomposition was refreshed."""
-        config = self.config
-        for layer, item in zip(self.layers, gathered):
-            if item.A is None:
-                continue
-            state = self.state[layer.weight]
-            updates = state.get("factor_updates", 0)
-            for key, estimate in (("A", item.A), ("G", item.G)):
-                state[key] = update_running_factor(
-                    state.get(key), estimate, config.factor_decay, updates
-                )
-            state["factor_updates"] = updates + 1
-
-        preconditioner = PRECONDITIONERS[config.method]
-        inverse_step = group["step"] % config.inverse_interval == 0
-        due = [
-            i
-            for i, layer in enumerate(self.layers)
-            if "A" in self.state[layer.weight]
-            and (inverse_step or preconditioner.STATE_KEYS[0] not in self.state[layer.weight])
-        ]
-        if not due:
-            return False
-        costs = [decomposition_cost(self.layers[i].in_dim, self.layers[i].out_dim) for i in due]
-        owners = assign_layers(costs, self.communicator.world_size)
-        rank = self.communicator.rank
-        results, owned = [], []
-        for index, owner in zip(due, owners):
-            layer = self.layers[index]
-            state = self.state[layer.weight]
-            if owner == rank:
-                computed = preconditioner.from_factors(
-                    state["A"], state["G"], group["damping"], config.damping_mode
-                )
-                values = computed.state()
-            else:
-                values = {
-                    key: state["A"].new_zeros(shape)
-                    for key, shape in preconditioner.state_shapes(
-                        layer.in_dim, layer.out_dim
-                    ).items()
-                }
-            state.update(values)
-            for key in preconditioner.STATE_KEYS:
-                results.append(state[key])
-                owned.append(owner == rank)
-        self.communicator.share_owned(results, owned)
-        self._decomposed_by_rank = [due[i] for i, owner in enumerate(owners) if owner == rank]
-        return True
-
-    def _fop_update(self, group: dict[str, Any], gathered: list[_Gathered]) -> None:
-        config = self.config
-        refreshed = self._refresh_curvature(group, gathered)
-        preconditioner = PRECONDITIONERS[config.method]
+    def _fop_update(self, group: dict[str, Any], statistics: list[BucketStatistics]) -> None:
         lr, damping = group["lr"], group["damping"]
-        step = group["step"] + 1  # 1-based, for the bias corrections of grafting
-
-        updates: list[tuple[LayerAdapter, Tensor, Tensor]] = []
-        results: list[FOPDirection] = []
-        _, beta2 = group["betas"]
-        for index, (layer, item) in enumerate(zip(self.layers, gathered)):
-            g_avg = layer.grad_matrix()
-            if g_avg is None:
-                continue
-            g_avg = g_avg.float()
-            state = self.state[layer.weight]
-            needs_adam = config.graft == "adamw" or preconditioner.STATE_KEYS[0] not in state
-            if needs_adam and "graft_exp_avg_sq" not in state:
-                state["graft_exp_avg_sq"] = torch.zeros_like(g_avg)
-            if preconditioner.STATE_KEYS[0] not in state:
-                # No curvature yet (its hooks never saw a backward on a curvature step): the
-                # layer is updated as by AdamW meanwhile.
+        refreshed = self.curvature.refresh(statistics, group["step"], damping)
+        step = group["step"] + 1  # 1-based, for the bias corrections
+        steps = self.curvature.directions(statistics, damping, group["betas"][1], step)
+        for bucket_step in steps:
+            for index in bucket_step.waiting:
                 self._report_uncovered(index)
-                direction = adam_direction(
-                    g_avg, state["graft_exp_avg_sq"], beta2, config.adamw_eps, step
-                )
-                zero = g_avg.new_zeros(())
-                results.append(FOPDirection(direction, zero, zero + 1, zero, zero + 1))
-                updates.append((layer, direction, g_avg))
-                continue
-            metric = preconditioner.from_state(state, damping, config.damping_mode)
-            if item.g1 is not None:
-                g_diff = 2 * (item.g1 - g_avg)  # g1 - g2 with g2 = 2 g_avg - g1
-                result = metric.fop(g_avg, g_diff, config.fop_zero_tol)
-            else:
-                result = metric.kfac(g_avg)
-            direction = result.direction
-            if config.graft == "adamw":
-                norm = adam_step_norm(
-                    g_avg, state["graft_exp_avg_sq"], beta2, config.adamw_eps, step
-                )
-                direction = graft(direction, norm)
-            results.append(result)
-            updates.append((layer, direction, g_avg))
+        scale = self._kl_scale(steps, lr, group["kl_clip"])
+        params, directions = [], []
+        for bucket_step in steps:
+            direction = bucket_step.direction if scale is None else bucket_step.direction * scale
+            for row, matrix in zip(bucket_step.rows, direction):
+                layer = self.layers[bucket_step.bucket.indices[row]]
+                params += layer.params
+                directions += layer.split_matrix(matrix)
+        momentum, weight_decay = group["betas"][0], group["weight_decay"]
+        if self.config.graft == "adamw":
+            grafted_step(params, directions, self.state, lr, momentum, weight_decay, step)
+        else:
+            heavy_ball_step(params, directions, self.state, lr, momentum, weight_decay)
+        self._record_statistics(steps, scale, statistics, damping, refreshed)
+        group["step"] += 1
 
-        scale = torch.ones(())
-        if updates and group["kl_clip"] is not None:
-            # K-FAC's trust region: nu = min(1, sqrt(kl_clip / (lr^2 sum_l <n_l, g_l>))).
-            vg = sum(inner(direction, g) for _, direction, g in updates) * lr**2
-            tiny = torch.finfo(torch.float32).tiny
-            scale = torch.clamp(torch.sqrt(group["kl_clip"] / vg.abs().clamp(min=tiny)), max=1.0)
+    @staticmethod
+    def _kl_scale(steps: list[BucketStep], lr: float, kl_clip: float | None) -> Tensor | None:
+        """K-FAC's trust region: nu = min(1, sqrt(kl_clip / (lr^2 sum_l <n_l, g_l>)))."""
+        if not steps or kl_clip is None:
+            return None
+        vg = sum(inner(s.direction, s.g_avg).sum() for s in steps) * lr**2
+        tiny = torch.finfo(torch.float32).tiny
+        return torch.clamp(torch.sqrt(kl_clip / vg.abs().clamp(min=tiny)), max=1.0)
 
-        for layer, direction, _ in updates:
-            for param, update in zip(layer.params, layer.split_matrix(direction * scale)):
-                self._apply(param, update, group, step)
-
-        if results:
-            rho = torch.stack([r.rho for r in results])
+    def _record_statistics(
+        self,
+        steps: list[BucketStep],
+        scale: Tensor | None,
+        statistics: list[BucketStatistics],
+        damping: float,
+        refreshed: bool,
+    ) -> None:
+        if steps:
+            stacked = {
+                name: torch.cat([getattr(s.scalars, name) for s in steps])
+                for name in ("beta", "eta", "rho", "kfac_cosine")
+            }
             self._last_stats = {
-                "beta": torch.stack([r.beta for r in results]),
-                "eta": torch.stack([r.eta for r in results]),
-                "rho": rho,
-                "rho_abs": rho.abs(),
-                "kfac_cosine": torch.stack([r.kfac_cosine for r in results]),
-                "kl_scale": scale,
+                **stacked,
+                "rho_abs": stacked["rho"].abs(),
+                "kl_scale": torch.ones(()) if scale is None else scale,
             }
         self._last_stats.update(
             damping=damping,
-            curvature_refreshed=float(any(item.A is not None for item in gathered)),
+            curvature_refreshed=float(
+                any(any(s.has_factors) for s in statistics if s.A is not None)
+            ),
             inverse_refreshed=float(refreshed),
         )
-        group["step"] += 1
 
-    def _apply(self, param: Tensor, update: Tensor, group: dict[str, Any], step: int) -> None:
-        """Momentum, weight decay and the parameter update of a preconditioned direction.
-
-        Grafted (AdamW-sized) directions take AdamW's rules: a bias-corrected moving average and
-        decoupled weight decay. Raw natural-gradient directions take SGD's: heavy-ball momentum
-        and weight decay added to the direction (K-FAC practice).
-        """
-        momentum, weight_decay = group["betas"][0], group["weight_decay"]
-        state = self.state[param]
-        if self.config.graft == "adamw":
-            if momentum:
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(update)
-                state["exp_avg"].lerp_(update, 1 - momentum)
-                update = state["exp_avg"] / (1 - momentum**step)
-            if weight_decay:
-                param.mul_(1 - group["lr"] * weight_decay)
-            param.add_(update.to(param.dtype), alpha=-group["lr"])
-            return
-        update = update.to(param.dtype)
-        if weight_decay:
-            update = update.add(param, alpha=weight_decay)
-        if momentum:
-            buffer = state.get("momentum_buffer")
-            if buffer is None:
-                buffer = state["momentum_buffer"] = update.clone()
-            else:
-                buffer.mul_(momentum).add_(update)
-            update = buffer
-        param.add_(update, alpha=-group["lr"])
-
-    def _adamw_update(self, group: dict[str, Any]) -> None:
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            adamw_update(
-                param,
-                param.grad,
-                self.state[param],
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-            )
+    def _legacy_curvature(self, state_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Curvature of a checkpoint that kept it in each layer weight's state (release 0.1)."""
+        indices = _param_indices(self.param_groups)
+        curvature = {}
+        for name, layer in zip(self.layer_names, self.layers):
+            saved = state_dict["state"].get(indices[id(layer.weight)], {})
+            curvature[name] = {k: v for k, v in saved.items() if k in LEGACY_CURVATURE_KEYS}
+            for key in LEGACY_CURVATURE_KEYS:
+                self.state[layer.weight].pop(key, None)
+        return curvature
 
     def _report_uncovered(self, index: int) -> None:
         """Say why a targeted layer gets gradients but has no curvature (once)."""
@@ -532,6 +391,12 @@ class FOP(torch.optim.Optimizer):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
+
+
+def _param_indices(groups: list[dict[str, Any]]) -> dict[int, int]:
+    """Parameter id -> its index in a state_dict (torch numbers parameters across groups)."""
+    params = [p for group in groups for p in group["params"]]
+    return {id(p): index for index, p in enumerate(params)}
 
 
 def _param_groups(partition: Partition, config: FOPConfig) -> list[dict[str, Any]]:

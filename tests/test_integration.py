@@ -100,7 +100,7 @@ def test_fop_trainer_trains_hf_models(tmp_path: Path, make_model, make_data) -> 
     # Hooks on the attention and MLP projections of the blocks, nowhere else (not the patch or
     # word embeddings, the LayerNorms or a tied LM head); each one saw backward passes.
     assert {id(layer.module) for layer in optimizer.layers} == _block_layers(model)
-    assert all("A" in optimizer.state[layer.weight] for layer in optimizer.layers)
+    assert all(optimizer.curvature.layer_state(n)["factor_updates"] for n in optimizer.layer_names)
     adamw = {id(p) for g in optimizer.param_groups if g["kind"] == "adamw" for p in g["params"]}
     norms = [m.weight for m in model.modules() if isinstance(m, nn.LayerNorm)]
     embeddings = [

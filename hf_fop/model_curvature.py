@@ -1,0 +1,387 @@
+"""The curvature of one model: FOP's hooks, running Kronecker factors, cached preconditioners.
+
+Layers of one shape form a bucket whose factors live stacked, (layers, d, d): a refresh
+decomposes a bucket in one batched call and every step rotates it with a few batched matmuls,
+so a transformer (a handful of shapes repeated in every block) costs a handful of kernel
+launches per step instead of a Python loop of small ones. A bucket's preconditioner is built on
+inverse steps and cached until the next one; steps in between only read it.
+
+State is saved by layer name: a checkpoint of a model whose layers differ fails at load,
+naming the layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hf_fop.capture import CurvatureCapture
+from hf_fop.config import FOPConfig
+from hf_fop.curvature import PRECONDITIONERS
+from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
+from hf_fop.fop_math import FOPDirection
+from hf_fop.grafting import adam_direction, adam_step_norm, graft
+from hf_fop.layers import LayerAdapter
+
+
+class ShapeBucket:
+    """The layers of one (in, out) shape on one device: stacked factors and decompositions."""
+
+    def __init__(self, indices: list[int], names: list[str], layer: LayerAdapter, method: str):
+        self.indices, self.names = indices, names
+        self.in_dim, self.out_dim = layer.in_dim, layer.out_dim
+        self.method = PRECONDITIONERS[method]
+        count, device = len(indices), layer.weight.device
+        self.A = torch.zeros(count, self.in_dim, self.in_dim, device=device)
+        self.G = torch.zeros(count, self.out_dim, self.out_dim, device=device)
+        self.factor_updates = [0] * count
+        shapes = self.method.state_shapes(self.in_dim, self.out_dim)
+        self.decomposition = {
+            key: torch.zeros(count, *shape, device=device) for key, shape in shapes.items()
+        }
+        self.ready = [False] * count  # a decomposition exists
+        # AdamW's second moment per layer, for grafting (and for layers without curvature yet).
+        self.graft_exp_avg_sq: Tensor | None = None
+        self._cache: tuple[tuple[float, str], Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def preconditioner(self, rows: list[int] | None, damping: float, damping_mode: str) -> Any:
+        """The damped preconditioner of ``rows`` (None: every layer, cached between refreshes)."""
+        if rows is not None:
+            sliced = {key: value[rows] for key, value in self.decomposition.items()}
+            return self.method.from_state(sliced, damping, damping_mode)
+        if self._cache is None or self._cache[0] != (damping, damping_mode):
+            built = self.method.from_state(self.decomposition, damping, damping_mode)
+            self._cache = ((damping, damping_mode), built)
+        return self._cache[1]
+
+    def fold(self, A: Tensor, G: Tensor, present: list[bool], decay: float) -> None:
+        """Fold this step's estimates into the running factors (see update_running_factor)."""
+        weights = [
+            (1.0 if done == 0 else max(1.0 - decay, 1.0 / (done + 1))) if has else 0.0
+            for has, done in zip(present, self.factor_updates)
+        ]
+        if len(set(weights)) == 1:
+            self.A.lerp_(A, weights[0])
+            self.G.lerp_(G, weights[0])
+        else:
+            weight = torch.tensor(weights, device=self.A.device)[:, None, None]
+            self.A.lerp_(A, weight)
+            self.G.lerp_(G, weight)
+        self.factor_updates = [done + has for done, has in zip(self.factor_updates, present)]
+
+    def decompose(self, rows: list[int], damping: float, damping_mode: str) -> None:
+        everything = rows == list(range(len(self)))
+        A, G = (self.A, self.G) if everything else (self.A[rows], self.G[rows])
+        computed = self.method.from_factors(A, G, damping, damping_mode).state()
+        for key, value in computed.items():
+            if everything:
+                self.decomposition[key] = value
+            else:
+                self.decomposition[key][rows] = value
+        self.mark_ready(rows)
+
+    def mark_ready(self, rows: list[int]) -> None:
+        for row in rows:
+            self.ready[row] = True
+        self._cache = None
+
+    def second_moment(self, like: Tensor) -> Tensor:
+        if self.graft_exp_avg_sq is None:
+            self.graft_exp_avg_sq = torch.zeros(len(self), *like.shape[1:], device=like.device)
+        return self.graft_exp_avg_sq
+
+
+@dataclass
+class BucketStatistics:
+    """One step's averaged statistics of a bucket (zeros in the rows a layer lacks)."""
+
+    A: Tensor | None
+    G: Tensor | None
+    has_factors: list[bool]
+    g1: Tensor | None
+    has_split: list[bool]
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.A, self.G, self.g1) if t is not None]
+
+
+@dataclass
+class BucketStep:
+    """The directions a bucket's layers take this step (before the learning rate)."""
+
+    bucket: ShapeBucket
+    rows: list[int]  # rows of the bucket that have gradients, in order
+    direction: Tensor  # (len(rows), out, in)
+    g_avg: Tensor
+    scalars: FOPDirection  # direction unused; beta, eta, rho, kfac_cosine per row
+    waiting: list[int]  # layer indices updated as by AdamW (no curvature yet)
+
+
+class ModelCurvature:
+    """Owns the hooks on ``layers`` of ``model``, their factors and preconditioners."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[tuple[str, LayerAdapter]],
+        config: FOPConfig,
+        communicator: Communicator,
+    ) -> None:
+        self.config = config
+        self.communicator = communicator
+        self.names = [name for name, _ in layers]
+        self.layers = [layer for _, layer in layers]
+        self.capture = CurvatureCapture(model, self.layers)
+        groups: dict[tuple[int, int, torch.device], list[int]] = {}
+        for index, layer in enumerate(self.layers):
+            key = (layer.in_dim, layer.out_dim, layer.weight.device)
+            groups.setdefault(key, []).append(index)
+        self.buckets = [
+            ShapeBucket(
+                indices, [self.names[i] for i in indices], self.layers[indices[0]], config.method
+            )
+            for indices in groups.values()
+        ]
+        # Layer indices this rank decomposed at the last refresh (for inspection and tests).
+        self.decomposed_by_rank: list[int] = []
+        self._warned_unsplit = False
+
+    # ---------------------------------------------------------------------------- statistics
+
+    def gather(self, refresh: bool, want_g1: bool) -> list[BucketStatistics]:
+        """This step's factor estimates and g1, averaged across ranks in one bucket."""
+        tensors: list[Tensor | None] = []
+        shapes: list[tuple[int, ...]] = []
+        for layer, stats in zip(self.layers, self.capture.stats):
+            factors = refresh and stats.has_factors
+            split = want_g1 and stats.has_split
+            tensors += [stats.A() if factors else None, stats.G() if factors else None]
+            tensors.append(stats.g1() if split else None)
+            if want_g1 and not split and stats.examples > 0 and not self._warned_unsplit:
+                self._warned_unsplit = True
+                warnings.warn(
+                    "FOP could not split a step's examples into two halves (a batch of one "
+                    "example, or fewer micro-batches than gradient_accumulation_steps); such "
+                    "steps use the K-FAC direction",
+                    stacklevel=4,
+                )
+            shapes += [(layer.in_dim,) * 2, (layer.out_dim,) * 2, (layer.out_dim, layer.in_dim)]
+        like = self.buckets[0].A
+        averaged = self.communicator.average_partial(tensors, shapes, like)
+        out = []
+        for bucket in self.buckets:
+            A, G, g1 = ([averaged[3 * i + k] for i in bucket.indices] for k in range(3))
+            has_factors = [a is not None for a in A]
+            has_split = [g is not None for g in g1]
+            out.append(
+                BucketStatistics(
+                    _stack(A, (bucket.in_dim,) * 2, like) if refresh else None,
+                    _stack(G, (bucket.out_dim,) * 2, like) if refresh else None,
+                    has_factors,
+                    _stack(g1, (bucket.out_dim, bucket.in_dim), like) if want_g1 else None,
+                    has_split,
+                )
+            )
+        return out
+
+    # ----------------------------------------------------------------------------- refresh
+
+    def refresh(self, statistics: list[BucketStatistics], step: int, damping: float) -> bool:
+        """Fold the estimates into the running factors and decompose what is due. Returns
+        whether any decomposition was refreshed."""
+        config = self.config
+        for bucket, stats in zip(self.buckets, statistics):
+            if stats.A is not None and any(stats.has_factors):
+                bucket.fold(stats.A, stats.G, stats.has_factors, config.factor_decay)
+        inverse_step = step % config.inverse_interval == 0
+        due = sorted(
+            (
+                (bucket, row)
+                for bucket in self.buckets
+                for row in range(len(bucket))
+                if bucket.factor_updates[row] and (inverse_step or not bucket.ready[row])
+            ),
+            key=lambda item: item[0].indices[item[1]],  # layer order: the same owners everywhere
+        )
+        if not due:
+            return False
+        costs = [decomposition_cost(b.in_dim, b.out_dim) for b, _ in due]
+        owners = assign_layers(costs, self.communicator.world_size)
+        rank = self.communicator.rank
+        self.decomposed_by_rank = [b.indices[r] for (b, r), o in zip(due, owners) if o == rank]
+        shared, owned = [], []
+        for bucket in self.buckets:
+            rows = [r for (b, r), o in zip(due, owners) if b is bucket]
+            mine = [r for (b, r), o in zip(due, owners) if b is bucket and o == rank]
+            if mine:
+                bucket.decompose(mine, damping, config.damping_mode)
+            bucket.mark_ready(rows)
+            if self.communicator.active:
+                mine_set = set(mine)
+                for key in bucket.method.STATE_KEYS:
+                    for row in rows:
+                        shared.append(bucket.decomposition[key][row])
+                        owned.append(row in mine_set)
+        # Each rank decomposed its share; one collective gives every rank all of them.
+        self.communicator.share_owned(shared, owned)
+        return True
+
+    # -------------------------------------------------------------------------- directions
+
+    def directions(
+        self,
+        statistics: list[BucketStatistics],
+        damping: float,
+        beta2: float,
+        step: int,
+    ) -> list[BucketStep]:
+        """Every layer's preconditioned (and, with grafting, AdamW-sized) direction.
+
+        ``step`` is 1-based (the bias corrections of the grafting norm).
+        """
+        config = self.config
+        out = []
+        for bucket, stats in zip(self.buckets, statistics):
+            grads = [self.layers[i].grad_matrix() for i in bucket.indices]
+            rows = [row for row, grad in enumerate(grads) if grad is not None]
+            if not rows:
+                continue
+            g_avg = torch.stack([grads[row] for row in rows]).float()
+            ready = [j for j, row in enumerate(rows) if bucket.ready[row]]
+            waiting = [j for j, row in enumerate(rows) if not bucket.ready[row]]
+            direction = torch.empty_like(g_avg)
+            zeros = g_avg.new_zeros(len(rows))
+            scalars = FOPDirection(direction, zeros, zeros + 1, zeros.clone(), zeros + 1)
+            needs_adam = config.graft == "adamw" or bool(waiting)
+            exp_avg_sq = bucket.second_moment(g_avg) if needs_adam else None
+            if ready:
+                every = len(ready) == len(bucket)
+                picked = [rows[j] for j in ready]
+                preconditioner = bucket.preconditioner(
+                    None if every else picked, damping, config.damping_mode
+                )
+                g = g_avg if every else g_avg[ready]
+                if stats.g1 is not None:
+                    # A layer without two halves this step has g_diff = 0: its FOP direction
+                    # is exactly K-FAC's.
+                    g1 = stats.g1 if every else stats.g1[picked]
+                    if not all(stats.has_split[row] for row in picked):
+                        split = [stats.has_split[row] for row in picked]
+                        mask = torch.tensor(split, device=g.device)[:, None, None]
+                        g1 = torch.where(mask, g1, g)
+                    result = preconditioner.fop(g, 2 * (g1 - g), config.fop_zero_tol)
+                else:
+                    result = preconditioner.kfac(g)
+                chosen = result.direction
+                if config.graft == "adamw":
+                    v = exp_avg_sq if every else exp_avg_sq[picked]
+                    chosen = graft(chosen, adam_step_norm(g, v, beta2, config.adamw_eps, step))
+                    if not every:
+                        exp_avg_sq[picked] = v
+                if every:
+                    direction = chosen
+                    scalars = result._replace(direction=direction)
+                else:
+                    direction[ready] = chosen
+                    for name in ("beta", "eta", "rho", "kfac_cosine"):
+                        getattr(scalars, name)[ready] = getattr(result, name)
+            if waiting:
+                picked = [rows[j] for j in waiting]
+                v = exp_avg_sq[picked]
+                direction[waiting] = adam_direction(
+                    g_avg[waiting], v, beta2, config.adamw_eps, step
+                )
+                exp_avg_sq[picked] = v
+            out.append(
+                BucketStep(
+                    bucket,
+                    rows,
+                    direction,
+                    g_avg,
+                    scalars._replace(direction=direction),
+                    [bucket.indices[rows[j]] for j in waiting],
+                )
+            )
+        return out
+
+    # --------------------------------------------------------------------------------- state
+
+    def layer_state(self, name: str) -> dict[str, Tensor | int]:
+        """One layer's curvature (views into its bucket): factors, decomposition, moments."""
+        for bucket in self.buckets:
+            if name in bucket.names:
+                row = bucket.names.index(name)
+                state: dict[str, Tensor | int] = {"factor_updates": bucket.factor_updates[row]}
+                if bucket.factor_updates[row]:
+                    state.update(A=bucket.A[row], G=bucket.G[row])
+                if bucket.ready[row]:
+                    state.update({k: v[row] for k, v in bucket.decomposition.items()})
+                if bucket.graft_exp_avg_sq is not None:
+                    state["graft_exp_avg_sq"] = bucket.graft_exp_avg_sq[row]
+                return state
+        raise KeyError(f"no preconditioned layer named {name!r}")
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Per layer name: plain tensors (copies, so a checkpoint holds no whole buckets)."""
+        return {
+            name: {
+                key: value.clone() if isinstance(value, Tensor) else value
+                for key, value in self.layer_state(name).items()
+            }
+            for name in self.names
+        }
+
+    def load_state_dict(self, saved: dict[str, dict[str, Any]]) -> None:
+        missing = [name for name in self.names if name not in saved]
+        unexpected = [name for name in saved if name not in self.names]
+        if missing or unexpected:
+            detail = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+            raise ValueError(
+                f"the checkpoint's FOP curvature does not match this model's layers ({detail}; "
+                f"{len(missing)} missing, {len(unexpected)} unexpected): it was saved from "
+                "another model or another FOP selection (targets/skip). Load it into the same "
+                "model, or start the optimizer fresh."
+            )
+        for bucket in self.buckets:
+            for row, name in enumerate(bucket.names):
+                _load_layer(bucket, row, name, saved[name])
+            bucket._cache = None
+
+    def reset(self) -> None:
+        self.capture.reset()
+
+    def remove(self) -> None:
+        self.capture.remove()
+
+
+def _load_layer(bucket: ShapeBucket, row: int, name: str, state: dict[str, Any]) -> None:
+    targets = {"A": bucket.A, "G": bucket.G, **bucket.decomposition}
+    if "graft_exp_avg_sq" in state:
+        targets["graft_exp_avg_sq"] = bucket.second_moment(
+            torch.empty(1, bucket.out_dim, bucket.in_dim, device=bucket.A.device)
+        )
+    for key, value in state.items():
+        if key not in targets:
+            continue
+        expected = tuple(targets[key].shape[1:])
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"the checkpoint's FOP curvature for layer {name!r} has {key} of shape "
+                f"{tuple(value.shape)}, but this model's layer needs {expected}: it was saved "
+                "from another model."
+            )
+        targets[key][row] = value.to(device=bucket.A.device, dtype=torch.float32)
+    bucket.factor_updates[row] = int(state.get("factor_updates", int("A" in state)))
+    bucket.ready[row] = bucket.method.STATE_KEYS[0] in state
+
+
+def _stack(tensors: list[Tensor | None], shape: tuple[int, ...], like: Tensor) -> Tensor:
+    return torch.stack([t if t is not None else like.new_zeros(shape) for t in tensors])
