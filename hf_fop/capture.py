@@ -208,8 +208,13 @@ class _Held:
         self.tensor: Tensor | None = tensor
 
 
+@torch.compiler.disable
 def _call(capture_ref: weakref.ref, method: str, *args: object) -> None:
-    """Dispatch a hook to the capture while it lives (hooks must not keep it alive)."""
+    """Dispatch a hook to the capture while it lives (hooks must not keep it alive).
+
+    Left out of torch.compile: the hooks keep Python state (counters, held inputs) that dynamo
+    would guard on, recompiling the model step after step; run eagerly they cost a graph break
+    around each preconditioned layer instead."""
     capture = capture_ref()
     if capture is not None:
         getattr(capture, method)(*args)
