@@ -111,3 +111,12 @@ def eta_at_optimal_beta(rho: Tensor) -> Tensor:
     """eta = (1 + rho^2) / (1 + 3 rho^2): in [1/2, 1] because |rho| <= 1 (Cauchy-Schwarz)."""
     rho2 = rho * rho
     return (1 + rho2) / (1 + 3 * rho2)
+
+
+def kl_clip_scale(
+    directions: list[Tensor], grads: list[Tensor], lr: float, kl_clip: float
+) -> Tensor:
+    """K-FAC's trust region over a group: nu = min(1, sqrt(kl_clip / (lr^2 sum_l <n_l, g_l>)))."""
+    vg = sum(inner(n, g).sum() for n, g in zip(directions, grads)) * lr**2
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.clamp(torch.sqrt(kl_clip / vg.abs().clamp(min=tiny)), max=1.0)

@@ -54,3 +54,20 @@ def check_not_scaled(g1: Sequence[Tensor], g_avg: Sequence[Tensor]) -> None:
             "FOP(model, grad_scaler=scaler) (FOPTrainer and accelerate launch do it for you), "
             "or call scaler.step(optimizer) without unscale_ first."
         )
+
+
+def unscale_statistics(G: list[Tensor], g1: list[Tensor], scale: float) -> None:
+    """Undo a loss scale S in the hooks' statistics, in place: G carries S^2, g1 carries S."""
+    if scale == 1.0:
+        return
+    if G:
+        torch._foreach_div_(G, scale * scale)
+    if g1:
+        torch._foreach_div_(g1, scale)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every tensor is finite (one host synchronisation for all of them)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())

@@ -312,6 +312,18 @@ class ModelCurvature:
             )
         return out
 
+    def scaled_pairs(self, statistics: list[BucketStatistics]) -> tuple[list[Tensor], list[Tensor]]:
+        """(g1, g_avg) of every layer split this step: a loss scale FOP was not told about
+        shows as g1 >> g_avg (mixed_precision.check_not_scaled)."""
+        g1, g_avg = [], []
+        for bucket, stats in zip(self.buckets, statistics):
+            for row, index in enumerate(bucket.indices):
+                grad = self.layers[index].grad_matrix()
+                if stats.g1 is not None and stats.has_split[row] and grad is not None:
+                    g1.append(stats.g1[row])
+                    g_avg.append(grad.float())
+        return g1, g_avg
+
     # --------------------------------------------------------------------------------- state
 
     def layer_state(self, name: str) -> dict[str, Tensor | int]:
@@ -340,6 +352,16 @@ class ModelCurvature:
         }
 
     def load_state_dict(self, saved: dict[str, dict[str, Any]]) -> None:
+        """Load per-layer curvature; every layer is checked (name and shapes) before any is
+        written, so a mismatching checkpoint leaves the curvature as it was."""
+        self.check_state_dict(saved)
+        for bucket in self.buckets:
+            for row, name in enumerate(bucket.names):
+                _load_layer(bucket, row, saved[name])
+            bucket._cache = None
+
+    def check_state_dict(self, saved: dict[str, dict[str, Any]]) -> None:
+        """Raise, naming the layer, when ``saved`` does not belong to these layers."""
         missing = [name for name in self.names if name not in saved]
         unexpected = [name for name in saved if name not in self.names]
         if missing or unexpected:
@@ -351,9 +373,20 @@ class ModelCurvature:
                 "model, or start the optimizer fresh."
             )
         for bucket in self.buckets:
-            for row, name in enumerate(bucket.names):
-                _load_layer(bucket, row, name, saved[name])
-            bucket._cache = None
+            expected = {
+                "A": (bucket.in_dim,) * 2,
+                "G": (bucket.out_dim,) * 2,
+                "graft_exp_avg_sq": (bucket.out_dim, bucket.in_dim),
+                **bucket.method.state_shapes(bucket.in_dim, bucket.out_dim),
+            }
+            for name in bucket.names:
+                for key, value in saved[name].items():
+                    if key in expected and tuple(value.shape) != expected[key]:
+                        raise ValueError(
+                            f"the checkpoint's FOP curvature for layer {name!r} has {key} of "
+                            f"shape {tuple(value.shape)}, but this model's layer needs "
+                            f"{expected[key]}: it was saved from another model."
+                        )
 
     def reset(self) -> None:
         self.capture.reset()
@@ -362,25 +395,52 @@ class ModelCurvature:
         self.capture.remove()
 
 
-def _load_layer(bucket: ShapeBucket, row: int, name: str, state: dict[str, Any]) -> None:
+def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
     targets = {"A": bucket.A, "G": bucket.G, **bucket.decomposition}
     if "graft_exp_avg_sq" in state:
         targets["graft_exp_avg_sq"] = bucket.second_moment(
             torch.empty(1, bucket.out_dim, bucket.in_dim, device=bucket.A.device)
         )
     for key, value in state.items():
-        if key not in targets:
-            continue
-        expected = tuple(targets[key].shape[1:])
-        if tuple(value.shape) != expected:
-            raise ValueError(
-                f"the checkpoint's FOP curvature for layer {name!r} has {key} of shape "
-                f"{tuple(value.shape)}, but this model's layer needs {expected}: it was saved "
-                "from another model."
-            )
-        targets[key][row] = value.to(device=bucket.A.device, dtype=torch.float32)
+        if key in targets:
+            targets[key][row] = value.to(device=bucket.A.device, dtype=torch.float32)
     bucket.factor_updates[row] = int(state.get("factor_updates", int("A" in state)))
     bucket.ready[row] = bucket.method.STATE_KEYS[0] in state
+
+
+def step_statistics(steps: list[BucketStep]) -> dict[str, Tensor]:
+    """Per-layer FOP scalars of a step, one tensor each (kept on the device until read)."""
+    stacked = {
+        name: torch.cat([getattr(s.scalars, name) for s in steps])
+        for name in ("beta", "eta", "rho", "kfac_cosine")
+    }
+    return {**stacked, "rho_abs": stacked["rho"].abs()}
+
+
+# Per-layer curvature keys of checkpoints that kept it in each layer weight's optimizer state.
+LEGACY_KEYS = (
+    "A",
+    "G",
+    "factor_updates",
+    "graft_exp_avg_sq",
+    *(key for cls in PRECONDITIONERS.values() for key in cls.STATE_KEYS),
+)
+
+
+def split_legacy_state(
+    state: dict[int, dict[str, Any]], weight_indices: dict[str, int]
+) -> tuple[dict[int, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """A release-0.1 optimizer state (curvature under each layer weight's index) as
+    (per-parameter state without curvature, curvature by layer name)."""
+    curvature = {
+        name: {k: v for k, v in state.get(index, {}).items() if k in LEGACY_KEYS}
+        for name, index in weight_indices.items()
+    }
+    cleaned = {
+        index: {k: v for k, v in values.items() if k not in LEGACY_KEYS}
+        for index, values in state.items()
+    }
+    return cleaned, curvature
 
 
 def _stack(tensors: list[Tensor | None], shape: tuple[int, ...], like: Tensor) -> Tensor:

@@ -22,27 +22,24 @@ import torch
 from torch import Tensor, nn
 
 from hf_fop.config import FOPConfig
-from hf_fop.curvature import PRECONDITIONERS
 from hf_fop.distributed import Communicator
-from hf_fop.fop_math import inner
+from hf_fop.fop_math import kl_clip_scale
 from hf_fop.layers import LayerAdapter
-from hf_fop.mixed_precision import check_not_scaled, loss_scale
-from hf_fop.model_curvature import BucketStatistics, BucketStep, ModelCurvature
-from hf_fop.partition import Partition, partition_model, unwrap_model
+from hf_fop.mixed_precision import all_finite, check_not_scaled, loss_scale, unscale_statistics
+from hf_fop.model_curvature import (
+    BucketStatistics,
+    ModelCurvature,
+    split_legacy_state,
+    step_statistics,
+)
+from hf_fop.param_groups import param_groups, param_indices
+from hf_fop.partition import partition_model, unwrap_model
 from hf_fop.update_rules import adamw_step, grafted_step, heavy_ball_step
 
 logger = logging.getLogger("hf_fop")
 
 # An unannounced loss scale is looked for during the first steps only (reading it syncs).
 UNSCALED_CHECK_STEPS = 10
-# Per-layer curvature keys of checkpoints written before curvature was saved by layer name.
-LEGACY_CURVATURE_KEYS = (
-    "A",
-    "G",
-    "factor_updates",
-    "graft_exp_avg_sq",
-    *(key for cls in PRECONDITIONERS.values() for key in cls.STATE_KEYS),
-)
 
 
 class FOP(torch.optim.Optimizer):
@@ -81,7 +78,7 @@ class FOP(torch.optim.Optimizer):
             )
         model = unwrap_model(model)
         partition = partition_model(model, config.targets, config.skip, config.max_factor_dim)
-        groups = _param_groups(partition, config)
+        groups = param_groups(partition, config)
         if not groups:
             raise ValueError(
                 "the model has no trainable parameters, so there is nothing to optimize: set "
@@ -194,12 +191,17 @@ class FOP(torch.optim.Optimizer):
         """torch's semantics (the checkpoint's lr, betas and weight decay win, so schedules
         resume), except FOP's own settings: the damping and the KL clip given to this optimizer
         win over the checkpoint's, with a warning when they differ. A checkpoint of another
-        model fails here, naming the layer."""
+        model fails here, naming the layer, before anything is loaded."""
         state_dict = dict(state_dict)
         curvature = state_dict.pop("curvature", None)
+        if curvature is None:  # written before curvature was saved by layer name
+            indices = param_indices(self.param_groups)
+            weights = {
+                n: indices[id(layer.weight)] for n, layer in zip(self.layer_names, self.layers)
+            }
+            state_dict["state"], curvature = split_legacy_state(state_dict["state"], weights)
+        self.curvature.check_state_dict(curvature)
         super().load_state_dict(state_dict)
-        if curvature is None:
-            curvature = self._legacy_curvature(state_dict)
         self.curvature.load_state_dict(curvature)
         group = self.fop_group
         if group is not None:
@@ -214,7 +216,7 @@ class FOP(torch.optim.Optimizer):
                     group[key] = configured
             # torch casts floating state to the parameter's dtype; the preconditioned layers'
             # moving average stays fp32 whatever the model's precision.
-            indices = _param_indices(self.param_groups)
+            indices = param_indices(self.param_groups)
             for param in group["params"]:
                 saved = state_dict["state"].get(indices[id(param)], {})
                 if "exp_avg" in saved:
@@ -249,7 +251,8 @@ class FOP(torch.optim.Optimizer):
             refresh = group["step"] % self.config.curvature_interval == 0
             statistics = self.curvature.gather(refresh, self.config.mode == "fop")
             self._unscale_statistics(group, statistics, loss_scale(grad_scale, self.grad_scaler))
-        if not self._all_finite([t for s in statistics for t in s.tensors()]):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not all_finite(grads + [t for s in statistics for t in s.tensors()]):
             logger.warning(
                 "FOP skipped a step: the gradients hold NaN or Inf; parameters and optimizer "
                 "state are unchanged"
@@ -271,30 +274,11 @@ class FOP(torch.optim.Optimizer):
     def _unscale_statistics(
         self, group: dict[str, Any], statistics: list[BucketStatistics], scale: float
     ) -> None:
-        """Undo a loss scale S in the hooks' statistics: G carries S^2, g1 carries S."""
         if scale != 1.0:
-            for stats in statistics:
-                if stats.G is not None:
-                    stats.G /= scale * scale
-                if stats.g1 is not None:
-                    stats.g1 /= scale
+            G = [s.G for s in statistics if s.G is not None]
+            unscale_statistics(G, [s.g1 for s in statistics if s.g1 is not None], scale)
         elif group["step"] < UNSCALED_CHECK_STEPS:
-            pairs = [
-                (stats.g1[row], self.layers[index].grad_matrix().float())
-                for bucket, stats in zip(self.curvature.buckets, statistics)
-                for row, index in enumerate(bucket.indices)
-                if stats.g1 is not None
-                and stats.has_split[row]
-                and self.layers[index].weight.grad is not None
-            ]
-            check_not_scaled([g1 for g1, _ in pairs], [g for _, g in pairs])
-
-    def _all_finite(self, extra: list[Tensor]) -> bool:
-        tensors = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        tensors += extra
-        if not tensors:
-            return True
-        return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+            check_not_scaled(*self.curvature.scaled_pairs(statistics))
 
     def _fop_update(self, group: dict[str, Any], statistics: list[BucketStatistics]) -> None:
         lr, damping = group["lr"], group["damping"]
@@ -304,7 +288,10 @@ class FOP(torch.optim.Optimizer):
         for bucket_step in steps:
             for index in bucket_step.waiting:
                 self._report_uncovered(index)
-        scale = self._kl_scale(steps, lr, group["kl_clip"])
+        scale = None
+        if steps and group["kl_clip"] is not None:
+            directions = [s.direction for s in steps]
+            scale = kl_clip_scale(directions, [s.g_avg for s in steps], lr, group["kl_clip"])
         params, directions = [], []
         for bucket_step in steps:
             direction = bucket_step.direction if scale is None else bucket_step.direction * scale
@@ -317,54 +304,14 @@ class FOP(torch.optim.Optimizer):
             grafted_step(params, directions, self.state, lr, momentum, weight_decay, step)
         else:
             heavy_ball_step(params, directions, self.state, lr, momentum, weight_decay)
-        self._record_statistics(steps, scale, statistics, damping, refreshed)
-        group["step"] += 1
-
-    @staticmethod
-    def _kl_scale(steps: list[BucketStep], lr: float, kl_clip: float | None) -> Tensor | None:
-        """K-FAC's trust region: nu = min(1, sqrt(kl_clip / (lr^2 sum_l <n_l, g_l>)))."""
-        if not steps or kl_clip is None:
-            return None
-        vg = sum(inner(s.direction, s.g_avg).sum() for s in steps) * lr**2
-        tiny = torch.finfo(torch.float32).tiny
-        return torch.clamp(torch.sqrt(kl_clip / vg.abs().clamp(min=tiny)), max=1.0)
-
-    def _record_statistics(
-        self,
-        steps: list[BucketStep],
-        scale: Tensor | None,
-        statistics: list[BucketStatistics],
-        damping: float,
-        refreshed: bool,
-    ) -> None:
         if steps:
-            stacked = {
-                name: torch.cat([getattr(s.scalars, name) for s in steps])
-                for name in ("beta", "eta", "rho", "kfac_cosine")
-            }
-            self._last_stats = {
-                **stacked,
-                "rho_abs": stacked["rho"].abs(),
-                "kl_scale": torch.ones(()) if scale is None else scale,
-            }
+            kl_scale = torch.ones(()) if scale is None else scale
+            self._last_stats = {**step_statistics(steps), "kl_scale": kl_scale}
+        folded = any(any(s.has_factors) for s in statistics if s.A is not None)
         self._last_stats.update(
-            damping=damping,
-            curvature_refreshed=float(
-                any(any(s.has_factors) for s in statistics if s.A is not None)
-            ),
-            inverse_refreshed=float(refreshed),
+            damping=damping, curvature_refreshed=float(folded), inverse_refreshed=float(refreshed)
         )
-
-    def _legacy_curvature(self, state_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """Curvature of a checkpoint that kept it in each layer weight's state (release 0.1)."""
-        indices = _param_indices(self.param_groups)
-        curvature = {}
-        for name, layer in zip(self.layer_names, self.layers):
-            saved = state_dict["state"].get(indices[id(layer.weight)], {})
-            curvature[name] = {k: v for k, v in saved.items() if k in LEGACY_CURVATURE_KEYS}
-            for key in LEGACY_CURVATURE_KEYS:
-                self.state[layer.weight].pop(key, None)
-        return curvature
+        group["step"] += 1
 
     def _report_uncovered(self, index: int) -> None:
         """Say why a targeted layer gets gradients but has no curvature (once)."""
@@ -391,44 +338,3 @@ class FOP(torch.optim.Optimizer):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
-
-
-def _param_indices(groups: list[dict[str, Any]]) -> dict[int, int]:
-    """Parameter id -> its index in a state_dict (torch numbers parameters across groups)."""
-    params = [p for group in groups for p in group["params"]]
-    return {id(p): index for index, p in enumerate(params)}
-
-
-def _param_groups(partition: Partition, config: FOPConfig) -> list[dict[str, Any]]:
-    groups: list[dict[str, Any]] = []
-    if partition.layers:
-        groups.append(
-            {
-                "params": [p for _, layer in partition.layers for p in layer.params],
-                "kind": "fop",
-                "lr": config.lr,
-                # (momentum, second-moment decay of the grafting norm), under the name torch's
-                # cyclic schedulers drive (OneCycleLR, CyclicLR with cycle_momentum).
-                "betas": (config.momentum, config.adamw_betas[1]),
-                "weight_decay": config.weight_decay,
-                "damping": config.damping,
-                "kl_clip": config.kl_clip,
-                "step": 0,
-            }
-        )
-    for params, decay in (
-        (partition.adamw_decay, config.adamw_weight_decay),
-        (partition.adamw_no_decay, 0.0),
-    ):
-        if params:
-            groups.append(
-                {
-                    "params": [p for _, p in params],
-                    "kind": "adamw",
-                    "lr": config.fallback_lr,
-                    "betas": tuple(config.adamw_betas),
-                    "eps": config.adamw_eps,
-                    "weight_decay": decay,
-                }
-            )
-    return groups

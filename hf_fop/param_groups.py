@@ -1,0 +1,51 @@
+"""FOP's torch param groups: one ``kind="fop"`` group for the preconditioned layers, and AdamW
+groups (decay / no decay) for every other trainable parameter. Every group has ``lr``, so any LR
+scheduler drives all of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hf_fop.config import FOPConfig
+from hf_fop.partition import Partition
+
+
+def param_indices(groups: list[dict[str, Any]]) -> dict[int, int]:
+    """Parameter id -> its index in a state_dict (torch numbers parameters across groups)."""
+    params = [p for group in groups for p in group["params"]]
+    return {id(p): index for index, p in enumerate(params)}
+
+
+def param_groups(partition: Partition, config: FOPConfig) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = []
+    if partition.layers:
+        groups.append(
+            {
+                "params": [p for _, layer in partition.layers for p in layer.params],
+                "kind": "fop",
+                "lr": config.lr,
+                # (momentum, second-moment decay of the grafting norm), under the name torch's
+                # cyclic schedulers drive (OneCycleLR, CyclicLR with cycle_momentum).
+                "betas": (config.momentum, config.adamw_betas[1]),
+                "weight_decay": config.weight_decay,
+                "damping": config.damping,
+                "kl_clip": config.kl_clip,
+                "step": 0,
+            }
+        )
+    for params, decay in (
+        (partition.adamw_decay, config.adamw_weight_decay),
+        (partition.adamw_no_decay, 0.0),
+    ):
+        if params:
+            groups.append(
+                {
+                    "params": [p for _, p in params],
+                    "kind": "adamw",
+                    "lr": config.fallback_lr,
+                    "betas": tuple(config.adamw_betas),
+                    "eps": config.adamw_eps,
+                    "weight_decay": decay,
+                }
+            )
+    return groups
