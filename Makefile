@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ setup: $(STAMP)
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m hf_fop_trainer.compare
 
+# Every test, the slow end-to-end ones included (CI runs this); `make test-fast` skips those.
 test: setup
 	$(PY) -m ruff check .
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "slow or not slow"
+
+test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: setup

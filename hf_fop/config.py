@@ -74,7 +74,8 @@ class FOPConfig:
     adamw_betas: tuple[float, float] = (0.9, 0.999)
     adamw_eps: float = 1e-8
     adamw_weight_decay: float = 0.01
-    # With E <= fop_zero_tol * <g_diff, F^-1 g_diff>, g_perp is round-off and beta is set to 0.
+    # With E <= fop_zero_tol * <g_diff, F^-1 g_diff> or E <= fop_zero_tol * <g_avg, F^-1 g_avg>,
+    # g_perp is round-off and beta is set to 0 (the K-FAC step).
     fop_zero_tol: float = 1e-10
 
     def __post_init__(self) -> None:

@@ -86,7 +86,10 @@ def fop_direction(
     a = inner(g_avg, n_avg)
     D = inner(g_avg, n_perp)
     E = inner(g_perp, n_perp)
-    has_signal = zero_tol * inner(g_diff, n_diff) < E
+    # No orthogonal signal when g_perp is only a sliver of g_diff, or round-off next to g_avg
+    # (halves equal up to rounding): beta * g_perp does not shrink with g_perp, so noise would
+    # otherwise become a correction as large as a real one.
+    has_signal = (zero_tol * inner(g_diff, n_diff) < E) & (zero_tol * a < E)
     beta = _safe_divide(D, E, has_signal, 0.0)  # argmin of J(b) = -b D + b^2 E / 2
 
     n_comb = n_avg + beta * n_perp  # F^-1 g_comb

@@ -70,3 +70,37 @@ def train_ddp(
         Path(out) / f"rank{rank}.pt",
     )
     dist.destroy_process_group()
+
+
+class TwoBranches(torch.nn.Module):
+    """Two layers of which each rank runs only one: partial participation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 4)
+        self.b = torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, branch: int) -> torch.Tensor:
+        return (self.a if branch == 0 else self.b)(x)
+
+
+def branch_batch(rank: int) -> torch.Tensor:
+    return torch.randn(8, 6, generator=torch.Generator().manual_seed(rank))
+
+
+def one_branch_step(model: TwoBranches, optimizer: FOP, branch: int) -> None:
+    loss = model(branch_batch(branch), branch).pow(2).sum()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def partial_participation(rank: int, world_size: int, port: int, out: str) -> None:
+    """Rank r runs only branch r (no DDP): each layer's statistics come from one rank."""
+    init_process(rank, world_size, port)
+    torch.manual_seed(0)
+    model = TwoBranches()
+    optimizer = FOP(model, targets="all-linear", curvature_interval=1)
+    one_branch_step(model, optimizer, rank)
+    torch.save(optimizer.state_dict()["curvature"], Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()

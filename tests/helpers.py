@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -197,3 +198,10 @@ def fop_args(tmp_path: Path, **overrides: object) -> FOPTrainingArguments:
     )
     settings.update(overrides)
     return FOPTrainingArguments(**settings)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for the 2-process tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import drop_in, report, step_cost, time_to_accuracy
 from benchmarks.tasks import build_task, long_tail_indices
 
@@ -30,9 +32,9 @@ def test_time_to_accuracy_and_report_tiny(tmp_path: Path) -> None:
     for per_batch in result["results"].values():
         for entry in per_batch.values():
             assert len(entry["curves"]) == 2 and entry["lr"] > 0 and entry["candidates"]
-            assert all(
-                0.0 <= point["accuracy"] <= 1.0 for curve in entry["curves"] for point in curve
-            )
+            # The rate chosen is the candidate that did best on the tuning seed.
+            best = max(entry["candidates"], key=lambda c: c["final_accuracy"])
+            assert entry["lr"] == best["lr"]
     headlines = report.main(["--results_dir", str(tmp_path)])
     assert "long_tail_fop_minus_best_baseline" in headlines["digits_cnn_lt100"]
     assert (tmp_path / "time_to_accuracy.md").read_text().count("| FOP |") == 4
@@ -47,6 +49,7 @@ def test_long_tail_profile_is_exponential() -> None:
     assert len(set(keep.tolist())) == len(keep)
 
 
+@pytest.mark.slow
 def test_step_cost_tiny(tmp_path: Path) -> None:
     result = step_cost.main(
         [
@@ -135,7 +138,8 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
     assert set(rows) == {(64, "adamw"), (64, "fop"), (512, "adamw"), (512, "fop")}
     # 512 is the whole quick training set: a full-batch run.
     assert rows[(512, "fop")]["kfac_cosine"] is not None and rows[(64, "adamw")]["rho_abs"] is None
-    assert 0.0 < rows[(512, "fop")]["kfac_cosine"] <= 1.0
+    # FOP's direction is K-FAC's plus a correction: close to it, not equal.
+    assert 0.5 < rows[(512, "fop")]["kfac_cosine"] < 0.99999
     assert rows[(64, "adamw")]["target"] == rows[(64, "adamw")]["final_mean"] - 0.01
     assert (tmp_path / "drop_in_mnist_mlp.png").stat().st_size > 10_000
     assert "| 512 | FOP |" in (tmp_path / "drop_in_mnist_mlp.md").read_text()

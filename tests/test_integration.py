@@ -237,6 +237,7 @@ def test_plain_trainer_with_the_factory(tmp_path: Path) -> None:
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_unmodified_script_with_the_opt_in_launcher(tmp_path: Path) -> None:
     script = ROOT / "tests" / "scripts" / "stock_trainer_script.py"
     command = [

@@ -15,6 +15,8 @@ from hf_fop_trainer import compare, train
 from packaging import version
 from safetensors.torch import load_file
 
+from tests.helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
     "--report_to",
@@ -48,6 +50,7 @@ def test_cli_image_task(tmp_path: Path, optim: str) -> None:
     assert (tmp_path / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [["--optim", "fop"], ["--optim", "fop", "--use_peft", "true"], ["--optim", "adamw_torch"]],
@@ -162,8 +165,9 @@ def _launch(output: Path, *extra: str, port: int) -> subprocess.CompletedProcess
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_processes_with_accelerate_and_resume(tmp_path: Path) -> None:
-    full = _launch(tmp_path / "full", port=29631)
+    full = _launch(tmp_path / "full", port=free_port())
     assert full.returncode == 0, full.stderr[-3000:]
     assert full.stdout.count("'epoch':") >= 1
     state = json.loads((tmp_path / "full" / "checkpoint-4" / "trainer_state.json").read_text())
@@ -178,7 +182,7 @@ def test_two_processes_with_accelerate_and_resume(tmp_path: Path) -> None:
         tmp_path / "resumed",
         "--resume_from_checkpoint",
         str(tmp_path / "full" / "checkpoint-2"),
-        port=29632,
+        port=free_port(),
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final, again = (
@@ -199,6 +203,7 @@ def _example(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_examples_run_on_their_offline_defaults(tmp_path: Path) -> None:
     _example("quickstart").main(steps=3)
     assert "eval_accuracy" in _example("vit_pretraining").main(
