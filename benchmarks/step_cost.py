@@ -1,6 +1,18 @@
 """Per-step cost and memory of FOP and K-FAC against AdamW on a small ViT, as the width grows.
 
     python -m benchmarks.step_cost          # writes benchmarks/results/step_cost.json and .md
+    git worktree add /tmp/before <rev> && python -m benchmarks.step_cost --before /tmp/before
+
+With ``--before``, every configuration also runs on that checkout's ``hf_fop`` (same machine,
+same run, alternating), so a change of the step shows as before/after ratios.
+
+Besides the measured times, each row carries a floor: the flops FOP (or K-FAC) cannot avoid on
+top of AdamW, converted to seconds at this machine's measured matmul rate. Per preconditioned
+layer (in' = in + 1 with the bias, N = batch x tokens): the first-half weight gradient (FOP
+only, N in' out flops), the rotations into and out of the Kronecker eigenbasis (3 for FOP, 2 for
+K-FAC, each 2 out in' (out + in')), and per curvature interval the factor products
+(2 N (in'^2 + out^2)) and the two eigendecompositions (~9 d^3 each). The overhead over AdamW
+divided by that floor says how far the implementation is from the work itself.
 
 Every configuration runs in a fresh process (one thread) so that its peak memory is its own;
 AdamW is the baseline measured in the same run. The step time is the mean over a window that
@@ -36,7 +48,48 @@ def _state_bytes(value: Any) -> int:
     return 0
 
 
+TOKENS = 65  # 32 x 32 images, patch 4, plus the CLS token
+EIGH_FLOPS_PER_CUBE = 9.0
+
+
+def layer_shapes(hidden: int) -> list[tuple[int, int]]:
+    """(in', out) of the preconditioned layers of one block: q, k, v, attention out, MLP."""
+    return [(hidden + 1, hidden)] * 4 + [(hidden + 1, 4 * hidden), (4 * hidden + 1, hidden)]
+
+
+def unavoidable_flops(hidden: int, layers: int, batch: int, interval: int, mode: str) -> float:
+    """Flops per step that the method adds to AdamW's step at the least (module docstring)."""
+    rows = batch * TOKENS
+    total = 0.0
+    for in_dim, out in layer_shapes(hidden) * layers:
+        rotation = 2.0 * out * in_dim * (out + in_dim)
+        total += rotation * (3 if mode == "fop" else 2)
+        if mode == "fop":
+            total += float(rows) * in_dim * out
+        factors = 2.0 * rows * (in_dim**2 + out**2)
+        decompositions = EIGH_FLOPS_PER_CUBE * (in_dim**3 + out**3)
+        total += (factors + decompositions) / interval
+    return total
+
+
+def matmul_flops_per_second(hidden: int, batch: int) -> float:
+    """Single-thread fp32 matmul rate at the size of an MLP layer's products."""
+    x = torch.randn(batch * TOKENS, hidden)
+    w = torch.randn(hidden, 4 * hidden)
+    for _ in range(3):
+        x @ w
+    start, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        x @ w
+    seconds = (time.perf_counter() - start) / repeats
+    return 2.0 * x.shape[0] * hidden * 4 * hidden / seconds
+
+
 def _measure(config: dict[str, Any], queue: Any) -> None:
+    import sys
+
+    if config.get("code_path"):
+        sys.path.insert(0, config["code_path"])  # the --before checkout's hf_fop
     from transformers import ViTConfig, ViTForImageClassification
 
     from hf_fop import FOP
@@ -83,6 +136,7 @@ def _measure(config: dict[str, Any], queue: Any) -> None:
             "optimizer_state_bytes": _state_bytes(optimizer.state_dict()),
             "peak_rss_increase_mib": (peak - rss_before) / 1024,
             "parameters": sum(p.numel() for p in model.parameters()),
+            "matmul_flops_per_s": matmul_flops_per_second(hidden, config["batch"]),
         }
     )
 
@@ -98,17 +152,42 @@ def run_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    compare = any(r["code"] == "before" for r in rows)
     lines = [
-        "| hidden | optimizer | curvature interval | step (ms) | x AdamW | optimizer state (MiB) | peak RSS increase (MiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| hidden | optimizer | curvature interval | step (ms) | x AdamW | x K-FAC | "
+        "floor over AdamW (ms) | overhead / floor | "
+        + ("before (ms) | after / before | " if compare else "")
+        + "optimizer state (MiB) |",
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if compare else "") + "---|",
     ]
+    before = {_key(r): r for r in rows if r["code"] == "before"}
     for r in rows:
+        if r["code"] != "after":
+            continue
         interval = "-" if r["optimizer"] == "adamw" else str(r["interval"])
-        lines.append(
-            f"| {r['hidden']} | {r['optimizer']} | {interval} | {1000 * r['mean_step_s']:.1f} | "
-            f"{r['ratio_to_adamw']:.2f} | {r['optimizer_state_bytes'] / 2**20:.2f} | {r['peak_rss_increase_mib']:.1f} |"
-        )
+        cells = [
+            str(r["hidden"]),
+            r["optimizer"],
+            interval,
+            f"{1000 * r['mean_step_s']:.1f}",
+            f"{r['ratio_to_adamw']:.2f}",
+            "-" if r.get("ratio_to_kfac") is None else f"{r['ratio_to_kfac']:.2f}",
+            "-" if r["optimizer"] == "adamw" else f"{1000 * r['floor_s']:.1f}",
+            "-" if r["optimizer"] == "adamw" else f"{r['overhead_over_floor']:.1f}",
+        ]
+        if compare:
+            old = before.get(_key(r))
+            cells += [
+                "-" if old is None else f"{1000 * old['mean_step_s']:.1f}",
+                "-" if old is None else f"{r['mean_step_s'] / old['mean_step_s']:.2f}",
+            ]
+        cells.append(f"{r['optimizer_state_bytes'] / 2**20:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (row["hidden"], row["optimizer"], row["interval"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -121,24 +200,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--before", type=Path, default=None, help="a checkout whose hf_fop is measured alongside"
+    )
     args = parser.parse_args(argv)
+    codes = {"after": None}
+    if args.before is not None:
+        codes["before"] = str(args.before.resolve())
     rows = []
     for hidden in [int(h) for h in args.hidden.split(",")]:
         base = {"hidden": hidden, "batch": args.batch, "steps": args.steps, "warmup": args.warmup}
-        adamw = run_config({**base, "optimizer": "adamw", "interval": None})
-        adamw["ratio_to_adamw"] = 1.0
-        rows.append(adamw)
-        for name in ("kfac", "fop"):
-            for interval in [int(i) for i in args.intervals.split(",")]:
-                row = run_config({**base, "optimizer": name, "interval": interval})
-                row["ratio_to_adamw"] = row["mean_step_s"] / adamw["mean_step_s"]
+        configs = [{**base, "optimizer": "adamw", "interval": None}] + [
+            {**base, "optimizer": name, "interval": int(interval)}
+            for interval in args.intervals.split(",")
+            for name in ("kfac", "fop")
+        ]
+        for config in configs:
+            for code, path in codes.items():  # alternating, so drift hits both alike
+                row = run_config({**config, "code": code, "code_path": path})
                 rows.append(row)
+        for code in codes:
+            measured = {_key(r): r for r in rows if r["code"] == code and r["hidden"] == hidden}
+            adamw = measured[(hidden, "adamw", None)]
+            for row in measured.values():
+                row["ratio_to_adamw"] = row["mean_step_s"] / adamw["mean_step_s"]
+                if row["optimizer"] == "adamw":
+                    continue
+                kfac = measured[(hidden, "kfac", row["interval"])]
+                row["ratio_to_kfac"] = row["mean_step_s"] / kfac["mean_step_s"]
+                flops = unavoidable_flops(hidden, 4, args.batch, row["interval"], row["optimizer"])
+                row["floor_s"] = flops / row["matmul_flops_per_s"]
+                row["overhead_over_floor"] = (row["mean_step_s"] - adamw["mean_step_s"]) / row[
+                    "floor_s"
+                ]
                 print(
-                    f"hidden {hidden} {name} interval {interval}: {row['ratio_to_adamw']:.2f} x AdamW",
+                    f"[{code}] hidden {hidden} {row['optimizer']} interval {row['interval']}: "
+                    f"{row['ratio_to_adamw']:.2f} x AdamW, {row['ratio_to_kfac']:.2f} x K-FAC",
                     flush=True,
                 )
     result = {
-        "command": "python -m benchmarks.step_cost",
+        "command": "python -m benchmarks.step_cost"
+        + ("" if args.before is None else " --before <checkout of the previous step>"),
         "machine": f"{platform.machine()}, torch {torch.__version__}, 1 CPU thread per configuration",
         "model": "ViTForImageClassification, image 32, patch 4 (65 tokens), 4 layers, MLP 4x hidden",
         "rows": rows,

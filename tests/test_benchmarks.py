@@ -51,6 +51,7 @@ def test_long_tail_profile_is_exponential() -> None:
 
 @pytest.mark.slow
 def test_step_cost_tiny(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
     result = step_cost.main(
         [
             "--hidden",
@@ -63,16 +64,32 @@ def test_step_cost_tiny(tmp_path: Path) -> None:
             "1",
             "--batch",
             "4",
+            "--before",
+            str(root),  # the same code as "before": exercises the comparison path
             "--output_dir",
             str(tmp_path),
         ]
     )
-    optimizers = [r["optimizer"] for r in result["rows"]]
-    assert optimizers == ["adamw", "kfac", "fop"]
-    assert all(r["mean_step_s"] > 0 and r["optimizer_state_bytes"] > 0 for r in result["rows"])
+    rows = {(r["code"], r["optimizer"]): r for r in result["rows"]}
+    assert set(rows) == {(c, o) for c in ("after", "before") for o in ("adamw", "kfac", "fop")}
+    fop, kfac = rows[("after", "fop")], rows[("after", "kfac")]
+    assert fop["ratio_to_kfac"] == fop["mean_step_s"] / kfac["mean_step_s"]
     # FOP holds factors and eigenvectors that AdamW does not.
-    assert result["rows"][2]["optimizer_state_bytes"] > result["rows"][0]["optimizer_state_bytes"]
-    assert "| 16 | fop | 2 |" in (tmp_path / "step_cost.md").read_text()
+    assert fop["optimizer_state_bytes"] > rows[("after", "adamw")]["optimizer_state_bytes"]
+    assert fop["floor_s"] > kfac["floor_s"] > 0
+    table = (tmp_path / "step_cost.md").read_text()
+    assert "| 16 | fop | 2 |" in table and "after / before" in table
+
+
+def test_unavoidable_flops_by_hand() -> None:
+    # hidden 1, one block, batch 1 (65 rows), interval 1: layers (in', out) = (2, 1) x 4,
+    # (2, 4), (5, 1). K-FAC: 2 rotations 2 out in' (out + in'), factors 2 N (in'^2 + out^2),
+    # eigh 9 (in'^3 + out^3): 4 x (24 + 650 + 81) + (192 + 2600 + 648) + (120 + 3380 + 1134).
+    assert step_cost.unavoidable_flops(1, 1, 1, 1, "kfac") == 11094
+    # FOP adds a third rotation (4 x 12 + 96 + 60) and the half-batch gradient N in' out
+    # (4 x 130 + 520 + 325).
+    assert step_cost.unavoidable_flops(1, 1, 1, 1, "fop") == 11094 + 204 + 1365
+    assert step_cost.unavoidable_flops(1, 1, 1, 2, "kfac") < 11094
 
 
 def test_a_datasets_image_folder_runs_through_the_same_script(tmp_path: Path) -> None:
