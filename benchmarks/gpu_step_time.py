@@ -1,5 +1,6 @@
 """GPU check (under 8 minutes, one JSON): step time and peak memory of AdamW, K-FAC and FOP on a
-ViT-S/16-sized model with bf16 autocast, and time to a target accuracy on a generated task.
+ViT-S/16-sized model with bf16 autocast at curvature intervals 1, 5 and 10 (the ratios of
+benchmarks.step_cost), and time to a target accuracy on a generated task at the defaults.
 
     python -m benchmarks.gpu_step_time      # needs CUDA; writes benchmarks/results/gpu_step_time.json
 
@@ -37,7 +38,8 @@ def vit_small(num_labels: int = 10) -> torch.nn.Module:
     return ViTForImageClassification(config)
 
 
-def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: torch.nn.Module, interval: int = 5) -> torch.optim.Optimizer:
+    """AdamW, or K-FAC / FOP at their defaults and AdamW's rate (the drop-in setting)."""
     from hf_fop import FOP
 
     if name == "adamw":
@@ -45,11 +47,10 @@ def make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return FOP(
         model,
         mode=name,
-        lr=3e-3,
-        adamw_lr=1e-3,
-        damping=0.01,
-        curvature_interval=5,
-        inverse_interval=5,
+        lr=1e-3,
+        weight_decay=0.05,
+        curvature_interval=interval,
+        inverse_interval=interval,
     )
 
 
@@ -77,32 +78,41 @@ def step(
     return loss
 
 
-def measure(
-    name: str, batch: int, timed_steps: int, max_steps: int, target: float
-) -> dict[str, Any]:
+def step_time(name: str, batch: int, timed_steps: int, interval: int) -> dict[str, Any]:
+    """Mean step time over whole curvature intervals, and peak memory."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     generator = torch.Generator(device=device).manual_seed(0)
     patterns = torch.randn(10, 3, 224, 224, device=device, generator=generator)
     model = vit_small().to(device)
-    optimizer = make_optimizer(name, model)
+    optimizer = make_optimizer(name, model, interval)
     torch.cuda.reset_peak_memory_stats()
     images, labels = generated_batch(patterns, batch, generator)
     for _ in range(5):
         step(model, optimizer, images, labels)
     torch.cuda.synchronize()
+    steps = max(timed_steps, 2 * interval)
     start = time.perf_counter()
-    for _ in range(timed_steps):
+    for _ in range(steps):
         step(model, optimizer, images, labels)
     torch.cuda.synchronize()
-    step_seconds = (time.perf_counter() - start) / timed_steps
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    return {
+        "optimizer": name,
+        "interval": None if name == "adamw" else interval,
+        "step_ms": 1000 * (time.perf_counter() - start) / steps,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
+
+def time_to_target(name: str, batch: int, max_steps: int, target: float) -> dict[str, Any] | None:
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    patterns = torch.randn(10, 3, 224, 224, device=device, generator=generator)
     torch.manual_seed(1)
     model = vit_small().to(device)
     optimizer = make_optimizer(name, model)
     held_out = generated_batch(patterns, 512, generator)
-    reached, seconds = None, 0.0
+    seconds = 0.0
     for index in range(1, max_steps + 1):
         images, labels = generated_batch(patterns, batch, generator)
         torch.cuda.synchronize()
@@ -112,21 +122,11 @@ def measure(
         seconds += time.perf_counter() - start
         if index % 10 == 0:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                accuracy = (
-                    (model(pixel_values=held_out[0]).logits.argmax(-1) == held_out[1])
-                    .float()
-                    .mean()
-                    .item()
-                )
+                logits = model(pixel_values=held_out[0]).logits
+                accuracy = (logits.argmax(-1) == held_out[1]).float().mean().item()
             if accuracy >= target:
-                reached = {"steps": index, "seconds": seconds, "accuracy": accuracy}
-                break
-    return {
-        "optimizer": name,
-        "step_ms": 1000 * step_seconds,
-        "peak_memory_gib": peak,
-        "time_to_target": reached,
-    }
+                return {"steps": index, "seconds": seconds, "accuracy": accuracy}
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -137,19 +137,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timed_steps", type=int, default=20)
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--intervals", default="1,5,10")
     parser.add_argument("--output", type=Path, default=RESULTS / "gpu_step_time.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit(
             "benchmarks.gpu_step_time needs a CUDA GPU; run it on a machine that has one"
         )
-    rows = [
-        measure(name, args.batch, args.timed_steps, args.max_steps, args.target)
-        for name in ("adamw", "kfac", "fop")
-    ]
+    intervals = [int(i) for i in args.intervals.split(",")]
+    rows = [step_time("adamw", args.batch, args.timed_steps, 1)]
+    for interval in intervals:
+        for name in ("kfac", "fop"):
+            rows.append(step_time(name, args.batch, args.timed_steps, interval))
     adamw = rows[0]["step_ms"]
+    kfac = {r["interval"]: r["step_ms"] for r in rows if r["optimizer"] == "kfac"}
     for row in rows:
         row["step_ratio_to_adamw"] = row["step_ms"] / adamw
+        if row["optimizer"] == "fop":
+            row["step_ratio_to_kfac"] = row["step_ms"] / kfac[row["interval"]]
+    targets = {
+        name: time_to_target(name, args.batch, args.max_steps, args.target)
+        for name in ("adamw", "kfac", "fop")
+    }
     result = {
         "command": "python -m benchmarks.gpu_step_time",
         "device": torch.cuda.get_device_name(),
@@ -157,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": "ViT-S/16 (224 px, 384 wide, 12 layers), bf16 autocast",
         "batch": args.batch,
         "rows": rows,
+        "time_to_target": targets,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

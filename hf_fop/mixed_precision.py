@@ -27,10 +27,11 @@ from torch import Tensor
 UNSCALED_RATIO_LIMIT = 1000.0
 
 
-def loss_scale(grad_scale: Tensor | float | None, grad_scaler: Any | None) -> float:
-    """S, the factor the last backward passes multiplied the output gradients by."""
+def loss_scale(grad_scale: Tensor | None, grad_scaler: Any | None) -> Tensor | float:
+    """S, the factor the last backward passes multiplied the output gradients by (a tensor
+    on the device when GradScaler.step hands it over, so reading it costs no sync)."""
     if grad_scale is not None:
-        return float(grad_scale)
+        return grad_scale
     if grad_scaler is not None and grad_scaler.is_enabled():
         return float(grad_scaler.get_scale())
     return 1.0
@@ -56,18 +57,19 @@ def check_not_scaled(g1: Sequence[Tensor], g_avg: Sequence[Tensor]) -> None:
         )
 
 
-def unscale_statistics(G: list[Tensor], g1: list[Tensor], scale: float) -> None:
+def unscale_statistics(G: list[Tensor], g1: list[Tensor], scale: Tensor | float) -> None:
     """Undo a loss scale S in the hooks' statistics, in place: G carries S^2, g1 carries S."""
-    if scale == 1.0:
-        return
     if G:
         torch._foreach_div_(G, scale * scale)
     if g1:
         torch._foreach_div_(g1, scale)
 
 
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every tensor is finite (one host synchronisation for all of them)."""
-    if not tensors:
+def all_finite(tensors: Sequence[Tensor], found_inf: Tensor | None = None) -> bool:
+    """Whether every tensor is finite and GradScaler found no overflow (one host sync)."""
+    flags = [t.isfinite().all() for t in tensors]
+    if found_inf is not None:
+        flags.append(found_inf.sum() == 0)
+    if not flags:
         return True
-    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())

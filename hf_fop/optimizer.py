@@ -163,7 +163,9 @@ class FOP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._skip_before_gathering():
+        if self._empty_step():
+            logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
+        else:
             self._step()
         self.curvature.reset()
         self._arm_capture()
@@ -232,31 +234,26 @@ class FOP(torch.optim.Optimizer):
         self.capture.collect_factors = step % self.config.curvature_interval == 0
         self.capture.collect_first_half = self.config.mode == "fop"
 
-    def _skip_before_gathering(self) -> bool:
-        """An empty batch, or a step GradScaler skips: nothing may change."""
-        if self._empty_step():
-            logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
-            return True
-        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
-        return found_inf is not None and bool(found_inf.sum() > 0)
-
     def _step(self) -> None:
-        grad_scale = getattr(self, "grad_scale", None)  # set while p.grad is still scaled
+        # GradScaler.step sets these: S while p.grad is still scaled, and its overflow flag.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if grad_scale is not None:
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            torch._foreach_mul_(grads, 1.0 / float(grad_scale))
+            torch._foreach_div_(grads, grad_scale)
         group = self.fop_group
         statistics: list[BucketStatistics] = []
         if group is not None:
             refresh = group["step"] % self.config.curvature_interval == 0
             statistics = self.curvature.gather(refresh, self.config.mode == "fop")
             self._unscale_statistics(group, statistics, loss_scale(grad_scale, self.grad_scaler))
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not all_finite(grads + [t for s in statistics for t in s.tensors()]):
-            logger.warning(
-                "FOP skipped a step: the gradients hold NaN or Inf; parameters and optimizer "
-                "state are unchanged"
-            )
+        # The step's one host synchronisation: whether anything may change at all.
+        if not all_finite(grads + [t for s in statistics for t in s.tensors()], found_inf):
+            if found_inf is None or not bool(found_inf.sum() > 0):  # else GradScaler's skip
+                logger.warning(
+                    "FOP skipped a step: the gradients hold NaN or Inf; parameters and "
+                    "optimizer state are unchanged"
+                )
             return
         if group is not None:
             self._fop_update(group, statistics)
@@ -272,9 +269,9 @@ class FOP(torch.optim.Optimizer):
         return all(not bool(grad.any()) for grad in grads)
 
     def _unscale_statistics(
-        self, group: dict[str, Any], statistics: list[BucketStatistics], scale: float
+        self, group: dict[str, Any], statistics: list[BucketStatistics], scale: Tensor | float
     ) -> None:
-        if scale != 1.0:
+        if isinstance(scale, Tensor) or scale != 1.0:
             G = [s.G for s in statistics if s.G is not None]
             unscale_statistics(G, [s.g1 for s in statistics if s.g1 is not None], scale)
         elif group["step"] < UNSCALED_CHECK_STEPS:
