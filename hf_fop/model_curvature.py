@@ -12,6 +12,7 @@ naming the layer.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,76 +28,9 @@ from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
 from hf_fop.fop_math import FOPDirection
 from hf_fop.grafting import adam_direction, adam_step_norm, graft
 from hf_fop.layers import LayerAdapter
+from hf_fop.shape_bucket import ShapeBucket
 
-
-class ShapeBucket:
-    """The layers of one (in, out) shape on one device: stacked factors and decompositions."""
-
-    def __init__(self, indices: list[int], names: list[str], layer: LayerAdapter, method: str):
-        self.indices, self.names = indices, names
-        self.in_dim, self.out_dim = layer.in_dim, layer.out_dim
-        self.method = PRECONDITIONERS[method]
-        count, device = len(indices), layer.weight.device
-        self.A = torch.zeros(count, self.in_dim, self.in_dim, device=device)
-        self.G = torch.zeros(count, self.out_dim, self.out_dim, device=device)
-        self.factor_updates = [0] * count
-        shapes = self.method.state_shapes(self.in_dim, self.out_dim)
-        self.decomposition = {
-            key: torch.zeros(count, *shape, device=device) for key, shape in shapes.items()
-        }
-        self.ready = [False] * count  # a decomposition exists
-        # AdamW's second moment per layer, for grafting (and for layers without curvature yet).
-        self.graft_exp_avg_sq: Tensor | None = None
-        self._cache: tuple[tuple[float, str], Any] | None = None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def preconditioner(self, rows: list[int] | None, damping: float, damping_mode: str) -> Any:
-        """The damped preconditioner of ``rows`` (None: every layer, cached between refreshes)."""
-        if rows is not None:
-            sliced = {key: value[rows] for key, value in self.decomposition.items()}
-            return self.method.from_state(sliced, damping, damping_mode)
-        if self._cache is None or self._cache[0] != (damping, damping_mode):
-            built = self.method.from_state(self.decomposition, damping, damping_mode)
-            self._cache = ((damping, damping_mode), built)
-        return self._cache[1]
-
-    def fold(self, A: Tensor, G: Tensor, present: list[bool], decay: float) -> None:
-        """Fold this step's estimates into the running factors (see update_running_factor)."""
-        weights = [
-            (1.0 if done == 0 else max(1.0 - decay, 1.0 / (done + 1))) if has else 0.0
-            for has, done in zip(present, self.factor_updates)
-        ]
-        if len(set(weights)) == 1:
-            self.A.lerp_(A, weights[0])
-            self.G.lerp_(G, weights[0])
-        else:
-            weight = torch.tensor(weights, device=self.A.device)[:, None, None]
-            self.A.lerp_(A, weight)
-            self.G.lerp_(G, weight)
-        self.factor_updates = [done + has for done, has in zip(self.factor_updates, present)]
-
-    def decompose(self, rows: list[int], damping: float, damping_mode: str) -> None:
-        everything = rows == list(range(len(self)))
-        A, G = (self.A, self.G) if everything else (self.A[rows], self.G[rows])
-        computed = self.method.from_factors(A, G, damping, damping_mode).state()
-        for key, value in computed.items():
-            if everything:
-                self.decomposition[key] = value
-            else:
-                self.decomposition[key][rows] = value
-        self.mark_ready(rows)
-
-    def mark_ready(self, rows: list[int]) -> None:
-        for row in rows:
-            self.ready[row] = True
-        self._cache = None
-
-    def second_moment(self, like: Tensor) -> Tensor:
-        if self.graft_exp_avg_sq is None:
-            self.graft_exp_avg_sq = torch.zeros(len(self), *like.shape[1:], device=like.device)
-        return self.graft_exp_avg_sq
+logger = logging.getLogger("hf_fop")
 
 
 @dataclass
@@ -122,7 +56,6 @@ class BucketStep:
     direction: Tensor  # (len(rows), out, in)
     g_avg: Tensor
     scalars: FOPDirection  # direction unused; beta, eta, rho, kfac_cosine per row
-    waiting: list[int]  # layer indices updated as by AdamW (no curvature yet)
 
 
 class ModelCurvature:
@@ -134,8 +67,11 @@ class ModelCurvature:
         layers: Sequence[tuple[str, LayerAdapter]],
         config: FOPConfig,
         communicator: Communicator,
+        uncovered: dict[str, str] | None = None,
     ) -> None:
         self.config = config
+        # Targeted layers whose hooks never fire, with the reason (the partition's record).
+        self.uncovered = uncovered if uncovered is not None else {}
         self.communicator = communicator
         self.names = [name for name, _ in layers]
         self.layers = [layer for _, layer in layers]
@@ -152,7 +88,7 @@ class ModelCurvature:
         ]
         # Layer indices this rank decomposed at the last refresh (for inspection and tests).
         self.decomposed_by_rank: list[int] = []
-        self._warned_unsplit = False
+        self._warned: set[str] = set()
 
     # ---------------------------------------------------------------------------- statistics
 
@@ -165,13 +101,12 @@ class ModelCurvature:
             split = want_g1 and stats.has_split
             tensors += [stats.A() if factors else None, stats.G() if factors else None]
             tensors.append(stats.g1() if split else None)
-            if want_g1 and not split and stats.examples > 0 and not self._warned_unsplit:
-                self._warned_unsplit = True
-                warnings.warn(
+            if want_g1 and not split and stats.examples > 0:
+                self._warn_once(
+                    "no-split",
                     "FOP could not split a step's examples into two halves (a batch of one "
                     "example, or fewer micro-batches than gradient_accumulation_steps); such "
                     "steps use the K-FAC direction",
-                    stacklevel=4,
                 )
             shapes += [(layer.in_dim,) * 2, (layer.out_dim,) * 2, (layer.out_dim, layer.in_dim)]
         like = self.buckets[0].A
@@ -295,6 +230,8 @@ class ModelCurvature:
                         getattr(scalars, name)[ready] = getattr(result, name)
             if waiting:
                 picked = [rows[j] for j in waiting]
+                for row in picked:
+                    self._report_waiting(bucket.indices[row])
                 v = exp_avg_sq[picked]
                 direction[waiting] = adam_direction(
                     g_avg[waiting], v, beta2, config.adamw_eps, step
@@ -307,7 +244,6 @@ class ModelCurvature:
                     direction,
                     g_avg,
                     scalars._replace(direction=direction),
-                    [bucket.indices[rows[j]] for j in waiting],
                 )
             )
         return out
@@ -323,6 +259,32 @@ class ModelCurvature:
                     g1.append(stats.g1[row])
                     g_avg.append(grad.float())
         return g1, g_avg
+
+    def _report_waiting(self, index: int) -> None:
+        """Say why a targeted layer gets gradients but has no curvature (once)."""
+        name = self.names[index]
+        if self.capture.stats[index].examples > 0:
+            self._warn_once(
+                "no-curvature",
+                "a preconditioned layer has no curvature yet (its hooks saw no backward pass "
+                "on a curvature step); it is updated as by AdamW until they do",
+            )
+            return
+        if name in self.uncovered:
+            return
+        reason = "its hooks never fire: its parent uses the weight without calling the layer"
+        self.uncovered[name] = reason
+        message = (
+            f"FOP: layer {name!r} gets gradients but no curvature ({reason}); it is updated as "
+            f"by AdamW. Leave it to AdamW explicitly: skip=[{name!r}]"
+        )
+        warnings.warn(message, stacklevel=5)
+        logger.warning(message)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=5)
 
     # --------------------------------------------------------------------------------- state
 

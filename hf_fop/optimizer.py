@@ -97,10 +97,11 @@ class FOP(torch.optim.Optimizer):
         self.communicator = communicator or Communicator()
         # The torch.amp.GradScaler scaling the loss, if any (see mixed_precision.py).
         self.grad_scaler = grad_scaler
-        self.curvature = ModelCurvature(model, partition.layers, config, self.communicator)
+        self.curvature = ModelCurvature(
+            model, partition.layers, config, self.communicator, partition.uncovered
+        )
         self.capture.accumulation_steps = config.gradient_accumulation_steps
         self._last_stats: dict[str, Tensor | float] = {}
-        self._warned: set[str] = set()
         self._arm_capture()
         logger.info(partition.summary())
 
@@ -282,9 +283,6 @@ class FOP(torch.optim.Optimizer):
         refreshed = self.curvature.refresh(statistics, group["step"], damping)
         step = group["step"] + 1  # 1-based, for the bias corrections
         steps = self.curvature.directions(statistics, damping, group["betas"][1], step)
-        for bucket_step in steps:
-            for index in bucket_step.waiting:
-                self._report_uncovered(index)
         scale = None
         if steps and group["kl_clip"] is not None:
             directions = [s.direction for s in steps]
@@ -309,29 +307,3 @@ class FOP(torch.optim.Optimizer):
             damping=damping, curvature_refreshed=float(folded), inverse_refreshed=float(refreshed)
         )
         group["step"] += 1
-
-    def _report_uncovered(self, index: int) -> None:
-        """Say why a targeted layer gets gradients but has no curvature (once)."""
-        name = self.layer_names[index]
-        if self.capture.stats[index].examples > 0:
-            self._warn_once(
-                "no-curvature",
-                "a preconditioned layer has no curvature yet (its hooks saw no backward pass "
-                "on a curvature step); it is updated as by AdamW until they do",
-            )
-            return
-        if name in self.partition.uncovered:
-            return
-        reason = "its hooks never fire: its parent uses the weight without calling the layer"
-        self.partition.uncovered[name] = reason
-        message = (
-            f"FOP: layer {name!r} gets gradients but no curvature ({reason}); it is updated as "
-            f"by AdamW. Leave it to AdamW explicitly: skip=[{name!r}]"
-        )
-        warnings.warn(message, stacklevel=4)
-        logger.warning(message)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
