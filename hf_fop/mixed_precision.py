@@ -65,11 +65,32 @@ def unscale_statistics(G: list[Tensor], g1: list[Tensor], scale: Tensor | float)
         torch._foreach_div_(g1, scale)
 
 
-def all_finite(tensors: Sequence[Tensor], found_inf: Tensor | None = None) -> bool:
-    """Whether every tensor is finite and GradScaler found no overflow (one host sync)."""
-    flags = [t.isfinite().all() for t in tensors]
-    if found_inf is not None:
-        flags.append(found_inf.sum() == 0)
+def unscale_and_check(grads: Sequence[Tensor], inverse_scale: Tensor | None) -> Tensor | None:
+    """Multiply the gradients by ``inverse_scale`` in place (when given) and return a device
+    flag that is non-zero if any of them holds NaN or Inf: GradScaler's own fused kernel, one
+    pass over all gradients instead of a handful of small kernels per parameter."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for grad in grads:
+        groups.setdefault((grad.device, grad.dtype), []).append(grad)
+    flags = []
+    for (device, _), group in groups.items():
+        found = torch.zeros(1, device=device)
+        inverse = (
+            torch.ones(1, device=device)
+            if inverse_scale is None
+            else inverse_scale.reshape(1).to(device=device, dtype=torch.float32)
+        )
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, inverse)
+        flags.append(found)
     if not flags:
+        return None
+    return torch.cat([f.to(flags[0].device) for f in flags]).sum()
+
+
+def all_finite(tensors: Sequence[Tensor], flags: Sequence[Tensor | None] = ()) -> bool:
+    """Whether every tensor is finite and every overflow flag is zero (one host sync)."""
+    checks = [t.isfinite().all() for t in tensors]
+    checks += [flag.sum() == 0 for flag in flags if flag is not None]
+    if not checks:
         return True
-    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all())

@@ -25,7 +25,13 @@ from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
 from hf_fop.fop_math import kl_clip_scale
 from hf_fop.layers import LayerAdapter
-from hf_fop.mixed_precision import all_finite, check_not_scaled, loss_scale, unscale_statistics
+from hf_fop.mixed_precision import (
+    all_finite,
+    check_not_scaled,
+    loss_scale,
+    unscale_and_check,
+    unscale_statistics,
+)
 from hf_fop.model_curvature import (
     BucketStatistics,
     ModelCurvature,
@@ -240,8 +246,8 @@ class FOP(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grad_scale is not None:
-            torch._foreach_div_(grads, grad_scale)
+        inverse_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        overflow = unscale_and_check(grads, inverse_scale)
         group = self.fop_group
         statistics: list[BucketStatistics] = []
         if group is not None:
@@ -249,7 +255,8 @@ class FOP(torch.optim.Optimizer):
             statistics = self.curvature.gather(refresh, self.config.mode == "fop")
             self._unscale_statistics(group, statistics, loss_scale(grad_scale, self.grad_scaler))
         # The step's one host synchronisation: whether anything may change at all.
-        if not all_finite(grads + [t for s in statistics for t in s.tensors()], found_inf):
+        statistic_tensors = [t for s in statistics for t in s.tensors()]
+        if not all_finite(statistic_tensors, [overflow, found_inf]):
             if found_inf is None or not bool(found_inf.sum() > 0):  # else GradScaler's skip
                 logger.warning(
                     "FOP skipped a step: the gradients hold NaN or Inf; parameters and "
