@@ -116,10 +116,8 @@ def eta_at_optimal_beta(rho: Tensor) -> Tensor:
     return (1 + rho2) / (1 + 3 * rho2)
 
 
-def kl_clip_scale(
-    directions: list[Tensor], grads: list[Tensor], lr: float, kl_clip: float
-) -> Tensor:
-    """K-FAC's trust region over a group: nu = min(1, sqrt(kl_clip / (lr^2 sum_l <n_l, g_l>)))."""
-    vg = sum(inner(n, g).sum() for n, g in zip(directions, grads)) * lr**2
+def kl_clip_scale(vg: Tensor, lr: float, kl_clip: float) -> Tensor:
+    """K-FAC's trust region over a group: nu = min(1, sqrt(kl_clip / (lr^2 vg))), where
+    vg = sum_l <n_l, g_l> over the group's layers."""
     tiny = torch.finfo(torch.float32).tiny
-    return torch.clamp(torch.sqrt(kl_clip / vg.abs().clamp(min=tiny)), max=1.0)
+    return torch.clamp(torch.sqrt(kl_clip / (vg.abs() * lr**2).clamp(min=tiny)), max=1.0)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hf_fop.sharding import full_tensor
+
 
 class UnsupportedLayerError(ValueError):
     """The module cannot be preconditioned; the message says why (it goes to AdamW)."""
@@ -72,15 +74,18 @@ class LayerAdapter(ABC):
         return self.bias is not None
 
     def grad_matrix(self) -> Tensor | None:
-        """The current gradient as one out x in' matrix, or None when the layer got none."""
+        """The current gradient as one out x in' matrix, or None when the layer got none.
+
+        Under FSDP2 the gradient is gathered whole first (a collective: every rank calls this
+        for the same layers in the same order)."""
         if self.weight.grad is None:
             return None
-        matrix = self._weight_matrix(self.weight.grad)
+        matrix = self._weight_matrix(full_tensor(self.weight.grad))
         if self.bias is not None:
             bias_grad = self.bias.grad
             if bias_grad is None:
-                bias_grad = torch.zeros_like(self.bias)
-            matrix = torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
+                bias_grad = torch.zeros(self.bias.shape, device=matrix.device, dtype=matrix.dtype)
+            matrix = torch.cat([matrix, full_tensor(bias_grad).reshape(-1, 1)], dim=1)
         return matrix
 
     def split_matrix(self, matrix: Tensor) -> list[Tensor]:

@@ -25,10 +25,11 @@ from hf_fop.capture import CurvatureCapture
 from hf_fop.config import FOPConfig
 from hf_fop.curvature import PRECONDITIONERS
 from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
-from hf_fop.fop_math import FOPDirection
+from hf_fop.fop_math import FOPDirection, inner
 from hf_fop.grafting import adam_direction, adam_step_norm, graft
 from hf_fop.layers import LayerAdapter
 from hf_fop.shape_bucket import ShapeBucket
+from hf_fop.sharding import is_sharded
 
 logger = logging.getLogger("hf_fop")
 
@@ -76,8 +77,20 @@ class ModelCurvature:
         self.names = [name for name, _ in layers]
         self.layers = [layer for _, layer in layers]
         self.capture = CurvatureCapture(model, self.layers)
+        # Under FSDP2 each layer's curvature lives on one rank only (fixed owners, balanced by
+        # decomposition cost), so optimizer memory falls as 1 / world size; under DDP every rank
+        # holds all of it and decompositions are shared instead.
+        self.sharded = any(is_sharded(layer.weight) for layer in self.layers)
+        costs = [decomposition_cost(layer.in_dim, layer.out_dim) for layer in self.layers]
+        self.owners = (
+            assign_layers(costs, communicator.world_size)
+            if self.sharded
+            else [communicator.rank] * len(self.layers)
+        )
         groups: dict[tuple[int, int, torch.device], list[int]] = {}
         for index, layer in enumerate(self.layers):
+            if self.owners[index] != communicator.rank:
+                continue
             key = (layer.in_dim, layer.out_dim, layer.weight.device)
             groups.setdefault(key, []).append(index)
         self.buckets = [
@@ -109,7 +122,7 @@ class ModelCurvature:
                     "steps use the K-FAC direction",
                 )
             shapes += [(layer.in_dim,) * 2, (layer.out_dim,) * 2, (layer.out_dim, layer.in_dim)]
-        like = self.buckets[0].A
+        like = torch.zeros((), device=self.layers[0].weight.device)
         averaged = self.communicator.average_partial(tensors, shapes, like)
         out = []
         for bucket in self.buckets:
@@ -148,6 +161,13 @@ class ModelCurvature:
         )
         if not due:
             return False
+        if self.sharded:  # the owner decomposes its own layers; nothing is shared
+            self.decomposed_by_rank = sorted(b.indices[r] for b, r in due)
+            for bucket in self.buckets:
+                rows = [r for b, r in due if b is bucket]
+                if rows:
+                    bucket.decompose(rows, damping, config.damping_mode)
+            return True
         costs = [decomposition_cost(b.in_dim, b.out_dim) for b, _ in due]
         owners = assign_layers(costs, self.communicator.world_size)
         rank = self.communicator.rank
@@ -177,15 +197,18 @@ class ModelCurvature:
         damping: float,
         beta2: float,
         step: int,
+        gradients: list[Tensor | None],
     ) -> list[BucketStep]:
-        """Every layer's preconditioned (and, with grafting, AdamW-sized) direction.
+        """The preconditioned (and, with grafting, AdamW-sized) direction of every layer this
+        rank holds the curvature of (all of them unless sharded).
 
-        ``step`` is 1-based (the bias corrections of the grafting norm).
+        ``step`` is 1-based (the bias corrections of the grafting norm); ``gradients`` are the
+        layers' full gradient matrices (``full_gradients``).
         """
         config = self.config
         out = []
         for bucket, stats in zip(self.buckets, statistics):
-            grads = [self.layers[i].grad_matrix() for i in bucket.indices]
+            grads = [gradients[i] for i in bucket.indices]
             rows = [row for row, grad in enumerate(grads) if grad is not None]
             if not rows:
                 continue
@@ -248,17 +271,66 @@ class ModelCurvature:
             )
         return out
 
-    def scaled_pairs(self, statistics: list[BucketStatistics]) -> tuple[list[Tensor], list[Tensor]]:
+    def scaled_pairs(
+        self, statistics: list[BucketStatistics], gradients: list[Tensor | None]
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """(g1, g_avg) of every layer split this step: a loss scale FOP was not told about
         shows as g1 >> g_avg (mixed_precision.check_not_scaled)."""
         g1, g_avg = [], []
         for bucket, stats in zip(self.buckets, statistics):
             for row, index in enumerate(bucket.indices):
-                grad = self.layers[index].grad_matrix()
+                grad = gradients[index]
                 if stats.g1 is not None and stats.has_split[row] and grad is not None:
                     g1.append(stats.g1[row])
                     g_avg.append(grad.float())
         return g1, g_avg
+
+    def full_gradients(self) -> list[Tensor | None]:
+        """Every preconditioned layer's gradient matrix, whole (gathered under FSDP2)."""
+        return [layer.grad_matrix() for layer in self.layers]
+
+    def layer_directions(
+        self, steps: list[BucketStep], gradients: list[Tensor | None]
+    ) -> tuple[list[tuple[int, Tensor]], dict[str, Tensor], Tensor]:
+        """(layer index, direction) for every layer with a gradient, the per-layer FOP
+        statistics, and sum_l <n_l, g_l> (the KL clip's quadratic term).
+
+        Under FSDP2 each owner computed only its layers: one summing all-reduce gives every
+        rank every direction (zeros elsewhere), the statistics and the sum.
+        """
+        if not self.sharded:
+            pairs = [
+                (s.bucket.indices[row], matrix)
+                for s in steps
+                for row, matrix in zip(s.rows, s.direction)
+            ]
+            vg = sum((inner(s.direction, s.g_avg).sum() for s in steps), torch.zeros(()))
+            return pairs, step_statistics(steps) if steps else {}, vg
+        computed = {
+            s.bucket.indices[row]: (matrix, [getattr(s.scalars, k)[j] for k in SCALARS])
+            for s in steps
+            for j, (row, matrix) in enumerate(zip(s.rows, s.direction))
+        }
+        like = self.layers[0].weight
+        tensors, owned, present = [], [], []
+        for index, grad in enumerate(gradients):
+            if grad is None:
+                continue
+            present.append(index)
+            matrix, scalars = computed.get(index, (None, None))
+            mine = matrix is not None
+            tensors.append(matrix if mine else grad.new_zeros(grad.shape, dtype=torch.float32))
+            tensors.append(torch.stack(scalars) if mine else grad.new_zeros(len(SCALARS)))
+            owned += [mine, mine]
+        vg = sum((inner(s.direction, s.g_avg).sum() for s in steps), torch.zeros(()))
+        vg = vg.reshape(1).to(like.device, torch.float32)
+        self.communicator.share_owned([*tensors, vg], [*owned, True])  # vg: summed over ranks
+        pairs = list(zip(present, tensors[0::2]))
+        scalars = torch.stack(tensors[1::2]) if present else torch.zeros(0, len(SCALARS))
+        statistics = {k: scalars[:, i] for i, k in enumerate(SCALARS)}
+        if present:
+            statistics["rho_abs"] = statistics["rho"].abs()
+        return pairs, statistics, vg.reshape(())
 
     def _report_waiting(self, index: int) -> None:
         """Say why a targeted layer gets gradients but has no curvature (once)."""
@@ -288,6 +360,12 @@ class ModelCurvature:
 
     # --------------------------------------------------------------------------------- state
 
+    @property
+    def held_names(self) -> list[str]:
+        """The layers whose curvature this rank holds (all, unless sharded), in layer order."""
+        held = {name for bucket in self.buckets for name in bucket.names}
+        return [name for name in self.names if name in held]
+
     def layer_state(self, name: str) -> dict[str, Tensor | int]:
         """One layer's curvature (views into its bucket): factors, decomposition, moments."""
         for bucket in self.buckets:
@@ -310,7 +388,7 @@ class ModelCurvature:
                 key: value.clone() if isinstance(value, Tensor) else value
                 for key, value in self.layer_state(name).items()
             }
-            for name in self.names
+            for name in self.held_names
         }
 
     def load_state_dict(self, saved: dict[str, dict[str, Any]]) -> None:
@@ -324,8 +402,8 @@ class ModelCurvature:
 
     def check_state_dict(self, saved: dict[str, dict[str, Any]]) -> None:
         """Raise, naming the layer, when ``saved`` does not belong to these layers."""
-        missing = [name for name in self.names if name not in saved]
-        unexpected = [name for name in saved if name not in self.names]
+        missing = [name for name in self.held_names if name not in saved]
+        unexpected = [name for name in saved if name not in self.held_names]
         if missing or unexpected:
             detail = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
             raise ValueError(
@@ -370,12 +448,12 @@ def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
     bucket.ready[row] = bucket.method.STATE_KEYS[0] in state
 
 
+SCALARS = ("beta", "eta", "rho", "kfac_cosine")
+
+
 def step_statistics(steps: list[BucketStep]) -> dict[str, Tensor]:
     """Per-layer FOP scalars of a step, one tensor each (kept on the device until read)."""
-    stacked = {
-        name: torch.cat([getattr(s.scalars, name) for s in steps])
-        for name in ("beta", "eta", "rho", "kfac_cosine")
-    }
+    stacked = {name: torch.cat([getattr(s.scalars, name) for s in steps]) for name in SCALARS}
     return {**stacked, "rho_abs": stacked["rho"].abs()}
 
 

@@ -32,14 +32,10 @@ from hf_fop.mixed_precision import (
     unscale_and_check,
     unscale_statistics,
 )
-from hf_fop.model_curvature import (
-    BucketStatistics,
-    ModelCurvature,
-    split_legacy_state,
-    step_statistics,
-)
+from hf_fop.model_curvature import BucketStatistics, ModelCurvature, split_legacy_state
 from hf_fop.param_groups import param_groups, param_indices
 from hf_fop.partition import partition_model, unwrap_model
+from hf_fop.sharding import local_rows, local_tensor
 from hf_fop.update_rules import adamw_step, grafted_step, heavy_ball_step
 
 logger = logging.getLogger("hf_fop")
@@ -245,15 +241,26 @@ class FOP(torch.optim.Optimizer):
         # GradScaler.step sets these: S while p.grad is still scaled, and its overflow flag.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [
+            local_tensor(p.grad)
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
         inverse_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
         overflow = unscale_and_check(grads, inverse_scale)
+        if overflow is not None and self.curvature.sharded:
+            # Each rank checked its own shards: all must agree to skip.
+            self.communicator.all_reduce_mean([overflow])
         group = self.fop_group
         statistics: list[BucketStatistics] = []
+        gradients: list[Tensor | None] = []
         if group is not None:
             refresh = group["step"] % self.config.curvature_interval == 0
             statistics = self.curvature.gather(refresh, self.config.mode == "fop")
-            self._unscale_statistics(group, statistics, loss_scale(grad_scale, self.grad_scaler))
+            gradients = self.curvature.full_gradients()
+            scale = loss_scale(grad_scale, self.grad_scaler)
+            self._unscale_statistics(group, statistics, gradients, scale)
         # The step's one host synchronisation: whether anything may change at all.
         statistic_tensors = [t for s in statistics for t in s.tensors()]
         if not all_finite(statistic_tensors, [overflow, found_inf]):
@@ -264,7 +271,7 @@ class FOP(torch.optim.Optimizer):
                 )
             return
         if group is not None:
-            self._fop_update(group, statistics)
+            self._fop_update(group, statistics, gradients)
         for adamw_group in self.param_groups:
             if adamw_group["kind"] == "adamw":
                 adamw_step(adamw_group, self.state)
@@ -274,41 +281,52 @@ class FOP(torch.optim.Optimizer):
         if not self.layers or any(stats.examples for stats in self.capture.stats):
             return False
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return all(not bool(grad.any()) for grad in grads)
+        return all(not bool(local_tensor(grad).any()) for grad in grads)
 
     def _unscale_statistics(
-        self, group: dict[str, Any], statistics: list[BucketStatistics], scale: Tensor | float
+        self,
+        group: dict[str, Any],
+        statistics: list[BucketStatistics],
+        gradients: list[Tensor | None],
+        scale: Tensor | float,
     ) -> None:
         if isinstance(scale, Tensor) or scale != 1.0:
             G = [s.G for s in statistics if s.G is not None]
             unscale_statistics(G, [s.g1 for s in statistics if s.g1 is not None], scale)
         elif group["step"] < UNSCALED_CHECK_STEPS:
-            check_not_scaled(*self.curvature.scaled_pairs(statistics))
+            check_not_scaled(*self.curvature.scaled_pairs(statistics, gradients))
 
-    def _fop_update(self, group: dict[str, Any], statistics: list[BucketStatistics]) -> None:
+    def _fop_update(
+        self,
+        group: dict[str, Any],
+        statistics: list[BucketStatistics],
+        gradients: list[Tensor | None],
+    ) -> None:
         lr, damping = group["lr"], group["damping"]
         refreshed = self.curvature.refresh(statistics, group["step"], damping)
         step = group["step"] + 1  # 1-based, for the bias corrections
-        steps = self.curvature.directions(statistics, damping, group["betas"][1], step)
+        steps = self.curvature.directions(statistics, damping, group["betas"][1], step, gradients)
+        pairs, layer_statistics, vg = self.curvature.layer_directions(steps, gradients)
         scale = None
-        if steps and group["kl_clip"] is not None:
-            directions = [s.direction for s in steps]
-            scale = kl_clip_scale(directions, [s.g_avg for s in steps], lr, group["kl_clip"])
-        params, directions = [], []
-        for bucket_step in steps:
-            direction = bucket_step.direction if scale is None else bucket_step.direction * scale
-            for row, matrix in zip(bucket_step.rows, direction):
-                layer = self.layers[bucket_step.bucket.indices[row]]
-                params += layer.params
-                directions += layer.split_matrix(matrix)
+        if pairs and group["kl_clip"] is not None:
+            scale = kl_clip_scale(vg, lr, group["kl_clip"])
+        params, targets, directions = [], [], []
+        for index, direction in pairs:
+            layer = self.layers[index]
+            if scale is not None:
+                direction = direction * scale
+            for param, update in zip(layer.params, layer.split_matrix(direction)):
+                params.append(param)
+                targets.append(local_tensor(param))  # this rank's rows under FSDP2
+                directions.append(local_rows(update, param))
         momentum, weight_decay = group["betas"][0], group["weight_decay"]
         if self.config.graft == "adamw":
-            grafted_step(params, directions, self.state, lr, momentum, weight_decay, step)
+            grafted_step(params, targets, directions, self.state, lr, momentum, weight_decay, step)
         else:
-            heavy_ball_step(params, directions, self.state, lr, momentum, weight_decay)
-        if steps:
+            heavy_ball_step(params, targets, directions, self.state, lr, momentum, weight_decay)
+        if pairs:
             kl_scale = torch.ones(()) if scale is None else scale
-            self._last_stats = {**step_statistics(steps), "kl_scale": kl_scale}
+            self._last_stats = {**layer_statistics, "kl_scale": kl_scale}
         folded = any(any(s.has_factors) for s in statistics if s.A is not None)
         self._last_stats.update(
             damping=damping, curvature_refreshed=float(folded), inverse_refreshed=float(refreshed)

@@ -32,10 +32,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             "nn.DataParallel replicates the model on every forward, so FOP's per-layer hooks see "
             "copies. Use DistributedDataParallel instead: `accelerate launch` or `torchrun`."
         )
-    if name in ("FullyShardedDataParallel", "FSDPModule") or name.startswith("FSDP"):
+    if _is_fsdp2(model):
+        return model  # fully_shard keeps the module (its parameters become DTensors)
+    if name == "FullyShardedDataParallel" or name.startswith("FSDP"):
         raise UnsupportedWrapperError(
-            "FSDP shards the weights that FOP preconditions as whole matrices; it is not "
-            "supported yet. Use DistributedDataParallel (accelerate without an FSDP config)."
+            "FSDP1 (FullyShardedDataParallel) flattens the weights that FOP preconditions as "
+            "whole matrices. Use FSDP2 (torch.distributed.fsdp.fully_shard; accelerate: "
+            "fsdp_version: 2) or DistributedDataParallel."
         )
     if name in ("DeepSpeedEngine", "PipelineEngine"):
         raise UnsupportedWrapperError(
@@ -47,6 +50,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     if hasattr(model, "_orig_mod") and name == "OptimizedModule":  # torch.compile
         return unwrap_model(model._orig_mod)
     return model
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
 
 
 @dataclass

@@ -52,17 +52,23 @@ def adamw_step(group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> No
 
 def heavy_ball_step(
     params: list[Tensor],
+    targets: list[Tensor],
     directions: list[Tensor],
     state: dict[Tensor, dict[str, Any]],
     lr: float,
     momentum: float,
     weight_decay: float,
 ) -> None:
-    """p -= lr * buf, buf = momentum * buf + (d + weight_decay * p): torch's SGD on ``d``."""
-    directions = [d.to(p.dtype) for p, d in zip(params, directions)]
+    """p -= lr * buf, buf = momentum * buf + (d + weight_decay * p): torch's SGD on ``d``.
+
+    ``targets`` are the tensors updated (each parameter, or its local shard under FSDP2);
+    the state stays keyed by the parameters."""
+    if not targets:
+        return
+    directions = [d.to(t.dtype) for t, d in zip(targets, directions)]
     buffers = [state[p].get("momentum_buffer") for p in params]
     sgd(
-        params,
+        targets,
         directions,
         buffers,
         weight_decay=weight_decay,
@@ -79,6 +85,7 @@ def heavy_ball_step(
 
 def grafted_step(
     params: list[Tensor],
+    targets: list[Tensor],
     directions: list[Tensor],
     state: dict[Tensor, dict[str, Any]],
     lr: float,
@@ -86,11 +93,15 @@ def grafted_step(
     weight_decay: float,
     step: int,
 ) -> None:
-    """AdamW's momentum and decoupled weight decay on AdamW-sized directions (fp32 moments)."""
+    """AdamW's momentum and decoupled weight decay on AdamW-sized directions (fp32 moments).
+
+    ``targets`` are the tensors updated (see ``heavy_ball_step``)."""
+    if not targets:
+        return
     if weight_decay:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_mul_(targets, 1 - lr * weight_decay)
     if not momentum:
-        torch._foreach_add_(params, directions, alpha=-lr)
+        torch._foreach_add_(targets, directions, alpha=-lr)
         return
     for param, direction in zip(params, directions):
         if "exp_avg" not in state[param]:
@@ -99,4 +110,4 @@ def grafted_step(
             )
     averages = [state[p]["exp_avg"] for p in params]
     torch._foreach_lerp_(averages, directions, 1 - momentum)
-    torch._foreach_add_(params, averages, alpha=-lr / (1 - momentum**step))
+    torch._foreach_add_(targets, averages, alpha=-lr / (1 - momentum**step))

@@ -42,12 +42,19 @@ def local_batch(
 
 
 def train_ddp(
-    rank: int, world_size: int, port: int, out: str, steps: int, local: int, micro_batches: int = 1
+    rank: int,
+    world_size: int,
+    port: int,
+    out: str,
+    steps: int,
+    local: int,
+    micro_batches: int = 1,
+    mode: str = "fop",
 ) -> None:
     init_process(rank, world_size, port)
     torch.manual_seed(0)
     model = tiny_vit()
-    optimizer = FOP(model, **SETTINGS, gradient_accumulation_steps=micro_batches)
+    optimizer = FOP(model, **SETTINGS, mode=mode, gradient_accumulation_steps=micro_batches)
     ddp = DistributedDataParallel(model)
     for step in range(steps):
         images, labels = local_batch(step, local, rank, world_size)
@@ -103,4 +110,46 @@ def partial_participation(rank: int, world_size: int, port: int, out: str) -> No
     optimizer = FOP(model, targets="all-linear", curvature_interval=1)
     one_branch_step(model, optimizer, rank)
     torch.save(optimizer.state_dict()["curvature"], Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def shard_vit(model: torch.nn.Module) -> None:
+    """FSDP2's usual recipe: fully_shard every transformer block, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.vit.encoder.layer if hasattr(model.vit, "encoder") else model.vit.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def train_fsdp2(
+    rank: int, world_size: int, port: int, out: str, steps: int, local: int, mode: str = "fop"
+) -> None:
+    """As train_ddp, on a model sharded with fully_shard (parameters as DTensors)."""
+    init_process(rank, world_size, port)
+    torch.manual_seed(0)
+    model = tiny_vit()
+    shard_vit(model)
+    optimizer = FOP(model, **SETTINGS, mode=mode)
+    for step in range(steps):
+        images, labels = local_batch(step, local, rank, world_size)
+        optimizer.zero_grad()
+        F.cross_entropy(model(images).logits, labels).backward()
+        optimizer.step()
+    curvature = optimizer.state_dict()["curvature"]
+    torch.save(
+        {
+            "params": {n: p.full_tensor().detach() for n, p in model.named_parameters()},
+            "curvature_layers": sorted(curvature),
+            "curvature_bytes": sum(
+                t.numel() * t.element_size()
+                for layer in curvature.values()
+                for t in layer.values()
+                if isinstance(t, torch.Tensor)
+            ),
+            "decomposed": list(optimizer._decomposed_by_rank),
+            "statistics": optimizer.statistics(),
+        },
+        Path(out) / f"rank{rank}.pt",
+    )
     dist.destroy_process_group()

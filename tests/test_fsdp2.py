@@ -1,0 +1,52 @@
+"""FOP on FSDP2 (fully_shard, 2 gloo processes): the same training as DDP, curvature sharded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hf_fop import FOP
+from hf_fop.distributed import assign_layers, decomposition_cost
+from tests.distributed_workers import train_ddp, train_fsdp2
+from tests.helpers import free_port, tiny_vit
+
+STEPS = 4
+
+
+def _runs(tmp_path: Path, worker, mode: str) -> dict[int, dict]:
+    out = tmp_path / worker.__name__
+    out.mkdir()
+    args = (2, free_port(), str(out), STEPS, 8)
+    extra = (1, mode) if worker is train_ddp else (mode,)
+    mp.spawn(worker, args=args + extra, nprocs=2, join=True)
+    return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fop", "kfac"])
+def test_fsdp2_trains_like_ddp_with_the_curvature_sharded(tmp_path: Path, mode: str) -> None:
+    fsdp = _runs(tmp_path, train_fsdp2, mode)
+    ddp = _runs(tmp_path, train_ddp, mode)
+    # The same parameters after several steps (and so the same as one process with the double
+    # batch, which the DDP tests pin).
+    for name, expected in ddp[0]["params"].items():
+        for rank in (0, 1):
+            torch.testing.assert_close(fsdp[rank]["params"][name], expected, rtol=1e-5, atol=1e-5)
+    # Each rank holds the curvature of the layers it owns, and only those: half each here.
+    layers = FOP(tiny_vit()).layers
+    owners = assign_layers([decomposition_cost(x.in_dim, x.out_dim) for x in layers], 2)
+    names = [name for name, _ in FOP(tiny_vit()).partition.layers]
+    for rank in (0, 1):
+        owned = sorted(n for n, o in zip(names, owners) if o == rank)
+        assert fsdp[rank]["curvature_layers"] == owned
+        assert fsdp[rank]["decomposed"] == [i for i, o in enumerate(owners) if o == rank]
+    assert set(fsdp[0]["curvature_layers"]).isdisjoint(fsdp[1]["curvature_layers"])
+    total = fsdp[0]["curvature_bytes"] + fsdp[1]["curvature_bytes"]
+    assert max(fsdp[r]["curvature_bytes"] for r in (0, 1)) <= 0.6 * total
+    # Every rank logs every layer's statistics (shared with the directions).
+    if mode == "fop":
+        assert fsdp[0]["statistics"] == pytest.approx(fsdp[1]["statistics"])
+        assert fsdp[0]["statistics"]["beta_max"] != 0.0
