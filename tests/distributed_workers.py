@@ -153,3 +153,31 @@ def train_fsdp2(
         Path(out) / f"rank{rank}.pt",
     )
     dist.destroy_process_group()
+
+
+def fsdp2_resume(rank: int, world_size: int, port: int, out: str, phase: str) -> None:
+    """FSDP2 + FOP with clipping: 4 steps straight ("full"), or 2 steps saved per rank
+    ("first") and then loaded into fresh processes for the last 2 ("resume")."""
+    init_process(rank, world_size, port)
+    torch.manual_seed(0)
+    model = tiny_vit()
+    shard_vit(model)
+    optimizer = FOP(model, **SETTINGS)
+    checkpoint = Path(out) / f"checkpoint{rank}.pt"
+    steps = range(4) if phase == "full" else range(2) if phase == "first" else range(2, 4)
+    if phase == "resume":
+        saved = torch.load(checkpoint, weights_only=False)  # DTensors
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+    for step in steps:
+        images, labels = local_batch(step, 8, rank, world_size)
+        optimizer.zero_grad()
+        F.cross_entropy(model(images).logits, labels).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # on DTensors
+        optimizer.step()
+    if phase == "first":
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint)
+    else:
+        params = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+        torch.save(params, Path(out) / f"{phase}{rank}.pt")
+    dist.destroy_process_group()

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from hf_fop import FOP
 from hf_fop.distributed import assign_layers, decomposition_cost
-from tests.distributed_workers import train_ddp, train_fsdp2
+from tests.distributed_workers import fsdp2_resume, train_ddp, train_fsdp2
 from tests.helpers import free_port, tiny_vit
 
 STEPS = 4
@@ -50,3 +50,14 @@ def test_fsdp2_trains_like_ddp_with_the_curvature_sharded(tmp_path: Path, mode: 
     if mode == "fop":
         assert fsdp[0]["statistics"] == pytest.approx(fsdp[1]["statistics"])
         assert fsdp[0]["statistics"]["beta_max"] != 0.0
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_equals_uninterrupted_with_clipping(tmp_path: Path) -> None:
+    for phase in ("full", "first", "resume"):
+        mp.spawn(fsdp2_resume, args=(2, free_port(), str(tmp_path), phase), nprocs=2, join=True)
+    for rank in (0, 1):
+        full = torch.load(tmp_path / f"full{rank}.pt", weights_only=True)
+        resumed = torch.load(tmp_path / f"resume{rank}.pt", weights_only=True)
+        for name in full:
+            torch.testing.assert_close(resumed[name], full[name], rtol=1e-6, atol=1e-7)
