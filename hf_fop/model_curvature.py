@@ -77,9 +77,16 @@ class ModelCurvature:
         self.names = [name for name, _ in layers]
         self.layers = [layer for _, layer in layers]
         self.capture = CurvatureCapture(model, self.layers)
+        self._build_buckets()
+        # Layer indices this rank decomposed at the last refresh (for inspection and tests).
+        self.decomposed_by_rank: list[int] = []
+        self._warned: set[str] = set()
+
+    def _build_buckets(self) -> None:
         # Under FSDP2 each layer's curvature lives on one rank only (fixed owners, balanced by
         # decomposition cost), so optimizer memory falls as 1 / world size; under DDP every rank
         # holds all of it and decompositions are shared instead.
+        communicator, config = self.communicator, self.config
         self.sharded = any(is_sharded(layer.weight) for layer in self.layers)
         costs = [decomposition_cost(layer.in_dim, layer.out_dim) for layer in self.layers]
         self.owners = (
@@ -99,9 +106,18 @@ class ModelCurvature:
             )
             for indices in groups.values()
         ]
-        # Layer indices this rank decomposed at the last refresh (for inspection and tests).
-        self.decomposed_by_rank: list[int] = []
-        self._warned: set[str] = set()
+
+    def follow_sharding(self) -> None:
+        """Shard the curvature if the model was sharded after the optimizer was built
+        (accelerate applies fully_shard in ``prepare``); only before any curvature exists."""
+        if self.sharded or not any(is_sharded(layer.weight) for layer in self.layers):
+            return
+        if any(any(bucket.factor_updates) for bucket in self.buckets):
+            raise RuntimeError(
+                "the model was sharded with FSDP2 after FOP had gathered curvature; build the "
+                "optimizer after fully_shard, or before the first step"
+            )
+        self._build_buckets()
 
     # ---------------------------------------------------------------------------- statistics
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ from hf_fop.mixed_precision import (
 from hf_fop.model_curvature import BucketStatistics, ModelCurvature, split_legacy_state
 from hf_fop.param_groups import param_groups, param_indices
 from hf_fop.partition import partition_model, unwrap_model
-from hf_fop.sharding import local_rows, local_tensor
+from hf_fop.sharding import is_sharded, local_rows, local_tensor
 from hf_fop.update_rules import adamw_step, grafted_step, heavy_ball_step
 
 logger = logging.getLogger("hf_fop")
@@ -99,6 +100,9 @@ class FOP(torch.optim.Optimizer):
         self.communicator = communicator or Communicator()
         # The torch.amp.GradScaler scaling the loss, if any (see mixed_precision.py).
         self.grad_scaler = grad_scaler
+        # To find the parameters again if the model is sharded (FSDP2) after this point.
+        self._model = weakref.ref(model)
+        self._param_names = {id(p): name for name, p in model.named_parameters()}
         self.curvature = ModelCurvature(
             model, partition.layers, config, self.communicator, partition.uncovered
         )
@@ -238,6 +242,7 @@ class FOP(torch.optim.Optimizer):
         self.capture.collect_first_half = self.config.mode == "fop"
 
     def _step(self) -> None:
+        self._follow_sharding()
         # GradScaler.step sets these: S while p.grad is still scaled, and its overflow flag.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -275,6 +280,22 @@ class FOP(torch.optim.Optimizer):
         for adamw_group in self.param_groups:
             if adamw_group["kind"] == "adamw":
                 adamw_step(adamw_group, self.state)
+
+    def _follow_sharding(self) -> None:
+        """The model was sharded with fully_shard after this optimizer was built: point the
+        param groups at the new (DTensor) parameters and shard the curvature."""
+        if self.curvature.sharded or not any(is_sharded(x.weight) for x in self.layers):
+            return
+        model = self._model()
+        if model is not None:
+            for group in self.param_groups:
+                group["params"] = [
+                    model.get_parameter(self._param_names[id(p)])
+                    if id(p) in self._param_names and not self.state.get(p)
+                    else p
+                    for p in group["params"]
+                ]
+        self.curvature.follow_sharding()
 
     def _empty_step(self) -> bool:
         """No example reached the preconditioned layers and every gradient is zero."""

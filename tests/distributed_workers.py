@@ -123,14 +123,26 @@ def shard_vit(model: torch.nn.Module) -> None:
 
 
 def train_fsdp2(
-    rank: int, world_size: int, port: int, out: str, steps: int, local: int, mode: str = "fop"
+    rank: int,
+    world_size: int,
+    port: int,
+    out: str,
+    steps: int,
+    local: int,
+    mode: str = "fop",
+    optimizer_first: bool = False,
 ) -> None:
-    """As train_ddp, on a model sharded with fully_shard (parameters as DTensors)."""
+    """As train_ddp, on a model sharded with fully_shard (parameters as DTensors); with
+    ``optimizer_first`` the optimizer is built before sharding, as accelerate's prepare does."""
     init_process(rank, world_size, port)
     torch.manual_seed(0)
     model = tiny_vit()
-    shard_vit(model)
-    optimizer = FOP(model, **SETTINGS, mode=mode)
+    if optimizer_first:
+        optimizer = FOP(model, **SETTINGS, mode=mode)
+        shard_vit(model)
+    else:
+        shard_vit(model)
+        optimizer = FOP(model, **SETTINGS, mode=mode)
     for step in range(steps):
         images, labels = local_batch(step, local, rank, world_size)
         optimizer.zero_grad()

@@ -44,9 +44,11 @@ def check_supported_setup(args: Any) -> None:
             "FOP does not support DeepSpeed ZeRO (it partitions the weights and gradients FOP "
             "preconditions). Drop --deepspeed and launch with `accelerate launch` (DDP)."
         )
-    if getattr(args, "fsdp", None):
+    if getattr(args, "fsdp", None) and _fsdp_version(args) != 2:
         raise UnsupportedWrapperError(
-            "FOP does not support FSDP yet. Drop --fsdp and launch with `accelerate launch` (DDP)."
+            "FOP supports FSDP2 only (FSDP1 flattens the weights FOP preconditions as whole "
+            'matrices): add "fsdp_version": 2 to --fsdp_config (accelerate: fsdp_version: 2), '
+            "or drop --fsdp and launch with `accelerate launch` (DDP)."
         )
     if str(getattr(args.parallel_mode, "value", "")) == "not_distributed":
         raise UnsupportedWrapperError(
@@ -54,6 +56,11 @@ def check_supported_setup(args: Any) -> None:
             "nn.DataParallel, which FOP does not support. Launch with `accelerate launch` or "
             "`torchrun` (DDP), or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
         )
+
+
+def _fsdp_version(args: Any) -> int:
+    config = getattr(args, "fsdp_config", None) or {}
+    return int(config.get("fsdp_version", config.get("version", 1)))
 
 
 def sync_with_trainer(trainer: Trainer) -> None:
