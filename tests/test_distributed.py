@@ -113,7 +113,7 @@ def test_sharding_wrappers_are_rejected(name: str, match: str) -> None:
     ("args", "match"),
     [
         (dict(deepspeed="ds_config.json"), "DeepSpeed"),
-        (dict(fsdp=["full_shard"]), "FSDP"),
+        (dict(fsdp=["full_shard"]), "FSDP2 only.*fsdp_version"),
         (dict(parallel_mode=SimpleNamespace(value="not_distributed")), "DataParallel"),
     ],
 )
@@ -155,3 +155,16 @@ def test_a_layer_run_by_one_rank_is_averaged_over_that_rank_only(tmp_path: Path)
             # Not halved by the rank that lacked it: averaged over the ranks that had it.
             torch.testing.assert_close(curvature[name]["A"], expected["A"], rtol=1e-6, atol=0)
             torch.testing.assert_close(curvature[name]["G"], expected["G"], rtol=1e-6, atol=0)
+
+
+def test_trainer_accepts_fsdp2_configs() -> None:
+    from hf_fop.integration.trainer import check_supported_setup
+
+    args = SimpleNamespace(
+        optim="fop",
+        deepspeed=None,
+        fsdp=["full_shard", "auto_wrap"],
+        fsdp_config={"fsdp_version": 2},
+        parallel_mode=SimpleNamespace(value="distributed"),
+    )
+    check_supported_setup(args)  # no error: FSDP2 is supported
