@@ -160,3 +160,31 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
     assert rows[(64, "adamw")]["target"] == rows[(64, "adamw")]["final_mean"] - 0.01
     assert (tmp_path / "drop_in_mnist_mlp.png").stat().st_size > 10_000
     assert "| 512 | FOP |" in (tmp_path / "drop_in_mnist_mlp.md").read_text()
+
+
+@pytest.mark.slow
+def test_fsdp2_memory_benchmark_tiny(tmp_path: Path) -> None:
+    from benchmarks import fsdp2_memory
+
+    output = tmp_path / "fsdp2_memory.json"
+    result = fsdp2_memory.main(
+        [
+            "--hidden",
+            "32",
+            "--layers",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--output",
+            str(output),
+        ]
+    )
+    ddp, fsdp = result["ranks"]["ddp"], result["ranks"]["fsdp2"]
+    # DDP: every rank holds all 12 layers' curvature; FSDP2: the ranks split them.
+    assert [r["curvature_layers"] for r in ddp] == [12, 12]
+    assert sum(r["curvature_layers"] for r in fsdp) == 12
+    assert result["optimizer_state_ratio_fsdp2_over_ddp"] < 0.75
+    assert fsdp[0]["parameter_bytes"] < ddp[0]["parameter_bytes"]
+    assert output.is_file()
