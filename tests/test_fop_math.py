@@ -226,3 +226,14 @@ def test_eigh_retries_in_fp64_when_fp32_fails(monkeypatch: pytest.MonkeyPatch) -
     torch.testing.assert_close(
         eigenvectors @ torch.diag(eigenvalues) @ eigenvectors.T, factor, atol=1e-5, rtol=1e-4
     )
+
+
+def test_kl_clip_scale_by_hand() -> None:
+    from hf_fop.fop_math import kl_clip_scale
+
+    # nu = min(1, sqrt(kl_clip / (lr^2 vg))): vg = 4, lr = 0.1 -> lr^2 vg = 0.04.
+    assert kl_clip_scale(torch.tensor(4.0), 0.1, 0.01).item() == pytest.approx(0.5)
+    assert kl_clip_scale(torch.tensor(4.0), 0.1, 1.0).item() == 1.0  # never enlarges the step
+    # A negative <n, g> (a direction against the gradient) is clipped by its size.
+    assert kl_clip_scale(torch.tensor(-4.0), 0.1, 0.01).item() == pytest.approx(0.5)
+    assert kl_clip_scale(torch.tensor(0.0), 0.1, 0.01).item() == 1.0
