@@ -131,9 +131,11 @@ def train_fsdp2(
     local: int,
     mode: str = "fop",
     optimizer_first: bool = False,
+    micro_batches: int = 1,
 ) -> None:
     """As train_ddp, on a model sharded with fully_shard (parameters as DTensors); with
-    ``optimizer_first`` the optimizer is built before sharding, as accelerate's prepare does."""
+    ``optimizer_first`` the optimizer is built before sharding, as accelerate's prepare does;
+    with ``micro_batches`` > 1, gradient accumulation without reduce-scatter until the last."""
     init_process(rank, world_size, port)
     torch.manual_seed(0)
     model = tiny_vit()
@@ -143,10 +145,15 @@ def train_fsdp2(
     else:
         shard_vit(model)
         optimizer = FOP(model, **SETTINGS, mode=mode)
+    optimizer.gradient_accumulation_steps = micro_batches
     for step in range(steps):
         images, labels = local_batch(step, local, rank, world_size)
         optimizer.zero_grad()
-        F.cross_entropy(model(images).logits, labels).backward()
+        for index, (x, y) in enumerate(
+            zip(images.chunk(micro_batches), labels.chunk(micro_batches))
+        ):
+            model.set_requires_gradient_sync(index == micro_batches - 1)
+            (F.cross_entropy(model(x).logits, y) / micro_batches).backward()
         optimizer.step()
     curvature = optimizer.state_dict()["curvature"]
     torch.save(

@@ -16,26 +16,31 @@ from tests.helpers import free_port, tiny_vit
 STEPS = 4
 
 
-def _runs(tmp_path: Path, worker, mode: str, optimizer_first: bool = False) -> dict[int, dict]:
+def _runs(
+    tmp_path: Path, worker, mode: str, optimizer_first: bool = False, micro_batches: int = 1
+) -> dict[int, dict]:
     out = tmp_path / worker.__name__
     out.mkdir()
     args = (2, free_port(), str(out), STEPS, 8)
-    extra = (1, mode) if worker is train_ddp else (mode, optimizer_first)
+    if worker is train_ddp:
+        extra = (micro_batches, mode)
+    else:
+        extra = (mode, optimizer_first, micro_batches)
     mp.spawn(worker, args=args + extra, nprocs=2, join=True)
     return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("mode", "optimizer_first"),
-    [("fop", False), ("kfac", False), ("fop", True)],
-    ids=["fop", "kfac", "fop-built-before-sharding"],
+    ("mode", "optimizer_first", "micro_batches"),
+    [("fop", False, 1), ("kfac", False, 1), ("fop", True, 1), ("fop", False, 2)],
+    ids=["fop", "kfac", "fop-built-before-sharding", "fop-accumulating-2"],
 )
 def test_fsdp2_trains_like_ddp_with_the_curvature_sharded(
-    tmp_path: Path, mode: str, optimizer_first: bool
+    tmp_path: Path, mode: str, optimizer_first: bool, micro_batches: int
 ) -> None:
-    fsdp = _runs(tmp_path, train_fsdp2, mode, optimizer_first)
-    ddp = _runs(tmp_path, train_ddp, mode)
+    fsdp = _runs(tmp_path, train_fsdp2, mode, optimizer_first, micro_batches)
+    ddp = _runs(tmp_path, train_ddp, mode, micro_batches=micro_batches)
     # The same parameters after several steps (and so the same as one process with the double
     # batch, which the DDP tests pin).
     for name, expected in ddp[0]["params"].items():
