@@ -200,3 +200,34 @@ def fsdp2_resume(rank: int, world_size: int, port: int, out: str, phase: str) ->
         params = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
         torch.save(params, Path(out) / f"{phase}{rank}.pt")
     dist.destroy_process_group()
+
+
+def lora_fsdp2(rank: int, world_size: int, port: int, out: str, sharded: bool) -> None:
+    """LoRA adapters on the attention projections, trained by FOP with or without FSDP2."""
+    from peft import LoraConfig, get_peft_model
+
+    init_process(rank, world_size, port)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_vit(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    base = model.base_model.model
+    if sharded:
+        shard_vit(base)
+        network = base
+    else:
+        network = DistributedDataParallel(base)
+    optimizer = FOP(base, **SETTINGS)
+    for step in range(3):
+        images, labels = local_batch(step, 8, rank, world_size)
+        optimizer.zero_grad()
+        F.cross_entropy(network(images).logits, labels).backward()
+        optimizer.step()
+    params = {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+        for n, p in base.named_parameters()
+        if p.requires_grad
+    }
+    torch.save(
+        {"params": params, "layers": optimizer.layer_names},
+        Path(out) / f"{'fsdp2' if sharded else 'ddp'}{rank}.pt",
+    )
+    dist.destroy_process_group()

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from hf_fop import FOP
 from hf_fop.distributed import assign_layers, decomposition_cost
-from tests.distributed_workers import fsdp2_resume, train_ddp, train_fsdp2
+from tests.distributed_workers import fsdp2_resume, lora_fsdp2, train_ddp, train_fsdp2
 from tests.helpers import free_port, tiny_vit
 
 STEPS = 4
@@ -72,3 +72,17 @@ def test_fsdp2_resume_equals_uninterrupted_with_clipping(tmp_path: Path) -> None
         resumed = torch.load(tmp_path / f"resume{rank}.pt", weights_only=True)
         for name in full:
             torch.testing.assert_close(resumed[name], full[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp2_trains_like_under_ddp(tmp_path: Path) -> None:
+    for sharded in (True, False):
+        mp.spawn(lora_fsdp2, args=(2, free_port(), str(tmp_path), sharded), nprocs=2, join=True)
+    fsdp, ddp = (torch.load(tmp_path / f"{k}0.pt", weights_only=True) for k in ("fsdp2", "ddp"))
+    # FOP preconditions the adapters only: 2 blocks x (q, v) x (A, B).
+    assert len(fsdp["layers"]) == 8 and all(".lora_" in name for name in fsdp["layers"])
+    assert fsdp["params"].keys() == ddp["params"].keys()
+    for name, expected in ddp["params"].items():
+        torch.testing.assert_close(fsdp["params"][name], expected, rtol=1e-5, atol=1e-6)
+    # The adapters moved (LoRA's B starts at zero).
+    assert all(p.abs().max() > 0 for n, p in fsdp["params"].items() if "lora_B" in n)
