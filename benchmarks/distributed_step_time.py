@@ -87,6 +87,15 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         dist.destroy_process_group()
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and loop settings the multi-process benchmarks share."""
+    parser.add_argument("--hidden", type=int, default=192)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--local_batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -97,11 +106,7 @@ def main() -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--hidden", type=int, default=192)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--local_batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_run_arguments(parser)
     parser.add_argument("--curvature_interval", type=int, default=1)
     parser.add_argument("--inverse_interval", type=int, default=5)
     parser.add_argument("--output", type=Path, default=RESULTS / "distributed_step_time.json")

@@ -26,22 +26,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.distributed_step_time import _free_port, _model
+from benchmarks.distributed_step_time import _free_port, _model, add_run_arguments
+from benchmarks.step_cost import tensor_bytes
 from hf_fop import FOP
-from hf_fop.sharding import local_tensor
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _bytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        tensor = local_tensor(value)
-        return tensor.numel() * tensor.element_size()
-    if isinstance(value, dict):
-        return sum(_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_bytes(v) for v in value)
-    return 0
 
 
 def _worker(rank: int, port: int, sharding: str, args: argparse.Namespace, out: str) -> None:
@@ -78,9 +67,9 @@ def _worker(rank: int, port: int, sharding: str, args: argparse.Namespace, out: 
     state = optimizer.state_dict()
     result = {
         "median_step_s": statistics.median(times),
-        "parameter_bytes": sum(_bytes(p) for p in model.parameters()),
-        "optimizer_state_bytes": _bytes(state),
-        "curvature_bytes": _bytes(state["curvature"]),
+        "parameter_bytes": sum(tensor_bytes(p) for p in model.parameters()),
+        "optimizer_state_bytes": tensor_bytes(state),
+        "curvature_bytes": tensor_bytes(state["curvature"]),
         "curvature_layers": len(state["curvature"]),
     }
     Path(out, f"{sharding}_rank{rank}.json").write_text(json.dumps(result))
@@ -91,11 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--hidden", type=int, default=192)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--local_batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_run_arguments(parser)
     parser.add_argument("--curvature_interval", type=int, default=5)
     parser.add_argument("--output", type=Path, default=RESULTS / "fsdp2_memory.json")
     args = parser.parse_args(argv)

@@ -38,13 +38,15 @@ import torch.nn.functional as F
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _state_bytes(value: Any) -> int:
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in nested containers (this rank's shard of a DTensor)."""
     if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
+        tensor = value.to_local() if hasattr(value, "to_local") else value
+        return tensor.numel() * tensor.element_size()
     if isinstance(value, dict):
-        return sum(_state_bytes(v) for v in value.values())
+        return sum(tensor_bytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return sum(_state_bytes(v) for v in value)
+        return sum(tensor_bytes(v) for v in value)
     return 0
 
 
@@ -133,7 +135,7 @@ def _measure(config: dict[str, Any], queue: Any) -> None:
         {
             **config,
             "mean_step_s": sum(times) / len(times),
-            "optimizer_state_bytes": _state_bytes(optimizer.state_dict()),
+            "optimizer_state_bytes": tensor_bytes(optimizer.state_dict()),
             "peak_rss_increase_mib": (peak - rss_before) / 1024,
             "parameters": sum(p.numel() for p in model.parameters()),
             "matmul_flops_per_s": matmul_flops_per_second(hidden, config["batch"]),
