@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for config in configs:
             for code, path in codes.items():  # alternating, so drift hits both alike
                 row = run_config({**config, "code": code, "code_path": path})
+                row.pop("code_path")  # a path of this machine: not part of the result
                 rows.append(row)
         for code in codes:
             measured = {_key(r): r for r in rows if r["code"] == code and r["hidden"] == hidden}
