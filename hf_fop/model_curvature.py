@@ -235,7 +235,7 @@ class ModelCurvature:
             zeros = g_avg.new_zeros(len(rows))
             scalars = FOPDirection(direction, zeros, zeros + 1, zeros.clone(), zeros + 1)
             needs_adam = config.graft == "adamw" or bool(waiting)
-            exp_avg_sq = bucket.second_moment(g_avg) if needs_adam else None
+            exp_avg_sq = bucket.second_moment() if needs_adam else None
             if ready:
                 every = len(ready) == len(bucket)
                 picked = [rows[j] for j in ready]
@@ -265,7 +265,7 @@ class ModelCurvature:
                     scalars = result._replace(direction=direction)
                 else:
                     direction[ready] = chosen
-                    for name in ("beta", "eta", "rho", "kfac_cosine"):
+                    for name in SCALARS:
                         getattr(scalars, name)[ready] = getattr(result, name)
             if waiting:
                 picked = [rows[j] for j in waiting]
@@ -314,13 +314,13 @@ class ModelCurvature:
         Under FSDP2 each owner computed only its layers: one summing all-reduce gives every
         rank every direction (zeros elsewhere), the statistics and the sum.
         """
+        vg = sum((inner(s.direction, s.g_avg).sum() for s in steps), torch.zeros(()))
         if not self.sharded:
             pairs = [
                 (s.bucket.indices[row], matrix)
                 for s in steps
                 for row, matrix in zip(s.rows, s.direction)
             ]
-            vg = sum((inner(s.direction, s.g_avg).sum() for s in steps), torch.zeros(()))
             return pairs, step_statistics(steps) if steps else {}, vg
         computed = {
             s.bucket.indices[row]: (matrix, [getattr(s.scalars, k)[j] for k in SCALARS])
@@ -338,7 +338,6 @@ class ModelCurvature:
             tensors.append(matrix if mine else grad.new_zeros(grad.shape, dtype=torch.float32))
             tensors.append(torch.stack(scalars) if mine else grad.new_zeros(len(SCALARS)))
             owned += [mine, mine]
-        vg = sum((inner(s.direction, s.g_avg).sum() for s in steps), torch.zeros(()))
         vg = vg.reshape(1).to(like.device, torch.float32)
         self.communicator.share_owned([*tensors, vg], [*owned, True])  # vg: summed over ranks
         pairs = list(zip(present, tensors[0::2]))
@@ -454,9 +453,7 @@ class ModelCurvature:
 def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
     targets = {"A": bucket.A, "G": bucket.G, **bucket.decomposition}
     if "graft_exp_avg_sq" in state:
-        targets["graft_exp_avg_sq"] = bucket.second_moment(
-            torch.empty(1, bucket.out_dim, bucket.in_dim, device=bucket.A.device)
-        )
+        targets["graft_exp_avg_sq"] = bucket.second_moment()
     for key, value in state.items():
         if key in targets:
             targets[key][row] = value.to(device=bucket.A.device, dtype=torch.float32)

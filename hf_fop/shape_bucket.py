@@ -76,7 +76,10 @@ class ShapeBucket:
             self.ready[row] = True
         self._cache = None
 
-    def second_moment(self, like: Tensor) -> Tensor:
+    def second_moment(self) -> Tensor:
+        """AdamW's second moment of each layer's gradient matrix (created at first use)."""
         if self.graft_exp_avg_sq is None:
-            self.graft_exp_avg_sq = torch.zeros(len(self), *like.shape[1:], device=like.device)
+            self.graft_exp_avg_sq = torch.zeros(
+                len(self), self.out_dim, self.in_dim, device=self.A.device
+            )
         return self.graft_exp_avg_sq
