@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from transformers import ViTConfig, ViTForImageClassification
 
+from benchmarks.report import write_json
 from hf_fop import FOP
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -136,9 +137,7 @@ def main() -> dict:
         "throughput_ratio_2_over_1": 2 * one["median_step_s"] / two["median_step_s"],
         "comm_share_of_step_2proc": two["comm_s_per_step"] / two["median_step_s"],
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_json(result, args.output)
     return result
 
 

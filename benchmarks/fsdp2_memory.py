@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.distributed_step_time import _free_port, _model, add_run_arguments
+from benchmarks.report import write_json
 from benchmarks.step_cost import tensor_bytes
 from hf_fop import FOP
 
@@ -102,9 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_time_ratio_fsdp2_over_ddp": max(r["median_step_s"] for r in fsdp)
         / max(r["median_step_s"] for r in ddp),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_json(result, args.output)
     return result
 
 

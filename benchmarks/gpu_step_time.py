@@ -11,13 +11,14 @@ The task is generated on the GPU (nothing is downloaded): 10 classes, each a fix
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.report import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -168,9 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "time_to_target": targets,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_json(result, args.output)
     return result
 
 

@@ -20,6 +20,14 @@ BASELINES = ("sgd", "adamw")
 NAMES = {"sgd": "SGD", "adamw": "AdamW", "kfac": "K-FAC", "fop": "FOP"}
 
 
+def write_json(result: dict[str, Any], path: Path) -> None:
+    """A benchmark's result as indented JSON at ``path``, echoed to stdout."""
+    text = json.dumps(result, indent=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(text)
+
+
 def _final(curve: list[dict[str, Any]]) -> float:
     return curve[-1]["accuracy"]
 
