@@ -66,12 +66,13 @@ def _worker(rank: int, port: int, sharding: str, args: argparse.Namespace, out: 
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     state = optimizer.state_dict()
+    curvature = optimizer.curvature.state_dict()  # the layers this rank holds
     result = {
         "median_step_s": statistics.median(times),
         "parameter_bytes": sum(tensor_bytes(p) for p in model.parameters()),
         "optimizer_state_bytes": tensor_bytes(state),
-        "curvature_bytes": tensor_bytes(state["curvature"]),
-        "curvature_layers": len(state["curvature"]),
+        "curvature_bytes": tensor_bytes(curvature),
+        "curvature_layers": len(curvature),
     }
     Path(out, f"{sharding}_rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

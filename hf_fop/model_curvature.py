@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from hf_fop.capture import CurvatureCapture
 from hf_fop.config import FOPConfig
-from hf_fop.curvature import PRECONDITIONERS
 from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
 from hf_fop.fop_math import FOPDirection, inner
 from hf_fop.grafting import adam_direction, adam_step_norm, graft
@@ -381,44 +380,54 @@ class ModelCurvature:
         held = {name for bucket in self.buckets for name in bucket.names}
         return [name for name in self.names if name in held]
 
-    def layer_state(self, name: str) -> dict[str, Tensor | int]:
-        """One layer's curvature (views into its bucket): factors, decomposition, moments."""
+    def layer_state(self, name: str) -> dict[str, Tensor]:
+        """One layer's curvature (views into its bucket), complete from the start: zeros and
+        counters at 0 before its first curvature step, so a checkpoint loader (DCP) finds every
+        tensor a trained optimizer has."""
         for bucket in self.buckets:
             if name in bucket.names:
                 row = bucket.names.index(name)
-                state: dict[str, Tensor | int] = {"factor_updates": bucket.factor_updates[row]}
-                if bucket.factor_updates[row]:
-                    state.update(A=bucket.A[row], G=bucket.G[row])
-                if bucket.ready[row]:
-                    state.update({k: v[row] for k, v in bucket.decomposition.items()})
-                if bucket.graft_exp_avg_sq is not None:
-                    state["graft_exp_avg_sq"] = bucket.graft_exp_avg_sq[row]
+                state = {
+                    "factor_updates": torch.tensor(bucket.factor_updates[row]),
+                    "decomposed": torch.tensor(int(bucket.ready[row])),
+                    "A": bucket.A[row],
+                    "G": bucket.G[row],
+                    **{key: value[row] for key, value in bucket.decomposition.items()},
+                }
+                if self.config.graft == "adamw" or bucket.graft_exp_avg_sq is not None:
+                    state["graft_exp_avg_sq"] = bucket.second_moment()[row]
                 return state
         raise KeyError(f"no preconditioned layer named {name!r}")
 
-    def state_dict(self) -> dict[str, dict[str, Any]]:
-        """Per layer name: plain tensors (copies, so a checkpoint holds no whole buckets)."""
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """Per layer name this rank holds: plain tensors (copies, so a checkpoint holds no
+        whole buckets)."""
         return {
-            name: {
-                key: value.clone() if isinstance(value, Tensor) else value
-                for key, value in self.layer_state(name).items()
-            }
+            name: {key: value.clone() for key, value in self.layer_state(name).items()}
             for name in self.held_names
         }
 
     def load_state_dict(self, saved: dict[str, dict[str, Any]]) -> None:
-        """Load per-layer curvature; every layer is checked (name and shapes) before any is
-        written, so a mismatching checkpoint leaves the curvature as it was."""
+        """Load the curvature of the layers this rank holds (others are ignored: under FSDP2
+        another rank holds them); every layer is checked before any is written, so a
+        mismatching checkpoint leaves the curvature as it was."""
         self.check_state_dict(saved)
         for bucket in self.buckets:
             for row, name in enumerate(bucket.names):
                 _load_layer(bucket, row, saved[name])
             bucket._cache = None
 
-    def check_state_dict(self, saved: dict[str, dict[str, Any]]) -> None:
-        """Raise, naming the layer, when ``saved`` does not belong to these layers."""
-        missing = [name for name in self.held_names if name not in saved]
-        unexpected = [name for name in saved if name not in self.held_names]
+    def check_state_dict(
+        self, saved: dict[str, dict[str, Any]], saved_names: Sequence[str] | None = None
+    ) -> None:
+        """Raise, naming the layer, when ``saved`` does not belong to these layers.
+
+        ``saved_names``: every layer the checkpoint's optimizer preconditioned, where it says
+        (the curvature itself holds only the layers of the rank that saved it under FSDP2)."""
+        expected_names = self.names if saved_names is not None else self.held_names
+        saved_names = list(saved) if saved_names is None else saved_names
+        missing = [name for name in expected_names if name not in saved_names]
+        unexpected = [name for name in saved_names if name not in self.names]
         if missing or unexpected:
             detail = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
             raise ValueError(
@@ -426,6 +435,14 @@ class ModelCurvature:
                 f"{len(missing)} missing, {len(unexpected)} unexpected): it was saved from "
                 "another model or another FOP selection (targets/skip). Load it into the same "
                 "model, or start the optimizer fresh."
+            )
+        absent = [name for name in self.held_names if name not in saved]
+        if absent:
+            raise ValueError(
+                f"the checkpoint holds no FOP curvature for layer {absent[0]!r} ({len(absent)} "
+                "layers lack it): under FSDP2 each rank saves the curvature of its own layers, "
+                "so save with torch.distributed.checkpoint (accelerate's SHARDED_STATE_DICT, "
+                "the default) or one file per rank, not a full state dict gathered on rank 0."
             )
         for bucket in self.buckets:
             expected = {
@@ -458,7 +475,8 @@ def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
         if key in targets:
             targets[key][row] = value.to(device=bucket.A.device, dtype=torch.float32)
     bucket.factor_updates[row] = int(state.get("factor_updates", int("A" in state)))
-    bucket.ready[row] = bucket.method.STATE_KEYS[0] in state
+    # Layouts before "decomposed" saved the decomposition only once it existed.
+    bucket.ready[row] = bool(state.get("decomposed", bucket.method.STATE_KEYS[0] in state))
 
 
 SCALARS = ("beta", "eta", "rho", "kfac_cosine")
@@ -468,32 +486,6 @@ def step_statistics(steps: list[BucketStep]) -> dict[str, Tensor]:
     """Per-layer FOP scalars of a step, one tensor each (kept on the device until read)."""
     stacked = {name: torch.cat([getattr(s.scalars, name) for s in steps]) for name in SCALARS}
     return {**stacked, "rho_abs": stacked["rho"].abs()}
-
-
-# Per-layer curvature keys of checkpoints that kept it in each layer weight's optimizer state.
-LEGACY_KEYS = (
-    "A",
-    "G",
-    "factor_updates",
-    "graft_exp_avg_sq",
-    *(key for cls in PRECONDITIONERS.values() for key in cls.STATE_KEYS),
-)
-
-
-def split_legacy_state(
-    state: dict[int, dict[str, Any]], weight_indices: dict[str, int]
-) -> tuple[dict[int, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """A release-0.1 optimizer state (curvature under each layer weight's index) as
-    (per-parameter state without curvature, curvature by layer name)."""
-    curvature = {
-        name: {k: v for k, v in state.get(index, {}).items() if k in LEGACY_KEYS}
-        for name, index in weight_indices.items()
-    }
-    cleaned = {
-        index: {k: v for k, v in values.items() if k not in LEGACY_KEYS}
-        for index, values in state.items()
-    }
-    return cleaned, curvature
 
 
 def _stack(tensors: list[Tensor | None], shape: tuple[int, ...], like: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hf_fop.checkpoint import nest_curvature, saved_keys, take_curvature
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
 from hf_fop.fop_math import kl_clip_scale
@@ -33,11 +34,11 @@ from hf_fop.mixed_precision import (
     unscale_and_check,
     unscale_statistics,
 )
-from hf_fop.model_curvature import BucketStatistics, ModelCurvature, split_legacy_state
+from hf_fop.model_curvature import BucketStatistics, ModelCurvature
 from hf_fop.param_groups import param_groups, param_indices
 from hf_fop.partition import partition_model, unwrap_model
 from hf_fop.sharding import is_sharded, local_rows, local_tensor
-from hf_fop.update_rules import adamw_step, grafted_step, heavy_ball_step
+from hf_fop.update_rules import adamw_step, grafted_step, heavy_ball_step, initial_state
 
 logger = logging.getLogger("hf_fop")
 
@@ -171,7 +172,9 @@ class FOP(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._empty_step():
-            logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
+            # (torch.distributed.checkpoint runs such a step at lr 0 to create state: quiet)
+            if any(float(g["lr"]) != 0 for g in self.param_groups):
+                logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
         else:
             self._step()
         self.curvature.reset()
@@ -190,10 +193,19 @@ class FOP(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict plus the curvature, keyed by layer name (tensors and plain
-        containers only)."""
+        """torch's state_dict, complete from the start, with each layer's curvature nested in
+        its weight's state (checkpoint.py: the layout torch.distributed.checkpoint needs)."""
+        self._follow_sharding()
         state = super().state_dict()
-        state["curvature"] = self.curvature.state_dict()
+        indices = param_indices(self.param_groups)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.requires_grad and indices[id(param)] not in state["state"]:
+                    state["state"][indices[id(param)]] = initial_state(
+                        group, param, self.config.graft
+                    )
+        weights = {n: indices[id(x.weight)] for n, x in zip(self.layer_names, self.layers)}
+        nest_curvature(state["state"], weights, self.curvature.state_dict())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -201,15 +213,12 @@ class FOP(torch.optim.Optimizer):
         resume), except FOP's own settings: the damping and the KL clip given to this optimizer
         win over the checkpoint's, with a warning when they differ. A checkpoint of another
         model fails here, naming the layer, before anything is loaded."""
-        state_dict = dict(state_dict)
-        curvature = state_dict.pop("curvature", None)
-        if curvature is None:  # written before curvature was saved by layer name
-            indices = param_indices(self.param_groups)
-            weights = {
-                n: indices[id(layer.weight)] for n, layer in zip(self.layer_names, self.layers)
-            }
-            state_dict["state"], curvature = split_legacy_state(state_dict["state"], weights)
-        self.curvature.check_state_dict(curvature)
+        self._follow_sharding()
+        keys = saved_keys(state_dict["param_groups"], self.param_groups)
+        weights = {n: keys.get(id(x.weight)) for n, x in zip(self.layer_names, self.layers)}
+        saved_group = next((g for g in state_dict["param_groups"] if g.get("kind") == "fop"), {})
+        state_dict, curvature, _ = take_curvature(state_dict, weights)
+        self.curvature.check_state_dict(curvature, saved_group.get("layers"))
         super().load_state_dict(state_dict)
         self.curvature.load_state_dict(curvature)
         group = self.fop_group
@@ -225,9 +234,8 @@ class FOP(torch.optim.Optimizer):
                     group[key] = configured
             # torch casts floating state to the parameter's dtype; the preconditioned layers'
             # moving average stays fp32 whatever the model's precision.
-            indices = param_indices(self.param_groups)
             for param in group["params"]:
-                saved = state_dict["state"].get(indices[id(param)], {})
+                saved = state_dict["state"].get(keys[id(param)], {})
                 if "exp_avg" in saved:
                     self.state[param]["exp_avg"] = saved["exp_avg"].to(param.device, torch.float32)
         self._arm_capture()

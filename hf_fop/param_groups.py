@@ -23,6 +23,8 @@ def param_groups(partition: Partition, config: FOPConfig) -> list[dict[str, Any]
             {
                 "params": [p for _, layer in partition.layers for p in layer.params],
                 "kind": "fop",
+                # Saved with the group, so a checkpoint of other layers fails at load by name.
+                "layers": [name for name, _ in partition.layers],
                 "lr": config.lr,
                 # (momentum, second-moment decay of the grafting norm), under the name torch's
                 # cyclic schedulers drive (OneCycleLR, CyclicLR with cycle_momentum).

@@ -19,6 +19,24 @@ from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
+from hf_fop.sharding import local_tensor
+
+
+def initial_state(group: dict[str, Any], param: Tensor, graft: str) -> dict[str, Tensor]:
+    """The state a parameter of ``group`` gets at its first step: zeros shaped (and, under
+    FSDP2, sharded) like the parameter. Starting from it is the same as starting without it."""
+    if group["kind"] == "adamw":
+        return {
+            "step": torch.tensor(0.0),
+            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+        }
+    if not group["betas"][0]:
+        return {}
+    if graft == "adamw":  # fp32 whatever the parameter's precision
+        return {"exp_avg": torch.zeros_like(param, dtype=torch.float32)}
+    return {"momentum_buffer": torch.zeros_like(param)}
+
 
 def adamw_step(group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> None:
     """One AdamW step for the parameters of ``group`` that have gradients."""
@@ -27,11 +45,7 @@ def adamw_step(group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> No
         return
     for param in params:
         if not state[param]:
-            state[param]["step"] = torch.tensor(0.0)
-            state[param]["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state[param]["exp_avg_sq"] = torch.zeros_like(
-                param, memory_format=torch.preserve_format
-            )
+            state[param].update(initial_state(group, param, "adamw"))
     beta1, beta2 = group["betas"]
     adamw(
         params,
@@ -62,11 +76,17 @@ def heavy_ball_step(
     """p -= lr * buf, buf = momentum * buf + (d + weight_decay * p): torch's SGD on ``d``.
 
     ``targets`` are the tensors updated (each parameter, or its local shard under FSDP2);
-    the state stays keyed by the parameters."""
+    the state stays keyed by the parameters, shaped like them."""
     if not targets:
         return
     directions = [d.to(t.dtype) for t, d in zip(targets, directions)]
-    buffers = [state[p].get("momentum_buffer") for p in params]
+    buffers: list[Tensor | None] = [None] * len(params)
+    if momentum:
+        for param in params:
+            if "momentum_buffer" not in state[param]:
+                # A zero buffer gives the first step exactly what torch's fresh one does.
+                state[param]["momentum_buffer"] = torch.zeros_like(param)
+        buffers = [local_tensor(state[p]["momentum_buffer"]) for p in params]
     sgd(
         targets,
         directions,
@@ -78,9 +98,6 @@ def heavy_ball_step(
         nesterov=False,
         maximize=False,
     )
-    if momentum:
-        for param, buffer in zip(params, buffers):
-            state[param]["momentum_buffer"] = buffer
 
 
 def grafted_step(
@@ -103,11 +120,9 @@ def grafted_step(
     if not momentum:
         torch._foreach_add_(targets, directions, alpha=-lr)
         return
-    for param, direction in zip(params, directions):
+    for param in params:
         if "exp_avg" not in state[param]:
-            state[param]["exp_avg"] = torch.zeros_like(
-                direction, memory_format=torch.contiguous_format
-            )
-    averages = [state[p]["exp_avg"] for p in params]
+            state[param]["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
+    averages = [local_tensor(state[p]["exp_avg"]) for p in params]
     torch._foreach_lerp_(averages, directions, 1 - momentum)
     torch._foreach_add_(targets, averages, alpha=-lr / (1 - momentum**step))

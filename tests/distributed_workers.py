@@ -109,7 +109,7 @@ def partial_participation(rank: int, world_size: int, port: int, out: str) -> No
     model = TwoBranches()
     optimizer = FOP(model, targets="all-linear", curvature_interval=1)
     one_branch_step(model, optimizer, rank)
-    torch.save(optimizer.state_dict()["curvature"], Path(out) / f"rank{rank}.pt")
+    torch.save(optimizer.curvature.state_dict(), Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -155,7 +155,7 @@ def train_fsdp2(
             model.set_requires_gradient_sync(index == micro_batches - 1)
             (F.cross_entropy(model(x).logits, y) / micro_batches).backward()
         optimizer.step()
-    curvature = optimizer.state_dict()["curvature"]
+    curvature = optimizer.curvature.state_dict()
     torch.save(
         {
             "params": {n: p.full_tensor().detach() for n, p in model.named_parameters()},
@@ -174,20 +174,52 @@ def train_fsdp2(
     dist.destroy_process_group()
 
 
-def fsdp2_resume(rank: int, world_size: int, port: int, out: str, phase: str) -> None:
-    """FSDP2 + FOP with clipping: 4 steps straight ("full"), or 2 steps saved per rank
-    ("first") and then loaded into fresh processes for the last 2 ("resume")."""
+def _save(model: torch.nn.Module, optimizer: FOP, path: Path, layout: str) -> None:
+    if layout == "dcp":  # what accelerate and the Trainer do under FSDP2 (SHARDED_STATE_DICT)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+    else:  # one torch.save file per rank, DTensors included
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+            path / f"rank{dist.get_rank()}.pt",
+        )
+
+
+def _load(model: torch.nn.Module, optimizer: FOP, path: Path, layout: str) -> None:
+    if layout == "dcp":  # in place into a fresh optimizer's state_dict, then set
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+    else:
+        saved = torch.load(path / f"rank{dist.get_rank()}.pt", weights_only=False)  # DTensors
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+
+
+def fsdp2_resume(
+    rank: int, world_size: int, port: int, out: str, phase: str, layout: str = "torch"
+) -> None:
+    """FSDP2 + FOP with clipping: 4 steps straight ("full"), or 2 steps saved ("first") and
+    then loaded into fresh processes for the last 2 ("resume"); ``layout``: "dcp"
+    (torch.distributed.checkpoint) or "torch" (a torch.save file per rank)."""
     init_process(rank, world_size, port)
     torch.manual_seed(0)
     model = tiny_vit()
     shard_vit(model)
     optimizer = FOP(model, **SETTINGS)
-    checkpoint = Path(out) / f"checkpoint{rank}.pt"
+    checkpoint = Path(out) / f"checkpoint_{layout}"
     steps = range(4) if phase == "full" else range(2) if phase == "first" else range(2, 4)
     if phase == "resume":
-        saved = torch.load(checkpoint, weights_only=False)  # DTensors
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        _load(model, optimizer, checkpoint, layout)
     for step in steps:
         images, labels = local_batch(step, 8, rank, world_size)
         optimizer.zero_grad()
@@ -195,10 +227,11 @@ def fsdp2_resume(rank: int, world_size: int, port: int, out: str, phase: str) ->
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # on DTensors
         optimizer.step()
     if phase == "first":
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, checkpoint)
+        checkpoint.mkdir(exist_ok=True)
+        _save(model, optimizer, checkpoint, layout)
     else:
         params = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
-        torch.save(params, Path(out) / f"{phase}{rank}.pt")
+        torch.save(params, Path(out) / f"{phase}_{layout}{rank}.pt")
     dist.destroy_process_group()
 
 

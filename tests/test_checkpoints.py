@@ -1,4 +1,5 @@
-"""Checkpoints keep the curvature by layer name: mismatches fail at load, old ones still resume."""
+"""Checkpoints: complete from the start, curvature nested in each weight's state, layers named;
+mismatches fail at load, the two older layouts still resume."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hf_fop.param_groups import param_indices
 from tests.helpers import TokenClassifier, token_data, train
 
 SETTINGS = dict(curvature_interval=2, inverse_interval=3, lr=0.03)
+LAYERS = ["blocks.0.1", "blocks.0.3", "blocks.1.1", "blocks.1.3"]
 
 
 def _saved(optimizer: FOP) -> dict:
@@ -32,6 +34,16 @@ def _tensors(value: object) -> list[torch.Tensor]:
     return []
 
 
+def _layout(value: object, prefix: str = "") -> dict[str, tuple[int, ...] | str]:
+    """Every leaf of a nested state as path -> tensor shape (or the type of a plain value)."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_layout(item, f"{prefix}/{key}"))
+        return out
+    return {prefix: tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}
+
+
 def _trained(steps: int = 4) -> tuple[TokenClassifier, FOP]:
     tokens, labels = token_data()
     torch.manual_seed(0)
@@ -41,15 +53,46 @@ def _trained(steps: int = 4) -> tuple[TokenClassifier, FOP]:
     return model, optimizer
 
 
-def test_curvature_is_saved_by_layer_name() -> None:
+def _weight_indices(optimizer: FOP) -> dict[str, int]:
+    indices = param_indices(optimizer.param_groups)
+    return {n: indices[id(x.weight)] for n, x in zip(optimizer.layer_names, optimizer.layers)}
+
+
+def test_curvature_is_nested_in_each_weights_state_and_the_layers_are_named() -> None:
     _, optimizer = _trained()
-    curvature = optimizer.state_dict()["curvature"]
-    assert list(curvature) == ["blocks.0.1", "blocks.0.3", "blocks.1.1", "blocks.1.3"]
-    first = curvature["blocks.0.1"]
-    assert first["A"].shape == (17, 17) and first["G"].shape == (32, 32)
-    assert first["factor_updates"] == 2  # curvature steps 0 and 2
+    state_dict = optimizer.state_dict()
+    assert state_dict["param_groups"][0]["layers"] == LAYERS
+    first = state_dict["state"][_weight_indices(optimizer)["blocks.0.1"]]
+    assert {"exp_avg", "curvature"} <= first.keys()
+    curvature = first["curvature"]
+    assert curvature["A"].shape == (17, 17) and curvature["G"].shape == (32, 32)
+    assert curvature["factor_updates"] == 2 and curvature["decomposed"] == 1  # steps 0 and 2
     # Copies, not views of the stacked bucket: a checkpoint holds each layer once.
-    assert first["A"].untyped_storage().nbytes() == 17 * 17 * 4
+    assert curvature["A"].untyped_storage().nbytes() == 17 * 17 * 4
+    # The optimizer's own state is not changed by saving it.
+    assert "curvature" not in optimizer.state[optimizer.layers[0].weight]
+
+
+def test_a_fresh_state_dict_has_every_tensor_of_a_trained_one() -> None:
+    # torch.distributed.checkpoint loads in place into a fresh optimizer's state_dict, so
+    # whatever is missing there would silently not be restored.
+    torch.manual_seed(0)
+    fresh = FOP(TokenClassifier(), **SETTINGS)
+    _, trained = _trained(steps=1)
+    assert _layout(fresh.state_dict()) == _layout(trained.state_dict())
+    # ... and loading the zeros is the same as starting without them.
+    tokens, labels = token_data()
+    runs = []
+    for load in (False, True):
+        torch.manual_seed(0)
+        model = TokenClassifier()
+        optimizer = FOP(model, **SETTINGS)
+        if load:
+            optimizer.load_state_dict(_saved(FOP(TokenClassifier(), **SETTINGS)))
+        runs.append((train(model, optimizer, tokens, labels, steps=4), model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    for name, value in runs[0][1].items():
+        assert torch.equal(value, runs[1][1][name])
 
 
 @pytest.mark.parametrize("other", ["narrower", "fewer_layers"])
@@ -75,23 +118,45 @@ def test_checkpoint_of_another_model_fails_at_load_naming_the_layer(other: str) 
     assert flat_before and all(torch.equal(a, b) for a, b in zip(_tensors(after), flat_before))
 
 
-def test_checkpoint_with_curvature_in_the_weights_state_resumes_exactly() -> None:
-    # Release 0.1 kept each layer's curvature in its weight's optimizer state, by index.
+def test_a_checkpoint_without_some_layers_curvature_fails_naming_the_layer() -> None:
+    # What a full state dict gathered on rank 0 under FSDP2 would hold: rank 0's layers only.
+    _, optimizer = _trained()
+    checkpoint = _saved(optimizer)
+    del checkpoint["state"][_weight_indices(optimizer)["blocks.1.1"]]["curvature"]
+    with pytest.raises(ValueError, match="no FOP curvature for layer 'blocks.1.1'.*SHARDED"):
+        FOP(TokenClassifier(), **SETTINGS).load_state_dict(checkpoint)
+
+
+def _older_layout(checkpoint: dict, optimizer: FOP, layout: str) -> dict:
+    """The checkpoint as an earlier version wrote it: curvature by layer name at the top level,
+    or release 0.1's flat keys in each weight's state; no layer names in the group."""
+    state = {key: dict(value) for key, value in checkpoint["state"].items()}
+    groups = [{k: v for k, v in g.items() if k != "layers"} for g in checkpoint["param_groups"]]
+    curvature = {}
+    for name, index in _weight_indices(optimizer).items():
+        layer = state[index].pop("curvature")
+        del layer["decomposed"]
+        curvature[name] = layer
+        if layout == "release-0.1":
+            state[index].update(layer)
+    older = {"state": state, "param_groups": groups}
+    if layout == "by-name":
+        older["curvature"] = curvature
+    return older
+
+
+@pytest.mark.parametrize("layout", ["by-name", "release-0.1"])
+def test_checkpoints_of_older_layouts_resume_exactly(layout: str) -> None:
     tokens, labels = token_data()
     model, optimizer = _trained()
     initial_model = copy.deepcopy(model.state_dict())
-    checkpoint = _saved(optimizer)
-    legacy = {"state": dict(checkpoint["state"]), "param_groups": checkpoint["param_groups"]}
-    indices = param_indices(optimizer.param_groups)
-    for name, layer in zip(optimizer.layer_names, optimizer.layers):
-        index = indices[id(layer.weight)]
-        legacy["state"][index] = {**legacy["state"].get(index, {}), **checkpoint["curvature"][name]}
+    checkpoint = _older_layout(_saved(optimizer), optimizer, layout)
     uninterrupted = train(model, optimizer, tokens, labels, steps=5)
 
     resumed_model = TokenClassifier()
     resumed_model.load_state_dict(initial_model)
     resumed = FOP(resumed_model, **SETTINGS)
-    resumed.load_state_dict(legacy)
+    resumed.load_state_dict(checkpoint)
     assert train(resumed_model, resumed, tokens, labels, steps=5) == uninterrupted
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)

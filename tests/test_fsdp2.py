@@ -64,12 +64,19 @@ def test_fsdp2_trains_like_ddp_with_the_curvature_sharded(
 
 
 @pytest.mark.slow
-def test_fsdp2_resume_equals_uninterrupted_with_clipping(tmp_path: Path) -> None:
-    for phase in ("full", "first", "resume"):
-        mp.spawn(fsdp2_resume, args=(2, free_port(), str(tmp_path), phase), nprocs=2, join=True)
+@pytest.mark.parametrize("layout", ["dcp", "torch"])
+def test_fsdp2_resume_equals_uninterrupted_with_clipping(tmp_path: Path, layout: str) -> None:
+    # "dcp": torch.distributed.checkpoint, as accelerate and the Trainer save under FSDP2; it
+    # loads only what a fresh optimizer's state_dict already holds.
+    phases = ("full", "first", "resume")
+    for phase in phases:
+        args = (2, free_port(), str(tmp_path), phase, layout)
+        mp.spawn(fsdp2_resume, args=args, nprocs=2, join=True)
     for rank in (0, 1):
-        full = torch.load(tmp_path / f"full{rank}.pt", weights_only=True)
-        resumed = torch.load(tmp_path / f"resume{rank}.pt", weights_only=True)
+        full, resumed = (
+            torch.load(tmp_path / f"{phase}_{layout}{rank}.pt", weights_only=True)
+            for phase in ("full", "resume")
+        )
         for name in full:
             torch.testing.assert_close(resumed[name], full[name], rtol=1e-6, atol=1e-7)
 

@@ -1,0 +1,88 @@
+"""FOP's checkpoint layout: torch's optimizer state_dict, complete, with each layer's curvature
+nested in its weight's state (``state[weight]["curvature"]``), as Distributed Shampoo nests its
+preconditioners.
+
+Why this layout: torch.distributed.checkpoint (DCP, and so accelerate's and the Trainer's FSDP2
+checkpoints) keeps only ``state`` and ``param_groups``, keyed by parameter name, and loads in
+place into the state_dict of a fresh optimizer. So every tensor FOP will have must already be
+there before the first step (zeros, exactly what the first step would create), the moments of
+sharded parameters are DTensors, and a layer's curvature appears only on the rank that holds it
+(DCP saves each key once and any rank can read it back). The FOP param group carries the layer
+names, so a checkpoint of other layers fails at load naming the layer.
+
+Two older layouts still load: curvature by layer name under a top-level ``"curvature"`` key,
+and release 0.1's flat keys in each weight's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from hf_fop.curvature import PRECONDITIONERS
+
+CURVATURE = "curvature"
+
+# Release 0.1's per-layer curvature keys, kept flat in each layer weight's optimizer state.
+LEGACY_KEYS = frozenset(
+    (
+        "A",
+        "G",
+        "factor_updates",
+        "graft_exp_avg_sq",
+        *(key for cls in PRECONDITIONERS.values() for key in cls.STATE_KEYS),
+    )
+)
+
+
+def saved_keys(
+    saved_groups: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]]
+) -> dict[int, Hashable]:
+    """Parameter id -> its key in a saved ``state`` (an index, or a name under DCP), matched by
+    position in the param groups as torch's ``load_state_dict`` matches them."""
+    return {
+        id(param): key
+        for saved, group in zip(saved_groups, groups)
+        for key, param in zip(saved["params"], group["params"])
+    }
+
+
+def nest_curvature(
+    state: dict[Hashable, dict[str, Any]],
+    weight_keys: dict[str, Hashable],
+    curvature: dict[str, dict[str, Any]],
+) -> None:
+    """Put each layer's curvature into its weight's entry of ``state`` (new dicts: the entries
+    of torch's state_dict are the optimizer's own)."""
+    for name, layer_state in curvature.items():
+        key = weight_keys[name]
+        state[key] = {**state.get(key, {}), CURVATURE: layer_state}
+
+
+def take_curvature(
+    state_dict: dict[str, Any], weight_keys: dict[str, Hashable]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], bool]:
+    """Split a saved optimizer state_dict of any layout into (torch's part, curvature by layer
+    name, whether the layout names its layers). ``state_dict`` is left as it was."""
+    state_dict = dict(state_dict)
+    state = dict(state_dict["state"])
+    state_dict["state"] = state
+    if CURVATURE in state_dict:  # by layer name, top level
+        return state_dict, state_dict.pop(CURVATURE), True
+    nested = any(CURVATURE in state.get(key, {}) for key in weight_keys.values())
+    curvature: dict[str, dict[str, Any]] = {}
+    for name, key in weight_keys.items():
+        entry = state.get(key)
+        if entry is None:
+            continue
+        names = (CURVATURE,) if nested else LEGACY_KEYS
+        taken = {k: v for k, v in entry.items() if k in names}
+        if nested:
+            if taken:
+                curvature[name] = taken[CURVATURE]
+        else:  # release 0.1: a layer without state starts fresh
+            curvature[name] = taken
+        state[key] = {k: v for k, v in entry.items() if k not in names}
+    if not nested:
+        curvature.update({name: {} for name in weight_keys if name not in curvature})
+    return state_dict, curvature, nested
