@@ -123,7 +123,7 @@ def test_a_checkpoint_without_some_layers_curvature_fails_naming_the_layer() -> 
     _, optimizer = _trained()
     checkpoint = _saved(optimizer)
     del checkpoint["state"][_weight_indices(optimizer)["blocks.1.1"]]["curvature"]
-    with pytest.raises(ValueError, match="no FOP curvature for layer 'blocks.1.1'.*SHARDED"):
+    with pytest.raises(ValueError, match=r"no FOP curvature for layer 'blocks.1.1'.*SHARDED"):
         FOP(TokenClassifier(), **SETTINGS).load_state_dict(checkpoint)
 
 
