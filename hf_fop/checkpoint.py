@@ -4,10 +4,11 @@ preconditioners.
 
 Why this layout: torch.distributed.checkpoint (DCP, and so accelerate's and the Trainer's FSDP2
 checkpoints) keeps only ``state`` and ``param_groups``, keyed by parameter name, and loads in
-place into the state_dict of a fresh optimizer. So every tensor FOP will have must already be
-there before the first step (zeros, exactly what the first step would create), the moments of
-sharded parameters are DTensors, and a layer's curvature appears only on the rank that holds it
-(DCP saves each key once and any rank can read it back). The FOP param group carries the layer
+place into the state_dict of a fresh optimizer (after a step at lr 0 on zero gradients, which
+makes FOP create its per-parameter state, as torch's optimizers do). So each layer's curvature
+is there from the start (zeros and counters at 0), the moments of sharded parameters are
+DTensors, and a layer's curvature appears only on the rank that holds it (DCP saves each key
+once and any rank can read it back). The FOP param group carries the layer
 names, so a checkpoint of other layers fails at load naming the layer.
 
 Two older layouts still load: curvature by layer name under a top-level ``"curvature"`` key,
@@ -82,7 +83,11 @@ def take_curvature(
                 curvature[name] = taken[CURVATURE]
         else:  # release 0.1: a layer without state starts fresh
             curvature[name] = taken
-        state[key] = {k: v for k, v in entry.items() if k not in names}
+        rest = {k: v for k, v in entry.items() if k not in names}
+        if rest:
+            state[key] = rest
+        else:  # the entry held only curvature: torch's loader would create empty state
+            del state[key]
     if not nested:
         curvature.update({name: {} for name in weight_keys if name not in curvature})
     return state_dict, curvature, nested

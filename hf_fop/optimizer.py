@@ -171,8 +171,12 @@ class FOP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_sharding()
         if self._empty_step():
-            # (torch.distributed.checkpoint runs such a step at lr 0 to create state: quiet)
+            # What the first step creates, as torch's optimizers do on zero gradients:
+            # torch.distributed.checkpoint runs such a step at lr 0 to build the state it loads
+            # into (quietly, then).
+            self._initialise_state()
             if any(float(g["lr"]) != 0 for g in self.param_groups):
                 logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
         else:
@@ -193,17 +197,11 @@ class FOP(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict, complete from the start, with each layer's curvature nested in
-        its weight's state (checkpoint.py: the layout torch.distributed.checkpoint needs)."""
+        """torch's state_dict with each layer's curvature nested in its weight's state, complete
+        from the start (checkpoint.py: the layout torch.distributed.checkpoint needs)."""
         self._follow_sharding()
         state = super().state_dict()
         indices = param_indices(self.param_groups)
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.requires_grad and indices[id(param)] not in state["state"]:
-                    state["state"][indices[id(param)]] = initial_state(
-                        group, param, self.config.graft
-                    )
         weights = {n: indices[id(x.weight)] for n, x in zip(self.layer_names, self.layers)}
         nest_curvature(state["state"], weights, self.curvature.state_dict())
         return state
@@ -250,7 +248,6 @@ class FOP(torch.optim.Optimizer):
         self.capture.collect_first_half = self.config.mode == "fop"
 
     def _step(self) -> None:
-        self._follow_sharding()
         # GradScaler.step sets these: S while p.grad is still scaled, and its overflow flag.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -288,6 +285,12 @@ class FOP(torch.optim.Optimizer):
         for adamw_group in self.param_groups:
             if adamw_group["kind"] == "adamw":
                 adamw_step(adamw_group, self.state)
+
+    def _initialise_state(self) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.requires_grad and not self.state.get(param):
+                    self.state[param].update(initial_state(group, param, self.config.graft))
 
     def _follow_sharding(self) -> None:
         """The model was sharded with fully_shard after this optimizer was built: point the

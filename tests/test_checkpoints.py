@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from hf_fop import FOP
 from hf_fop.param_groups import param_indices
@@ -73,14 +74,18 @@ def test_curvature_is_nested_in_each_weights_state_and_the_layers_are_named() ->
     assert "curvature" not in optimizer.state[optimizer.layers[0].weight]
 
 
-def test_a_fresh_state_dict_has_every_tensor_of_a_trained_one() -> None:
-    # torch.distributed.checkpoint loads in place into a fresh optimizer's state_dict, so
-    # whatever is missing there would silently not be restored.
+def test_a_fresh_optimizer_offers_every_tensor_of_a_trained_one_to_dcp() -> None:
+    # torch.distributed.checkpoint loads in place into a fresh optimizer's state_dict (after a
+    # step at lr 0 on zero gradients), so whatever is missing there would silently not load.
     torch.manual_seed(0)
-    fresh = FOP(TokenClassifier(), **SETTINGS)
-    _, trained = _trained(steps=1)
-    assert _layout(fresh.state_dict()) == _layout(trained.state_dict())
-    # ... and loading the zeros is the same as starting without them.
+    model = TokenClassifier()
+    fresh = FOP(model, **SETTINGS)
+    trained_model, trained = _trained(steps=1)
+    assert _layout(get_optimizer_state_dict(model, fresh)) == _layout(
+        get_optimizer_state_dict(trained_model, trained)
+    )
+    assert all(p.grad is None for p in model.parameters())
+    # ... and loading those zeros is the same as starting without them.
     tokens, labels = token_data()
     runs = []
     for load in (False, True):
@@ -88,7 +93,9 @@ def test_a_fresh_state_dict_has_every_tensor_of_a_trained_one() -> None:
         model = TokenClassifier()
         optimizer = FOP(model, **SETTINGS)
         if load:
-            optimizer.load_state_dict(_saved(FOP(TokenClassifier(), **SETTINGS)))
+            zeros = FOP(TokenClassifier(), **SETTINGS)
+            zeros.step()  # gradients of None: nothing to do, the state is created
+            optimizer.load_state_dict(_saved(zeros))
         runs.append((train(model, optimizer, tokens, labels, steps=4), model.state_dict()))
     assert runs[0][0] == runs[1][0]
     for name, value in runs[0][1].items():

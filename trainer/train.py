@@ -3,6 +3,7 @@
     python -m hf_fop_trainer.train --optim fop --output_dir outputs/vit        # ViT on digits
     python -m hf_fop_trainer.train --task text --optim fop --use_peft ...      # MiniLM + LoRA
     accelerate launch --config_file trainer/accelerate/cpu_2proc.yaml -m hf_fop_trainer.train ...
+    accelerate launch --config_file trainer/accelerate/fsdp2_cpu_2proc.yaml -m hf_fop_trainer.train
 
 Any `--dataset_name` that `datasets` loads, an imagefolder (`--train_dir`), CSV/JSON files
 (`--train_file`), or the embedded offline defaults. Every TrainingArguments flag works, plus
@@ -34,6 +35,7 @@ from hf_fop_trainer.models import add_lora, build_image_model, build_text_model
 from transformers import HfArgumentParser, TrainerCallback, default_data_collator, set_seed
 
 from hf_fop.integration import FOPTrainer, FOPTrainingArguments
+from hf_fop.integration.cpu_fsdp import allow_fsdp_on_cpu
 from hf_fop.metrics import load_metric
 
 logger = logging.getLogger("hf_fop_trainer")
@@ -108,6 +110,8 @@ def run(
     """Build data, model and FOPTrainer from the arguments, train, evaluate."""
     if model_args.task not in ("image", "text"):
         raise ValueError(f"--task must be 'image' or 'text', got {model_args.task!r}")
+    if not has_accelerator():
+        allow_fsdp_on_cpu()  # an FSDP config shards on CPU processes too (see cpu_fsdp.py)
     set_seed(training_args.seed)
     splits = load_splits(data_args, model_args.task, training_args.seed)
     columns = splits["train"].column_names
@@ -177,10 +181,25 @@ def run(
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(train_result.metrics)
     metrics.update(trainer.evaluate())
-    if training_args.should_save:
+    if trainer.is_fsdp_enabled:
+        save_full_model(trainer)
+    elif training_args.should_save:
         trainer.save_model()
-        trainer.save_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
     return RunResult(metrics=metrics, trainer=trainer)
+
+
+def save_full_model(trainer: FOPTrainer) -> None:
+    """The final model of a sharded run as one safetensors file (the Trainer saves it only as
+    a sharded checkpoint). Gathering it is collective: every rank calls this, rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(trainer.model, options=options)
+    if trainer.args.should_save:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        state = {name: tensor.clone() for name, tensor in state.items()}
+        model.save_pretrained(trainer.args.output_dir, state_dict=state)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
