@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 kfac = measured[(hidden, "kfac", row["interval"])]
                 row["ratio_to_kfac"] = row["mean_step_s"] / kfac["mean_step_s"]
                 flops = unavoidable_flops(hidden, 4, args.batch, row["interval"], row["optimizer"])
+                row["floor_flops"] = flops
                 row["floor_s"] = flops / row["matmul_flops_per_s"]
                 row["overhead_over_floor"] = (row["mean_step_s"] - adamw["mean_step_s"]) / row[
                     "floor_s"

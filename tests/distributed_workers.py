@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from hf_fop import FOP
+from hf_fop.sharding import full_tensor, is_sharded
 from tests.helpers import image_data, tiny_vit
 
 SETTINGS = dict(lr=3e-3, curvature_interval=1, inverse_interval=2)
@@ -113,13 +114,21 @@ def partial_participation(rank: int, world_size: int, port: int, out: str) -> No
     dist.destroy_process_group()
 
 
-def shard_vit(model: torch.nn.Module) -> None:
-    """FSDP2's usual recipe: fully_shard every transformer block, then the root."""
+def shard_vit(model: torch.nn.Module, unsharded: set[torch.nn.Parameter] | None = None) -> None:
+    """FSDP2's usual recipe: fully_shard every transformer block, then the root; parameters in
+    ``unsharded`` stay whole on every rank (``ignored_params``)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in model.vit.encoder.layer if hasattr(model.vit, "encoder") else model.vit.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, ignored_params=unsharded)
+    fully_shard(model, ignored_params=unsharded)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """What FSDP2 leaves to the user for parameters it ignores: averaging their gradients."""
+    for param in params:
+        dist.all_reduce(param.grad)
+        param.grad /= dist.get_world_size()
 
 
 def train_fsdp2(
@@ -132,18 +141,21 @@ def train_fsdp2(
     mode: str = "fop",
     optimizer_first: bool = False,
     micro_batches: int = 1,
+    unsharded_layer: bool = False,
 ) -> None:
     """As train_ddp, on a model sharded with fully_shard (parameters as DTensors); with
     ``optimizer_first`` the optimizer is built before sharding, as accelerate's prepare does;
-    with ``micro_batches`` > 1, gradient accumulation without reduce-scatter until the last."""
+    with ``micro_batches`` > 1, gradient accumulation without reduce-scatter until the last;
+    with ``unsharded_layer``, the last MLP projection is left whole on every rank."""
     init_process(rank, world_size, port)
     torch.manual_seed(0)
     model = tiny_vit()
+    whole = list(model.vit.layers[-1].mlp.fc2.parameters()) if unsharded_layer else []
     if optimizer_first:
         optimizer = FOP(model, **SETTINGS, mode=mode)
-        shard_vit(model)
+        shard_vit(model, set(whole))
     else:
-        shard_vit(model)
+        shard_vit(model, set(whole))
         optimizer = FOP(model, **SETTINGS, mode=mode)
     optimizer.gradient_accumulation_steps = micro_batches
     for step in range(steps):
@@ -154,11 +166,13 @@ def train_fsdp2(
         ):
             model.set_requires_gradient_sync(index == micro_batches - 1)
             (F.cross_entropy(model(x).logits, y) / micro_batches).backward()
+        average_gradients(whole)
         optimizer.step()
     curvature = optimizer.curvature.state_dict()
     torch.save(
         {
-            "params": {n: p.full_tensor().detach() for n, p in model.named_parameters()},
+            "params": {n: full_tensor(p).detach() for n, p in model.named_parameters()},
+            "whole": [n for n, p in model.named_parameters() if not is_sharded(p)],
             "curvature_layers": sorted(curvature),
             "curvature_bytes": sum(
                 t.numel() * t.element_size()

@@ -17,7 +17,12 @@ STEPS = 4
 
 
 def _runs(
-    tmp_path: Path, worker, mode: str, optimizer_first: bool = False, micro_batches: int = 1
+    tmp_path: Path,
+    worker,
+    mode: str,
+    optimizer_first: bool = False,
+    micro_batches: int = 1,
+    unsharded_layer: bool = False,
 ) -> dict[int, dict]:
     out = tmp_path / worker.__name__
     out.mkdir()
@@ -25,7 +30,7 @@ def _runs(
     if worker is train_ddp:
         extra = (micro_batches, mode)
     else:
-        extra = (mode, optimizer_first, micro_batches)
+        extra = (mode, optimizer_first, micro_batches, unsharded_layer)
     mp.spawn(worker, args=args + extra, nprocs=2, join=True)
     return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
 
@@ -61,6 +66,21 @@ def test_fsdp2_trains_like_ddp_with_the_curvature_sharded(
     if mode == "fop":
         assert fsdp[0]["statistics"] == pytest.approx(fsdp[1]["statistics"])
         assert fsdp[0]["statistics"]["beta_max"] != 0.0
+
+
+@pytest.mark.slow
+def test_a_layer_left_unsharded_trains_like_ddp(tmp_path: Path) -> None:
+    # fully_shard(..., ignored_params=...) keeps the last MLP projection whole on every rank
+    # (its gradients averaged by the caller): FOP preconditions it beside the sharded ones.
+    fsdp = _runs(tmp_path, train_fsdp2, "fop", unsharded_layer=True)
+    ddp = _runs(tmp_path, train_ddp, "fop")
+    whole = ["vit.layers.1.mlp.fc2.weight", "vit.layers.1.mlp.fc2.bias"]
+    assert fsdp[0]["whole"] == fsdp[1]["whole"] == whole
+    for name, expected in ddp[0]["params"].items():
+        for rank in (0, 1):
+            torch.testing.assert_close(fsdp[rank]["params"][name], expected, rtol=1e-5, atol=1e-5)
+    held = fsdp[0]["curvature_layers"] + fsdp[1]["curvature_layers"]
+    assert sorted(held) == sorted(FOP(tiny_vit()).layer_names)  # still each layer once
 
 
 @pytest.mark.slow
