@@ -114,6 +114,10 @@ def test_sharding_wrappers_are_rejected(name: str, match: str) -> None:
     [
         (dict(deepspeed="ds_config.json"), "DeepSpeed"),
         (dict(fsdp=["full_shard"]), "FSDP2 only.*fsdp_version"),
+        (
+            dict(fsdp=["full_shard"], fsdp_config={"fsdp_version": 2}, save_strategy="steps"),
+            "SHARDED_STATE_DICT",
+        ),
         (dict(parallel_mode=SimpleNamespace(value="not_distributed")), "DataParallel"),
     ],
 )
@@ -121,7 +125,12 @@ def test_trainer_setups_that_break_curvature_fail_early(args: dict, match: str) 
     from hf_fop.integration.trainer import check_supported_setup
 
     settings = dict(
-        optim="fop", deepspeed=None, fsdp=[], parallel_mode=SimpleNamespace(value="distributed")
+        optim="fop",
+        deepspeed=None,
+        fsdp=[],
+        fsdp_config={},
+        save_strategy="no",
+        parallel_mode=SimpleNamespace(value="distributed"),
     )
     settings.update(args)
     with pytest.raises(UnsupportedWrapperError, match=match):
@@ -165,6 +174,10 @@ def test_trainer_accepts_fsdp2_configs() -> None:
         deepspeed=None,
         fsdp=["full_shard", "auto_wrap"],
         fsdp_config={"fsdp_version": 2},
+        save_strategy="no",
         parallel_mode=SimpleNamespace(value="distributed"),
     )
     check_supported_setup(args)  # no error: FSDP2 is supported
+    args.save_strategy = "steps"
+    args.fsdp_config["state_dict_type"] = "SHARDED_STATE_DICT"
+    check_supported_setup(args)  # checkpoints through torch.distributed.checkpoint

@@ -50,6 +50,18 @@ def check_supported_setup(args: Any) -> None:
             'matrices): add "fsdp_version": 2 to --fsdp_config (accelerate: fsdp_version: 2), '
             "or drop --fsdp and launch with `accelerate launch` (DDP)."
         )
+    if (
+        getattr(args, "fsdp", None)
+        and str(getattr(args, "save_strategy", "no")).lower() not in ("no", "savestrategy.no")
+        and (args.fsdp_config or {}).get("state_dict_type", "FULL_STATE_DICT")
+        != "SHARDED_STATE_DICT"
+    ):
+        raise UnsupportedWrapperError(
+            "under FSDP2 each rank holds the curvature of its own layers, and a FULL_STATE_DICT "
+            "checkpoint (the Trainer's default) keeps rank 0's optimizer state only, so FOP "
+            'could not resume from it: add "state_dict_type": "SHARDED_STATE_DICT" to '
+            "--fsdp_config (torch.distributed.checkpoint), or --save_strategy no."
+        )
     if str(getattr(args.parallel_mode, "value", "")) == "not_distributed":
         raise UnsupportedWrapperError(
             "with several GPUs and no distributed launch, the Trainer wraps the model in "
