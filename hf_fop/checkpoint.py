@@ -17,9 +17,14 @@ and release 0.1's flat keys in each weight's state.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+import torch
+from torch import Tensor
+
+from hf_fop.config import FOPConfig
 from hf_fop.curvature import PRECONDITIONERS
 
 CURVATURE = "curvature"
@@ -91,3 +96,34 @@ def take_curvature(
     if not nested:
         curvature.update({name: {} for name in weight_keys if name not in curvature})
     return state_dict, curvature, nested
+
+
+def saved_layer_names(state_dict: dict[str, Any]) -> list[str] | None:
+    """The layers the checkpoint's optimizer preconditioned, where its FOP group says."""
+    group = next((g for g in state_dict["param_groups"] if g.get("kind") == "fop"), {})
+    return group.get("layers")
+
+
+def keep_fop_settings(
+    group: dict[str, Any],
+    config: FOPConfig,
+    state: dict[Tensor, dict[str, Any]],
+    saved_state: dict[Hashable, dict[str, Any]],
+    keys: dict[int, Hashable],
+) -> None:
+    """After torch's load into the FOP group: the damping and KL clip this optimizer was given
+    win over the checkpoint's (with a warning), and the preconditioned layers' moving average
+    is fp32 again (torch casts floating state to the parameter's dtype)."""
+    for key in ("damping", "kl_clip"):
+        configured = getattr(config, key)
+        if group[key] != configured:
+            warnings.warn(
+                f"the checkpoint's {key}={group[key]} is replaced by this optimizer's "
+                f"{key}={configured}",
+                stacklevel=3,
+            )
+            group[key] = configured
+    for param in group["params"]:
+        saved = saved_state.get(keys[id(param)], {})
+        if "exp_avg" in saved:
+            state[param]["exp_avg"] = saved["exp_avg"].to(param.device, torch.float32)

@@ -57,8 +57,11 @@ def check_not_scaled(g1: Sequence[Tensor], g_avg: Sequence[Tensor]) -> None:
         )
 
 
-def unscale_statistics(G: list[Tensor], g1: list[Tensor], scale: Tensor | float) -> None:
-    """Undo a loss scale S in the hooks' statistics, in place: G carries S^2, g1 carries S."""
+def unscale_statistics(statistics: Sequence[Any], scale: Tensor | float) -> None:
+    """Undo a loss scale S in the hooks' statistics (``BucketStatistics``), in place: G carries
+    S^2, g1 carries S."""
+    G = [s.G for s in statistics if s.G is not None]
+    g1 = [s.g1 for s in statistics if s.g1 is not None]
     if G:
         torch._foreach_div_(G, scale * scale)
     if g1:

@@ -488,5 +488,18 @@ def step_statistics(steps: list[BucketStep]) -> dict[str, Tensor]:
     return {**stacked, "rho_abs": stacked["rho"].abs()}
 
 
+def float_statistics(statistics: dict[str, Tensor | float]) -> dict[str, float]:
+    """Step statistics as plain floats for logging: per-layer tensors as mean / min / max."""
+    out: dict[str, float] = {}
+    for key, value in statistics.items():
+        if isinstance(value, Tensor) and value.numel() > 1:
+            out[f"{key}_mean"] = value.mean().item()
+            out[f"{key}_min"] = value.min().item()
+            out[f"{key}_max"] = value.max().item()
+        else:
+            out[key] = float(value)
+    return out
+
+
 def _stack(tensors: list[Tensor | None], shape: tuple[int, ...], like: Tensor) -> Tensor:
     return torch.stack([t if t is not None else like.new_zeros(shape) for t in tensors])

@@ -14,7 +14,6 @@ model_curvature.py, the update rules in update_rules.py):
 from __future__ import annotations
 
 import logging
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hf_fop.checkpoint import nest_curvature, saved_keys, take_curvature
+from hf_fop.checkpoint import (
+    keep_fop_settings,
+    nest_curvature,
+    saved_keys,
+    saved_layer_names,
+    take_curvature,
+)
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
 from hf_fop.fop_math import kl_clip_scale
@@ -34,15 +39,21 @@ from hf_fop.mixed_precision import (
     unscale_and_check,
     unscale_statistics,
 )
-from hf_fop.model_curvature import BucketStatistics, ModelCurvature
+from hf_fop.model_curvature import BucketStatistics, ModelCurvature, float_statistics
 from hf_fop.param_groups import param_groups, param_indices
 from hf_fop.partition import partition_model, unwrap_model
-from hf_fop.sharding import is_sharded, local_rows, local_tensor
-from hf_fop.update_rules import adamw_step, grafted_step, heavy_ball_step, initial_state
+from hf_fop.sharding import follow_sharded_parameters, is_sharded, local_tensor
+from hf_fop.update_rules import (
+    adamw_step,
+    grafted_step,
+    heavy_ball_step,
+    initial_state,
+    parameter_updates,
+)
 
 logger = logging.getLogger("hf_fop")
 
-# An unannounced loss scale is looked for during the first steps only (reading it syncs).
+# An unannounced loss scale is looked for during the first steps only.
 UNSCALED_CHECK_STEPS = 10
 
 
@@ -146,15 +157,7 @@ class FOP(torch.optim.Optimizer):
 
     def statistics(self) -> dict[str, float]:
         """The last step's FOP statistics as plain floats, for logging (reading them syncs)."""
-        out: dict[str, float] = {}
-        for key, value in self._last_stats.items():
-            if isinstance(value, Tensor) and value.numel() > 1:
-                out[f"{key}_mean"] = value.mean().item()
-                out[f"{key}_min"] = value.min().item()
-                out[f"{key}_max"] = value.max().item()
-            else:
-                out[key] = float(value)
-        return out
+        return float_statistics(self._last_stats)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # The hooks' statistics belong to the gradients in p.grad: cleared together.
@@ -214,28 +217,12 @@ class FOP(torch.optim.Optimizer):
         self._follow_sharding()
         keys = saved_keys(state_dict["param_groups"], self.param_groups)
         weights = {n: keys.get(id(x.weight)) for n, x in zip(self.layer_names, self.layers)}
-        saved_group = next((g for g in state_dict["param_groups"] if g.get("kind") == "fop"), {})
-        state_dict, curvature, _ = take_curvature(state_dict, weights)
-        self.curvature.check_state_dict(curvature, saved_group.get("layers"))
-        super().load_state_dict(state_dict)
+        torch_state, curvature, _ = take_curvature(state_dict, weights)
+        self.curvature.check_state_dict(curvature, saved_layer_names(state_dict))
+        super().load_state_dict(torch_state)
         self.curvature.load_state_dict(curvature)
-        group = self.fop_group
-        if group is not None:
-            for key in ("damping", "kl_clip"):
-                configured = getattr(self.config, key)
-                if group[key] != configured:
-                    warnings.warn(
-                        f"the checkpoint's {key}={group[key]} is replaced by this optimizer's "
-                        f"{key}={configured}",
-                        stacklevel=2,
-                    )
-                    group[key] = configured
-            # torch casts floating state to the parameter's dtype; the preconditioned layers'
-            # moving average stays fp32 whatever the model's precision.
-            for param in group["params"]:
-                saved = state_dict["state"].get(keys[id(param)], {})
-                if "exp_avg" in saved:
-                    self.state[param]["exp_avg"] = saved["exp_avg"].to(param.device, torch.float32)
+        if self.fop_group is not None:
+            keep_fop_settings(self.fop_group, self.config, self.state, torch_state["state"], keys)
         self._arm_capture()
 
     # --------------------------------------------------------------------------------- internal
@@ -270,7 +257,10 @@ class FOP(torch.optim.Optimizer):
             statistics = self.curvature.gather(refresh, self.config.mode == "fop")
             gradients = self.curvature.full_gradients()
             scale = loss_scale(grad_scale, self.grad_scaler)
-            self._unscale_statistics(group, statistics, gradients, scale)
+            if isinstance(scale, Tensor) or scale != 1.0:
+                unscale_statistics(statistics, scale)
+            elif group["step"] < UNSCALED_CHECK_STEPS:  # an unannounced scale? (reading syncs)
+                check_not_scaled(*self.curvature.scaled_pairs(statistics, gradients))
         # The step's one host synchronisation: whether anything may change at all.
         statistic_tensors = [t for s in statistics for t in s.tensors()]
         if not all_finite(statistic_tensors, [overflow, found_inf]):
@@ -299,13 +289,7 @@ class FOP(torch.optim.Optimizer):
             return
         model = self._model()
         if model is not None:
-            for group in self.param_groups:
-                group["params"] = [
-                    model.get_parameter(self._param_names[id(p)])
-                    if id(p) in self._param_names and not self.state.get(p)
-                    else p
-                    for p in group["params"]
-                ]
+            follow_sharded_parameters(self.param_groups, model, self._param_names, self.state)
         self.curvature.follow_sharding()
 
     def _empty_step(self) -> bool:
@@ -314,19 +298,6 @@ class FOP(torch.optim.Optimizer):
             return False
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         return all(not bool(local_tensor(grad).any()) for grad in grads)
-
-    def _unscale_statistics(
-        self,
-        group: dict[str, Any],
-        statistics: list[BucketStatistics],
-        gradients: list[Tensor | None],
-        scale: Tensor | float,
-    ) -> None:
-        if isinstance(scale, Tensor) or scale != 1.0:
-            G = [s.G for s in statistics if s.G is not None]
-            unscale_statistics(G, [s.g1 for s in statistics if s.g1 is not None], scale)
-        elif group["step"] < UNSCALED_CHECK_STEPS:
-            check_not_scaled(*self.curvature.scaled_pairs(statistics, gradients))
 
     def _fop_update(
         self,
@@ -342,15 +313,7 @@ class FOP(torch.optim.Optimizer):
         scale = None
         if pairs and group["kl_clip"] is not None:
             scale = kl_clip_scale(vg, lr, group["kl_clip"])
-        params, targets, directions = [], [], []
-        for index, direction in pairs:
-            layer = self.layers[index]
-            if scale is not None:
-                direction = direction * scale
-            for param, update in zip(layer.params, layer.split_matrix(direction)):
-                params.append(param)
-                targets.append(local_tensor(param))  # this rank's rows under FSDP2
-                directions.append(local_rows(update, param))
+        params, targets, directions = parameter_updates(self.layers, pairs, scale)
         momentum, weight_decay = group["betas"][0], group["weight_decay"]
         if self.config.graft == "adamw":
             grafted_step(params, targets, directions, self.state, lr, momentum, weight_decay, step)

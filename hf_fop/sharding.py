@@ -9,8 +9,10 @@ its own rows back. Everything here is a no-op on plain tensors, so one code path
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Shard
@@ -45,3 +47,18 @@ def local_rows(full: Tensor, like: Tensor) -> Tensor:
     chunks = torch.chunk(full, mesh.size(), dim=0)
     rank = mesh.get_local_rank()
     return chunks[rank] if rank < len(chunks) else full[:0]
+
+
+def follow_sharded_parameters(
+    groups: list[dict[str, Any]],
+    model: nn.Module,
+    names: dict[int, str],
+    state: dict[Tensor, Any],
+) -> None:
+    """Point param groups built before ``fully_shard`` at the model's new (DTensor) parameters,
+    found by name; parameters that already have state are left alone."""
+    for group in groups:
+        group["params"] = [
+            model.get_parameter(names[id(p)]) if id(p) in names and not state.get(p) else p
+            for p in group["params"]
+        ]

@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
-from hf_fop.sharding import local_tensor
+from hf_fop.layers import LayerAdapter
+from hf_fop.sharding import local_rows, local_tensor
 
 
 def initial_state(group: dict[str, Any], param: Tensor, graft: str) -> dict[str, Tensor]:
@@ -126,3 +127,20 @@ def grafted_step(
     averages = [local_tensor(state[p]["exp_avg"]) for p in params]
     torch._foreach_lerp_(averages, directions, 1 - momentum)
     torch._foreach_add_(targets, averages, alpha=-lr / (1 - momentum**step))
+
+
+def parameter_updates(
+    layers: list[LayerAdapter], pairs: list[tuple[int, Tensor]], scale: Tensor | None
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(parameters, tensors to update, directions) from each layer's direction matrix: split
+    into weight and bias, scaled by the KL clip, cut to this rank's rows under FSDP2."""
+    params, targets, directions = [], [], []
+    for index, direction in pairs:
+        layer = layers[index]
+        if scale is not None:
+            direction = direction * scale
+        for param, update in zip(layer.params, layer.split_matrix(direction)):
+            params.append(param)
+            targets.append(local_tensor(param))
+            directions.append(local_rows(update, param))
+    return params, targets, directions
