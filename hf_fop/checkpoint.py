@@ -67,14 +67,14 @@ def nest_curvature(
 
 def take_curvature(
     state_dict: dict[str, Any], weight_keys: dict[str, Hashable]
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]], bool]:
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Split a saved optimizer state_dict of any layout into (torch's part, curvature by layer
-    name, whether the layout names its layers). ``state_dict`` is left as it was."""
+    name). ``state_dict`` is left as it was."""
     state_dict = dict(state_dict)
     state = dict(state_dict["state"])
     state_dict["state"] = state
     if CURVATURE in state_dict:  # by layer name, top level
-        return state_dict, state_dict.pop(CURVATURE), True
+        return state_dict, state_dict.pop(CURVATURE)
     nested = any(CURVATURE in state.get(key, {}) for key in weight_keys.values())
     curvature: dict[str, dict[str, Any]] = {}
     for name, key in weight_keys.items():
@@ -95,7 +95,7 @@ def take_curvature(
             del state[key]
     if not nested:
         curvature.update({name: {} for name in weight_keys if name not in curvature})
-    return state_dict, curvature, nested
+    return state_dict, curvature
 
 
 def saved_layer_names(state_dict: dict[str, Any]) -> list[str] | None:

@@ -200,8 +200,8 @@ class FOP(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict with each layer's curvature nested in its weight's state, complete
-        from the start (checkpoint.py: the layout torch.distributed.checkpoint needs)."""
+        """torch's state_dict with each layer's curvature (complete from the start) nested in its
+        weight's state: the layout torch.distributed.checkpoint needs (checkpoint.py)."""
         self._follow_sharding()
         state = super().state_dict()
         indices = param_indices(self.param_groups)
@@ -217,7 +217,7 @@ class FOP(torch.optim.Optimizer):
         self._follow_sharding()
         keys = saved_keys(state_dict["param_groups"], self.param_groups)
         weights = {n: keys.get(id(x.weight)) for n, x in zip(self.layer_names, self.layers)}
-        torch_state, curvature, _ = take_curvature(state_dict, weights)
+        torch_state, curvature = take_curvature(state_dict, weights)
         self.curvature.check_state_dict(curvature, saved_layer_names(state_dict))
         super().load_state_dict(torch_state)
         self.curvature.load_state_dict(curvature)
