@@ -24,6 +24,13 @@ def init_process(rank: int, world_size: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def finish_process() -> None:
+    """Tear the process group down once every rank is done with it (a rank that leaves while
+    the other still communicates can abort in gloo's threads)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _global_batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = image_data(256)
     index = torch.arange(step * size, (step + 1) * size) % len(images)
@@ -77,7 +84,7 @@ def train_ddp(
         },
         Path(out) / f"rank{rank}.pt",
     )
-    dist.destroy_process_group()
+    finish_process()
 
 
 class TwoBranches(torch.nn.Module):
@@ -111,7 +118,7 @@ def partial_participation(rank: int, world_size: int, port: int, out: str) -> No
     optimizer = FOP(model, targets="all-linear", curvature_interval=1)
     one_branch_step(model, optimizer, rank)
     torch.save(optimizer.curvature.state_dict(), Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    finish_process()
 
 
 def shard_vit(model: torch.nn.Module, unsharded: set[torch.nn.Parameter] | None = None) -> None:
@@ -185,7 +192,7 @@ def train_fsdp2(
         },
         Path(out) / f"rank{rank}.pt",
     )
-    dist.destroy_process_group()
+    finish_process()
 
 
 def _save(model: torch.nn.Module, optimizer: FOP, path: Path, layout: str) -> None:
@@ -246,7 +253,7 @@ def fsdp2_resume(
     else:
         params = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
         torch.save(params, Path(out) / f"{phase}_{layout}{rank}.pt")
-    dist.destroy_process_group()
+    finish_process()
 
 
 def lora_fsdp2(rank: int, world_size: int, port: int, out: str, sharded: bool) -> None:
@@ -277,4 +284,4 @@ def lora_fsdp2(rank: int, world_size: int, port: int, out: str, sharded: bool) -
         {"params": params, "layers": optimizer.layer_names},
         Path(out) / f"{'fsdp2' if sharded else 'ddp'}{rank}.pt",
     )
-    dist.destroy_process_group()
+    finish_process()
