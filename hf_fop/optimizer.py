@@ -314,11 +314,10 @@ class FOP(torch.optim.Optimizer):
         if pairs and group["kl_clip"] is not None:
             scale = kl_clip_scale(vg, lr, group["kl_clip"])
         params, targets, directions = parameter_updates(self.layers, pairs, scale)
-        momentum, weight_decay = group["betas"][0], group["weight_decay"]
         if self.config.graft == "adamw":
-            grafted_step(params, targets, directions, self.state, lr, momentum, weight_decay, step)
+            grafted_step(params, targets, directions, self.state, group, step)
         else:
-            heavy_ball_step(params, targets, directions, self.state, lr, momentum, weight_decay)
+            heavy_ball_step(params, targets, directions, self.state, group)
         if pairs:
             kl_scale = torch.ones(()) if scale is None else scale
             self._last_stats = {**layer_statistics, "kl_scale": kl_scale}

@@ -22,6 +22,13 @@ from torch.optim.sgd import sgd
 from hf_fop.layers import LayerAdapter
 from hf_fop.sharding import local_rows, local_tensor
 
+# The moment each preconditioned parameter keeps, by graft: (state key, dtype; None: the
+# parameter's). Grafted moments are fp32 whatever the parameter's precision.
+FOP_MOMENTS: dict[str, tuple[str, torch.dtype | None]] = {
+    "adamw": ("exp_avg", torch.float32),
+    "none": ("momentum_buffer", None),
+}
+
 
 def initial_state(group: dict[str, Any], param: Tensor, graft: str) -> dict[str, Tensor]:
     """The state a parameter of ``group`` gets at its first step: zeros shaped (and, under
@@ -34,9 +41,19 @@ def initial_state(group: dict[str, Any], param: Tensor, graft: str) -> dict[str,
         }
     if not group["betas"][0]:
         return {}
-    if graft == "adamw":  # fp32 whatever the parameter's precision
-        return {"exp_avg": torch.zeros_like(param, dtype=torch.float32)}
-    return {"momentum_buffer": torch.zeros_like(param)}
+    key, dtype = FOP_MOMENTS[graft]
+    return {key: torch.zeros_like(param, dtype=dtype)}
+
+
+def _moments(params: list[Tensor], state: dict[Tensor, dict[str, Any]], graft: str) -> list[Tensor]:
+    """Each parameter's moment (created as ``initial_state`` does at first use), as the local
+    tensors the kernels update; a zero momentum buffer gives the first step exactly what
+    torch's fresh one does."""
+    key, dtype = FOP_MOMENTS[graft]
+    for param in params:
+        if key not in state[param]:
+            state[param][key] = torch.zeros_like(param, dtype=dtype)
+    return [local_tensor(state[p][key]) for p in params]
 
 
 def adamw_step(group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> None:
@@ -70,31 +87,25 @@ def heavy_ball_step(
     targets: list[Tensor],
     directions: list[Tensor],
     state: dict[Tensor, dict[str, Any]],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
+    group: dict[str, Any],
 ) -> None:
-    """p -= lr * buf, buf = momentum * buf + (d + weight_decay * p): torch's SGD on ``d``.
+    """p -= lr * buf, buf = momentum * buf + (d + weight_decay * p): torch's SGD on ``d``, with
+    the FOP group's lr, momentum (``betas[0]``) and weight decay.
 
     ``targets`` are the tensors updated (each parameter, or its local shard under FSDP2);
     the state stays keyed by the parameters, shaped like them."""
     if not targets:
         return
+    momentum = group["betas"][0]
     directions = [d.to(t.dtype) for t, d in zip(targets, directions)]
-    buffers: list[Tensor | None] = [None] * len(params)
-    if momentum:
-        for param in params:
-            if "momentum_buffer" not in state[param]:
-                # A zero buffer gives the first step exactly what torch's fresh one does.
-                state[param]["momentum_buffer"] = torch.zeros_like(param)
-        buffers = [local_tensor(state[p]["momentum_buffer"]) for p in params]
+    buffers = _moments(params, state, "none") if momentum else [None] * len(params)
     sgd(
         targets,
         directions,
         buffers,
-        weight_decay=weight_decay,
+        weight_decay=group["weight_decay"],
         momentum=momentum,
-        lr=lr,
+        lr=group["lr"],
         dampening=0.0,
         nesterov=False,
         maximize=False,
@@ -106,25 +117,22 @@ def grafted_step(
     targets: list[Tensor],
     directions: list[Tensor],
     state: dict[Tensor, dict[str, Any]],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
+    group: dict[str, Any],
     step: int,
 ) -> None:
-    """AdamW's momentum and decoupled weight decay on AdamW-sized directions (fp32 moments).
+    """AdamW's momentum and decoupled weight decay on AdamW-sized directions (fp32 moments),
+    with the FOP group's settings; ``step`` is 1-based (the bias correction).
 
     ``targets`` are the tensors updated (see ``heavy_ball_step``)."""
     if not targets:
         return
+    lr, momentum, weight_decay = group["lr"], group["betas"][0], group["weight_decay"]
     if weight_decay:
         torch._foreach_mul_(targets, 1 - lr * weight_decay)
     if not momentum:
         torch._foreach_add_(targets, directions, alpha=-lr)
         return
-    for param in params:
-        if "exp_avg" not in state[param]:
-            state[param]["exp_avg"] = torch.zeros_like(param, dtype=torch.float32)
-    averages = [local_tensor(state[p]["exp_avg"]) for p in params]
+    averages = _moments(params, state, "adamw")
     torch._foreach_lerp_(averages, directions, 1 - momentum)
     torch._foreach_add_(targets, averages, alpha=-lr / (1 - momentum**step))
 
