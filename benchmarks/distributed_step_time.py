@@ -59,23 +59,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         model, curvature_interval=args.curvature_interval, inverse_interval=args.inverse_interval
     )
     network = DistributedDataParallel(model) if world > 1 else model
-    generator = torch.Generator().manual_seed(rank)
+    times = timed_steps(network, optimizer, args, rank, distributed=world > 1)
     steps, inverse_steps = [], []
-    for step in range(args.warmup + args.steps):
-        images = torch.randn(args.local_batch, 3, 32, 32, generator=generator)
-        labels = torch.randint(0, 10, (args.local_batch,), generator=generator)
-        if world > 1:
-            dist.barrier()
-        start = time.perf_counter()
-        loss = F.cross_entropy(network(images).logits, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        seconds = time.perf_counter() - start
-        if step == args.warmup - 1:
-            optimizer.communicator.seconds = 0.0
-        if step >= args.warmup:
-            (inverse_steps if step % args.inverse_interval == 0 else steps).append(seconds)
+    for step, seconds in enumerate(times, start=args.warmup):
+        (inverse_steps if step % args.inverse_interval == 0 else steps).append(seconds)
     result = {
         "median_step_s": statistics.median(steps),
         "median_inverse_step_s": statistics.median(inverse_steps) if inverse_steps else None,
@@ -86,6 +73,35 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     Path(out, f"world{world}_rank{rank}.json").write_text(json.dumps(result))
     if world > 1:
         dist.destroy_process_group()
+
+
+def timed_steps(
+    network: torch.nn.Module,
+    optimizer: FOP,
+    args: argparse.Namespace,
+    rank: int,
+    distributed: bool,
+) -> list[float]:
+    """Seconds of each training step after ``args.warmup`` (random images; the ranks start each
+    step together). The communicator's clock restarts with the timed steps."""
+    generator = torch.Generator().manual_seed(rank)
+    times = []
+    for step in range(args.warmup + args.steps):
+        images = torch.randn(args.local_batch, 3, 32, 32, generator=generator)
+        labels = torch.randint(0, 10, (args.local_batch,), generator=generator)
+        if distributed:
+            dist.barrier()
+        start = time.perf_counter()
+        loss = F.cross_entropy(network(images).logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seconds = time.perf_counter() - start
+        if step == args.warmup - 1:
+            optimizer.communicator.seconds = 0.0
+        if step >= args.warmup:
+            times.append(seconds)
+    return times
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

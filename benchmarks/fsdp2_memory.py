@@ -16,17 +16,15 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.distributed_step_time import _free_port, _model, add_run_arguments
+from benchmarks.distributed_step_time import _free_port, _model, add_run_arguments, timed_steps
 from benchmarks.report import write_json
 from benchmarks.step_cost import tensor_bytes
 from hf_fop import FOP
@@ -52,19 +50,7 @@ def _worker(rank: int, port: int, sharding: str, args: argparse.Namespace, out: 
     optimizer = FOP(
         model, curvature_interval=args.curvature_interval, inverse_interval=args.curvature_interval
     )
-    generator = torch.Generator().manual_seed(rank)
-    times = []
-    for step in range(args.warmup + args.steps):
-        images = torch.randn(args.local_batch, 3, 32, 32, generator=generator)
-        labels = torch.randint(0, 10, (args.local_batch,), generator=generator)
-        dist.barrier()
-        start = time.perf_counter()
-        loss = F.cross_entropy(network(images).logits, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+    times = timed_steps(network, optimizer, args, rank, distributed=True)
     state = optimizer.state_dict()
     curvature = optimizer.curvature.state_dict()  # the layers this rank holds
     result = {
