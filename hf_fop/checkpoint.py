@@ -76,25 +76,19 @@ def take_curvature(
     if CURVATURE in state_dict:  # by layer name, top level
         return state_dict, state_dict.pop(CURVATURE)
     nested = any(CURVATURE in state.get(key, {}) for key in weight_keys.values())
-    curvature: dict[str, dict[str, Any]] = {}
+    names = {CURVATURE} if nested else LEGACY_KEYS
+    # Release 0.1 saved nothing for a layer before its first curvature step: it starts fresh.
+    curvature: dict[str, dict[str, Any]] = {} if nested else {name: {} for name in weight_keys}
     for name, key in weight_keys.items():
-        entry = state.get(key)
+        entry = state.pop(key, None)
         if entry is None:
             continue
-        names = (CURVATURE,) if nested else LEGACY_KEYS
         taken = {k: v for k, v in entry.items() if k in names}
-        if nested:
-            if taken:
-                curvature[name] = taken[CURVATURE]
-        else:  # release 0.1: a layer without state starts fresh
-            curvature[name] = taken
+        if taken:
+            curvature[name] = taken[CURVATURE] if nested else taken
         rest = {k: v for k, v in entry.items() if k not in names}
-        if rest:
+        if rest:  # (an entry of curvature alone: torch's loader would create empty state)
             state[key] = rest
-        else:  # the entry held only curvature: torch's loader would create empty state
-            del state[key]
-    if not nested:
-        curvature.update({name: {} for name in weight_keys if name not in curvature})
     return state_dict, curvature
 
 
