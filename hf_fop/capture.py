@@ -9,18 +9,26 @@ All work happens in the tensor hook, which fires exactly once per forward that t
 backward pass. Forwards in eval mode or under no_grad, and the recomputation inside a
 non-reentrant gradient checkpoint (its output never receives a gradient), therefore count zero
 times, and a module called twice counts twice, as its weight gradient does.
+
+Under torch.compile the forward hook takes another road with the same result: it wraps the
+output in an identity autograd Function whose backward hands (input, output gradient) to the
+capture through an opaque custom op, so dynamo traces the layer without a graph break and the
+compiled model has the graphs (and recompiles) it has without FOP.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.fx.node import has_side_effect
 from torch.utils.hooks import RemovableHandle
 
 from hf_fop.layers import LayerAdapter
@@ -87,7 +95,7 @@ class CurvatureCapture:
         # ran, numbered in the order of the backward passes. A forward without a backward (a
         # metric computed in train mode) therefore never counts. g1 is taken over the first
         # half of the step's examples, so batch 8 x 1 and batch 4 x 2 agree.
-        self._forwards = 0
+        self._forwards = torch.zeros((), dtype=torch.int64)  # a tensor: compiled code reads it
         self._micro_batches: dict[int, int] = {}
         # Layer inputs waiting for their output gradient. Each is held by its output's hook (so
         # it dies with a graph that never runs backward) and dropped when the hook fires.
@@ -103,14 +111,15 @@ class CurvatureCapture:
         _LIVE_CAPTURES[root] = weakref.ref(self)
         self._root = weakref.ref(root)
         self_ref = weakref.ref(self)
+        self._key = next(_CAPTURE_KEYS)
+        _CAPTURES_BY_KEY[self._key] = self_ref
         self._handles: list[RemovableHandle] = [
             root.register_forward_pre_hook(partial(_call, self_ref, "_count_forward"))
         ]
         for index, layer in enumerate(self.layers):
-            self._handles.append(
-                layer.module.register_forward_hook(partial(_call, self_ref, "_on_forward", index))
-            )
-        weakref.finalize(self, _remove_handles, list(self._handles))
+            hook = partial(_forward_hook, self_ref, self._key, self._forwards, index)
+            self._handles.append(layer.module.register_forward_hook(hook))
+        weakref.finalize(self, _release, list(self._handles), self._key)
 
     @property
     def pending_inputs(self) -> int:
@@ -124,8 +133,7 @@ class CurvatureCapture:
         self._micro_batches = {}
 
     def remove(self) -> None:
-        _remove_handles(self._handles)
-        self._handles.clear()
+        _release(self._handles, self._key)
         root = self._root()
         live = _LIVE_CAPTURES.get(root) if root is not None else None
         if live is not None and live() is self:
@@ -133,7 +141,7 @@ class CurvatureCapture:
 
     def _count_forward(self, module: nn.Module, args: object) -> None:
         if module.training and torch.is_grad_enabled():
-            self._forwards += 1
+            self._forwards.add_(1)
 
     def _on_forward(self, index: int, module: nn.Module, inputs: tuple, output: object) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -144,7 +152,7 @@ class CurvatureCapture:
         self._held.add(held)
         self_ref = weakref.ref(self)
         output.register_hook(
-            partial(_call, self_ref, "_on_output_grad", index, held, self._forwards)
+            partial(_call, self_ref, "_on_output_grad", index, held, int(self._forwards))
         )
 
     def _first_half_count(self, micro_batch: int, examples: int) -> int:
@@ -153,11 +161,15 @@ class CurvatureCapture:
         half = (steps * examples) // 2
         return min(max(half - micro_batch * examples, 0), examples)
 
-    @torch.no_grad()
     def _on_output_grad(self, index: int, held: _Held, forward: int, grad_output: Tensor) -> None:
         layer_input, held.tensor = held.tensor, None
-        if layer_input is None:  # a second backward through a retained graph
-            return
+        if layer_input is not None:  # else a second backward through a retained graph
+            self.record(index, layer_input, forward, grad_output)
+
+    @torch.no_grad()
+    def record(self, index: int, layer_input: Tensor, forward: int, grad_output: Tensor) -> None:
+        """Add one call's statistics: layer ``index`` saw ``layer_input`` in root forward number
+        ``forward`` and ``grad_output`` came back."""
         micro_batch = self._micro_batches.setdefault(forward, len(self._micro_batches))
         layer, stats = self.layers[index], self.stats[index]
         d = layer.output_grad_rows(grad_output)  # (N, L, out)
@@ -208,6 +220,73 @@ class _Held:
         self.tensor: Tensor | None = tensor
 
 
+def _forward_hook(
+    capture_ref: weakref.ref,
+    key: int,
+    forwards: Tensor,
+    index: int,
+    module: nn.Module,
+    inputs: tuple,
+    output: object,
+) -> Tensor | None:
+    """The forward hook of preconditioned layer ``index``: eager, it puts a hook on the output
+    (see ``CurvatureCapture._on_forward``); traced by torch.compile, it returns the output
+    wrapped in ``_TapOutputGrad``."""
+    if not torch.compiler.is_compiling():
+        _call(capture_ref, "_on_forward", index, module, inputs, output)
+        return None
+    if not (module.training and torch.is_grad_enabled()):
+        return None
+    if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+        return None
+    return _TapOutputGrad.apply(output, inputs[0].detach(), forwards.clone(), key, index)
+
+
+class _TapOutputGrad(torch.autograd.Function):
+    """Identity on a layer's output (a copy, so that in-place operations after the layer stay
+    legal) whose backward records the layer's statistics: what the tensor hook does in eager
+    mode, in a form dynamo traces without a graph break."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, output: Tensor, layer_input: Tensor, forward: Tensor, key: int, index: int
+    ) -> Tensor:
+        ctx.save_for_backward(layer_input, forward)
+        ctx.key, ctx.index = key, index
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+        layer_input, forward = ctx.saved_tensors
+        torch.ops.hf_fop.record_output_grad(grad_output, layer_input, forward, ctx.key, ctx.index)
+        return grad_output, None, None, None, None
+
+
+@torch.library.custom_op("hf_fop::record_output_grad", mutates_args=())
+def _record_output_grad(
+    grad_output: Tensor, layer_input: Tensor, forward: Tensor, key: int, index: int
+) -> None:
+    """Opaque to the compiler: hands one layer's backward to the capture registered as
+    ``key`` (gone captures are ignored)."""
+    capture_ref = _CAPTURES_BY_KEY.get(key)
+    capture = capture_ref() if capture_ref is not None else None
+    if capture is not None:
+        capture.record(index, layer_input, int(forward), grad_output)
+
+
+@_record_output_grad.register_fake
+def _(grad_output: Tensor, layer_input: Tensor, forward: Tensor, key: int, index: int) -> None:
+    return None
+
+
+# It returns nothing: without this the compiler would drop it as dead code.
+has_side_effect(torch.ops.hf_fop.record_output_grad.default)
+
+# Captures by a plain int key, which compiled graphs can hold as a constant.
+_CAPTURE_KEYS = itertools.count()
+_CAPTURES_BY_KEY: dict[int, weakref.ref] = {}
+
+
 @torch.compiler.disable
 def _call(capture_ref: weakref.ref, method: str, *args: object) -> None:
     """Dispatch a hook to the capture while it lives (hooks must not keep it alive).
@@ -220,9 +299,11 @@ def _call(capture_ref: weakref.ref, method: str, *args: object) -> None:
         getattr(capture, method)(*args)
 
 
-def _remove_handles(handles: list[RemovableHandle]) -> None:
+def _release(handles: list[RemovableHandle], key: int) -> None:
     for handle in handles:
         handle.remove()
+    handles.clear()
+    _CAPTURES_BY_KEY.pop(key, None)
 
 
 def second_moment(x_rows: Tensor, bias: bool) -> Tensor:
