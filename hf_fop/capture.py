@@ -39,7 +39,7 @@ class LayerStatistics:
     """What the hooks gathered for one layer since the last optimizer step."""
 
     A_sum: Tensor | None = None  # sum over rows of a a^T
-    A_rows: int = 0
+    A_rows: Tensor | int = 0  # rows that entered A (a device tensor once there are any)
     G_sum: Tensor | None = None  # sum over rows of d d^T
     first_half_grad: Tensor | None = None  # sum over first-half rows of d a^T
     examples: int = 0  # each micro-batch's examples counted once, however often the layer ran
@@ -48,7 +48,7 @@ class LayerStatistics:
 
     @property
     def has_factors(self) -> bool:
-        return self.A_sum is not None and self.A_rows > 0
+        return self.A_sum is not None
 
     @property
     def has_split(self) -> bool:
@@ -191,11 +191,11 @@ class CurvatureCapture:
             # gradient of exactly zero; they must not dilute A. G and the gradients are
             # unaffected by them anyway. (A layer whose output gradient is zero everywhere,
             # such as LoRA's A before B has moved, keeps every row: no row says more.)
+            # The rows are weighted (0 or 1), not selected: no host synchronisation per layer.
             active = d_rows.ne(0).any(dim=1)
-            if bool(active.any()) and not bool(active.all()):
-                x_rows, d_rows = x_rows[active], d_rows[active]
-            stats.A_sum = _accumulate(stats.A_sum, second_moment(x_rows, layer.has_bias))
-            stats.A_rows += x_rows.shape[0]
+            keep = (active | ~active.any()).to(x_rows.dtype)
+            stats.A_sum = _accumulate(stats.A_sum, second_moment(x_rows, layer.has_bias, keep))
+            stats.A_rows = stats.A_rows + keep.sum()
             stats.G_sum = _accumulate(stats.G_sum, d_rows.T @ d_rows)
         if self.collect_first_half and first_half > 0:
             first_grad = weight_gradient(
@@ -306,13 +306,19 @@ def _release(handles: list[RemovableHandle], key: int) -> None:
     _CAPTURES_BY_KEY.pop(key, None)
 
 
-def second_moment(x_rows: Tensor, bias: bool) -> Tensor:
-    """sum over rows of a a^T with a = [x, 1], built blockwise (no copy of the activations)."""
-    xx = x_rows.T @ x_rows
+def second_moment(x_rows: Tensor, bias: bool, weights: Tensor | None = None) -> Tensor:
+    """sum over rows of w a a^T with a = [x, 1] (w: 0/1 row weights, default 1), built blockwise
+    (no copy of the activations with the bias column)."""
+    weighted = x_rows if weights is None else x_rows * weights[:, None]
+    xx = weighted.T @ x_rows
     if not bias:
         return xx
-    column = x_rows.sum(0)
-    count = x_rows.new_tensor([float(x_rows.shape[0])])
+    column = weighted.sum(0)
+    count = (
+        x_rows.new_tensor([float(x_rows.shape[0])])
+        if weights is None
+        else weights.sum().reshape(1)
+    )
     return torch.cat([torch.cat([xx, column[:, None]], 1), torch.cat([column, count])[None]], 0)
 
 
