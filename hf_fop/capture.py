@@ -315,9 +315,7 @@ def second_moment(x_rows: Tensor, bias: bool, weights: Tensor | None = None) -> 
         return xx
     column = weighted.sum(0)
     count = (
-        x_rows.new_tensor([float(x_rows.shape[0])])
-        if weights is None
-        else weights.sum().reshape(1)
+        x_rows.new_tensor([float(x_rows.shape[0])]) if weights is None else weights.sum().reshape(1)
     )
     return torch.cat([torch.cat([xx, column[:, None]], 1), torch.cat([column, count])[None]], 0)
 
