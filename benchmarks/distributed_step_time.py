@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         "median_step_s": statistics.median(steps),
         "median_inverse_step_s": statistics.median(inverse_steps) if inverse_steps else None,
         "comm_s_per_step": optimizer.communicator.seconds / args.steps,
-        "layers_decomposed_by_this_rank": len(optimizer._decomposed_by_rank),
+        "layers_decomposed_by_this_rank": len(optimizer.curvature.decomposed_by_rank),
         "layers": len(optimizer.layers),
     }
     Path(out, f"world{world}_rank{rank}.json").write_text(json.dumps(result))

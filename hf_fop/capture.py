@@ -87,8 +87,7 @@ class CurvatureCapture:
         self.layers = list(layers)
         self.collect_factors = True
         self.collect_first_half = True
-        # Micro-batches per step: set by the caller, or (None) learned from the previous step.
-        self.accumulation_steps: int | None = None
+        self._accumulation_steps: int | None = None
         self._observed_steps = 1
         self.stats = [LayerStatistics() for _ in self.layers]
         # Forwards of the root model are numbered; a micro-batch is a forward whose backward
@@ -120,6 +119,19 @@ class CurvatureCapture:
             hook = partial(_forward_hook, self_ref, self._key, self._forwards, index)
             self._handles.append(layer.module.register_forward_hook(hook))
         weakref.finalize(self, _release, list(self._handles), self._key)
+
+    @property
+    def accumulation_steps(self) -> int | None:
+        """Micro-batches per step: set by the caller, or (None) learned from the previous step."""
+        return self._accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, steps: int | None) -> None:
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise ValueError(
+                f"gradient_accumulation_steps must be an integer >= 1 or None, got {steps!r}"
+            )
+        self._accumulation_steps = steps
 
     @property
     def pending_inputs(self) -> int:

@@ -17,11 +17,14 @@ than the gradient it is half of, and named in an error.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger("hf_fop")
 
 # g1 (a half-batch gradient) is O(1) times g_avg; loss scales are 2^8 - 2^24.
 UNSCALED_RATIO_LIMIT = 1000.0
@@ -68,10 +71,11 @@ def unscale_statistics(statistics: Sequence[Any], scale: Tensor | float) -> None
         torch._foreach_div_(g1, scale)
 
 
-def unscale_and_check(grads: Sequence[Tensor], inverse_scale: Tensor | None) -> Tensor | None:
-    """Multiply the gradients by ``inverse_scale`` in place (when given) and return a device
-    flag that is non-zero if any of them holds NaN or Inf: GradScaler's own fused kernel, one
-    pass over all gradients instead of a handful of small kernels per parameter."""
+def unscale_and_check(grads: Sequence[Tensor], grad_scale: Tensor | None) -> Tensor | None:
+    """Divide the gradients by ``grad_scale`` in place (when given) and return a device flag
+    that is non-zero if any of them holds NaN or Inf: GradScaler's own fused kernel, one pass
+    over all gradients instead of a handful of small kernels per parameter."""
+    inverse_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for grad in grads:
         groups.setdefault((grad.device, grad.dtype), []).append(grad)
@@ -88,6 +92,21 @@ def unscale_and_check(grads: Sequence[Tensor], inverse_scale: Tensor | None) -> 
     if not flags:
         return None
     return torch.cat([f.to(flags[0].device) for f in flags]).sum()
+
+
+def step_is_finite(
+    statistics: Sequence[Tensor], overflow: Tensor | None, found_inf: Tensor | None
+) -> bool:
+    """Whether a step may change anything: the hooks' statistics finite and no gradient
+    overflow (``found_inf``: GradScaler's flag, whose skips it reports itself). One host sync."""
+    if all_finite(statistics, [overflow, found_inf]):
+        return True
+    if found_inf is None or not bool(found_inf.sum() > 0):
+        logger.warning(
+            "FOP skipped a step: the gradients hold NaN or Inf; parameters and optimizer state "
+            "are unchanged"
+        )
+    return False
 
 
 def all_finite(tensors: Sequence[Tensor], flags: Sequence[Tensor | None] = ()) -> bool:

@@ -30,31 +30,16 @@ from hf_fop.checkpoint import (
 )
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
-from hf_fop.fop_math import kl_clip_scale
 from hf_fop.layers import LayerAdapter
-from hf_fop.mixed_precision import (
-    all_finite,
-    check_not_scaled,
-    loss_scale,
-    unscale_and_check,
-    unscale_statistics,
-)
-from hf_fop.model_curvature import BucketStatistics, ModelCurvature, float_statistics
-from hf_fop.param_groups import param_groups, param_indices
+from hf_fop.mixed_precision import step_is_finite, unscale_and_check
+from hf_fop.model_curvature import ModelCurvature, float_statistics
+from hf_fop.param_groups import adamw_defaults, param_groups, param_indices
 from hf_fop.partition import partition_model, unwrap_model
+from hf_fop.preconditioned_step import gather_statistics, preconditioned_update
 from hf_fop.sharding import follow_sharded_parameters, is_sharded, local_tensor
-from hf_fop.update_rules import (
-    adamw_step,
-    grafted_step,
-    heavy_ball_step,
-    initial_state,
-    parameter_updates,
-)
+from hf_fop.update_rules import adamw_step, initial_state
 
 logger = logging.getLogger("hf_fop")
-
-# An unannounced loss scale is looked for during the first steps only.
-UNSCALED_CHECK_STEPS = 10
 
 
 class FOP(torch.optim.Optimizer):
@@ -93,19 +78,7 @@ class FOP(torch.optim.Optimizer):
             )
         model = unwrap_model(model)
         partition = partition_model(model, config.targets, config.skip, config.max_factor_dim)
-        groups = param_groups(partition, config)
-        if not groups:
-            raise ValueError(
-                "the model has no trainable parameters, so there is nothing to optimize: set "
-                "requires_grad=True on the parameters to train (or check the PEFT config)"
-            )
-        defaults = {
-            "lr": config.fallback_lr,
-            "betas": tuple(config.adamw_betas),
-            "eps": config.adamw_eps,
-            "weight_decay": config.adamw_weight_decay,
-        }
-        super().__init__(groups, defaults)
+        super().__init__(param_groups(partition, config), adamw_defaults(config))
         self.config = config
         self.partition = partition
         self.layer_names = [name for name, _ in partition.layers]
@@ -135,20 +108,12 @@ class FOP(torch.optim.Optimizer):
         return self.curvature.capture
 
     @property
-    def _decomposed_by_rank(self) -> list[int]:
-        return self.curvature.decomposed_by_rank
-
-    @property
     def gradient_accumulation_steps(self) -> int | None:
         """Micro-batches per step (None: learned from the previous step)."""
         return self.capture.accumulation_steps
 
     @gradient_accumulation_steps.setter
     def gradient_accumulation_steps(self, steps: int | None) -> None:
-        if steps is not None and (not isinstance(steps, int) or steps < 1):
-            raise ValueError(
-                f"gradient_accumulation_steps must be an integer >= 1 or None, got {steps!r}"
-            )
         self.capture.accumulation_steps = steps
 
     @property
@@ -238,40 +203,25 @@ class FOP(torch.optim.Optimizer):
         # GradScaler.step sets these: S while p.grad is still scaled, and its overflow flag.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        grads = [
-            local_tensor(p.grad)
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None
-        ]
-        inverse_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
-        overflow = unscale_and_check(grads, inverse_scale)
+        overflow = unscale_and_check(self._local_grads(), grad_scale)
         if overflow is not None and self.curvature.sharded:
             # Each rank checked its own shards: all must agree to skip.
             self.communicator.all_reduce_mean([overflow])
         group = self.fop_group
-        statistics: list[BucketStatistics] = []
-        gradients: list[Tensor | None] = []
+        statistics, gradients = [], []
         if group is not None:
-            refresh = group["step"] % self.config.curvature_interval == 0
-            statistics = self.curvature.gather(refresh, self.config.mode == "fop")
-            gradients = self.curvature.full_gradients()
-            scale = loss_scale(grad_scale, self.grad_scaler)
-            if isinstance(scale, Tensor) or scale != 1.0:
-                unscale_statistics(statistics, scale)
-            elif group["step"] < UNSCALED_CHECK_STEPS:  # an unannounced scale? (reading syncs)
-                check_not_scaled(*self.curvature.scaled_pairs(statistics, gradients))
+            statistics, gradients = gather_statistics(
+                self.curvature, group, self.config, grad_scale, self.grad_scaler
+            )
         # The step's one host synchronisation: whether anything may change at all.
-        statistic_tensors = [t for s in statistics for t in s.tensors()]
-        if not all_finite(statistic_tensors, [overflow, found_inf]):
-            if found_inf is None or not bool(found_inf.sum() > 0):  # else GradScaler's skip
-                logger.warning(
-                    "FOP skipped a step: the gradients hold NaN or Inf; parameters and "
-                    "optimizer state are unchanged"
-                )
+        if not step_is_finite([t for s in statistics for t in s.tensors()], overflow, found_inf):
             return
         if group is not None:
-            self._fop_update(group, statistics, gradients)
+            self._last_stats.update(
+                preconditioned_update(
+                    self.curvature, group, self.state, self.config, statistics, gradients
+                )
+            )
         for adamw_group in self.param_groups:
             if adamw_group["kind"] == "adamw":
                 adamw_step(adamw_group, self.state)
@@ -296,33 +246,13 @@ class FOP(torch.optim.Optimizer):
         """No example reached the preconditioned layers and every gradient is zero."""
         if not self.layers or any(stats.examples for stats in self.capture.stats):
             return False
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return all(not bool(local_tensor(grad).any()) for grad in grads)
+        return all(not bool(grad.any()) for grad in self._local_grads())
 
-    def _fop_update(
-        self,
-        group: dict[str, Any],
-        statistics: list[BucketStatistics],
-        gradients: list[Tensor | None],
-    ) -> None:
-        lr, damping = group["lr"], group["damping"]
-        refreshed = self.curvature.refresh(statistics, group["step"], damping)
-        step = group["step"] + 1  # 1-based, for the bias corrections
-        steps = self.curvature.directions(statistics, damping, group["betas"][1], step, gradients)
-        pairs, layer_statistics, vg = self.curvature.layer_directions(steps, gradients)
-        scale = None
-        if pairs and group["kl_clip"] is not None:
-            scale = kl_clip_scale(vg, lr, group["kl_clip"])
-        params, targets, directions = parameter_updates(self.layers, pairs, scale)
-        if self.config.graft == "adamw":
-            grafted_step(params, targets, directions, self.state, group, step)
-        else:
-            heavy_ball_step(params, targets, directions, self.state, group)
-        if pairs:
-            kl_scale = torch.ones(()) if scale is None else scale
-            self._last_stats = {**layer_statistics, "kl_scale": kl_scale}
-        folded = any(any(s.has_factors) for s in statistics if s.A is not None)
-        self._last_stats.update(
-            damping=damping, curvature_refreshed=float(folded), inverse_refreshed=float(refreshed)
-        )
-        group["step"] += 1
+    def _local_grads(self) -> list[Tensor]:
+        """Every gradient (its local shard under FSDP2)."""
+        return [
+            local_tensor(p.grad)
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]

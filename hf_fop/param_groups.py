@@ -16,7 +16,18 @@ def param_indices(groups: list[dict[str, Any]]) -> dict[int, int]:
     return {id(p): index for index, p in enumerate(params)}
 
 
+def adamw_defaults(config: FOPConfig) -> dict[str, Any]:
+    """The settings of an AdamW group (torch's defaults for groups added later)."""
+    return {
+        "lr": config.fallback_lr,
+        "betas": tuple(config.adamw_betas),
+        "eps": config.adamw_eps,
+        "weight_decay": config.adamw_weight_decay,
+    }
+
+
 def param_groups(partition: Partition, config: FOPConfig) -> list[dict[str, Any]]:
+    """The groups of ``partition``; an error that says what to do when nothing is trainable."""
     groups: list[dict[str, Any]] = []
     if partition.layers:
         groups.append(
@@ -42,12 +53,15 @@ def param_groups(partition: Partition, config: FOPConfig) -> list[dict[str, Any]
         if params:
             groups.append(
                 {
+                    **adamw_defaults(config),
                     "params": [p for _, p in params],
                     "kind": "adamw",
-                    "lr": config.fallback_lr,
-                    "betas": tuple(config.adamw_betas),
-                    "eps": config.adamw_eps,
                     "weight_decay": decay,
                 }
             )
+    if not groups:
+        raise ValueError(
+            "the model has no trainable parameters, so there is nothing to optimize: set "
+            "requires_grad=True on the parameters to train (or check the PEFT config)"
+        )
     return groups

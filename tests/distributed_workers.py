@@ -79,7 +79,7 @@ def train_ddp(
         {
             "params": {n: p.detach() for n, p in model.named_parameters()},
             "optimizer": optimizer.state_dict(),
-            "decomposed": list(optimizer._decomposed_by_rank),
+            "decomposed": list(optimizer.curvature.decomposed_by_rank),
             "comm_calls": optimizer.communicator.calls,
         },
         Path(out) / f"rank{rank}.pt",
@@ -187,7 +187,7 @@ def train_fsdp2(
                 for t in layer.values()
                 if isinstance(t, torch.Tensor)
             ),
-            "decomposed": list(optimizer._decomposed_by_rank),
+            "decomposed": list(optimizer.curvature.decomposed_by_rank),
             "statistics": optimizer.statistics(),
         },
         Path(out) / f"rank{rank}.pt",
