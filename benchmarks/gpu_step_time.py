@@ -1,6 +1,8 @@
 """GPU check (under 8 minutes, one JSON): step time and peak memory of AdamW, K-FAC and FOP on a
 ViT-S/16-sized model with bf16 autocast at curvature intervals 1, 5 and 10 (the ratios of
-benchmarks.step_cost), and time to a target accuracy on a generated task at the defaults.
+benchmarks.step_cost), the host synchronisations inside ``optimizer.step()`` (torch's CUDA sync
+debug mode, per step of one curvature interval), and time to a target accuracy on a generated
+task at the defaults.
 
     python -m benchmarks.gpu_step_time      # needs CUDA; writes benchmarks/results/gpu_step_time.json
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,37 @@ def step_time(name: str, batch: int, timed_steps: int, interval: int) -> dict[st
     }
 
 
+def host_syncs_in_step(name: str, batch: int, interval: int) -> dict[str, Any]:
+    """Synchronising CUDA calls inside ``optimizer.step()`` (torch's sync debug mode), per step
+    over one curvature interval after warm-up: steps that refresh the curvature (whose
+    eigendecompositions synchronise) and steps that only precondition."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    patterns = torch.randn(10, 3, 224, 224, device=device, generator=generator)
+    model = vit_small().to(device)
+    optimizer = make_optimizer(name, model, interval)
+    images, labels = generated_batch(patterns, batch, generator)
+    for _ in range(2 * interval + 1):  # past the first steps' loss-scale check
+        step(model, optimizer, images, labels)
+    counts = []
+    for _ in range(interval):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(pixel_values=images).logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                optimizer.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    return {"optimizer": name, "interval": interval, "syncs_per_step": counts}
+
+
 def time_to_target(name: str, batch: int, max_steps: int, target: float) -> dict[str, Any] | None:
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(0)
@@ -156,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["step_ratio_to_adamw"] = row["step_ms"] / adamw
         if row["optimizer"] == "fop":
             row["step_ratio_to_kfac"] = row["step_ms"] / kfac[row["interval"]]
+    syncs = [host_syncs_in_step(name, args.batch, 10) for name in ("adamw", "fop")]
     targets = {
         name: time_to_target(name, args.batch, args.max_steps, args.target)
         for name in ("adamw", "kfac", "fop")
@@ -167,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": "ViT-S/16 (224 px, 384 wide, 12 layers), bf16 autocast",
         "batch": args.batch,
         "rows": rows,
+        "host_syncs_in_step": syncs,
         "time_to_target": targets,
     }
     write_json(result, args.output)
