@@ -39,7 +39,7 @@ class LayerStatistics:
     """What the hooks gathered for one layer since the last optimizer step."""
 
     A_sum: Tensor | None = None  # sum over rows of a a^T
-    A_rows: Tensor | int = 0  # rows that entered A (a device tensor once there are any)
+    A_rows: Tensor | int = 0  # rows that entered A (a device tensor where they are weighted)
     G_sum: Tensor | None = None  # sum over rows of d d^T
     first_half_grad: Tensor | None = None  # sum over first-half rows of d a^T
     examples: int = 0  # each micro-batch's examples counted once, however often the layer ran
@@ -199,15 +199,10 @@ class CurvatureCapture:
         d = d.float()
         if self.collect_factors:
             x_rows, d_rows = x.flatten(0, 1), d.flatten(0, 1)
-            # Positions that take no part in the loss (padding, ignored labels) have an output
-            # gradient of exactly zero; they must not dilute A. G and the gradients are
-            # unaffected by them anyway. (A layer whose output gradient is zero everywhere,
-            # such as LoRA's A before B has moved, keeps every row: no row says more.)
-            # The rows are weighted (0 or 1), not selected: no host synchronisation per layer.
-            active = d_rows.abs().amax(dim=1) > 0  # 6x faster than ne(0).any(1) on CPU
-            keep = (active | ~active.any()).to(x_rows.dtype)
-            stats.A_sum = _accumulate(stats.A_sum, second_moment(x_rows, layer.has_bias, keep))
-            stats.A_rows = stats.A_rows + keep.sum()
+            # On the CPU reading a flag costs nothing: select; elsewhere weight (no host sync).
+            x_rows, weights = active_rows(x_rows, d_rows, select=x_rows.device.type == "cpu")
+            stats.A_sum = _accumulate(stats.A_sum, second_moment(x_rows, layer.has_bias, weights))
+            stats.A_rows = stats.A_rows + (x_rows.shape[0] if weights is None else weights.sum())
             stats.G_sum = _accumulate(stats.G_sum, d_rows.T @ d_rows)
         if self.collect_first_half and first_half > 0:
             first_grad = weight_gradient(
@@ -316,6 +311,23 @@ def _release(handles: list[RemovableHandle], key: int) -> None:
         handle.remove()
     handles.clear()
     _CAPTURES_BY_KEY.pop(key, None)
+
+
+def active_rows(x_rows: Tensor, d_rows: Tensor, select: bool) -> tuple[Tensor, Tensor | None]:
+    """The rows of ``x_rows`` that enter A, and their 0/1 weights (None: every row, weight 1).
+
+    Positions that take no part in the loss (padding, ignored labels) have an output gradient
+    of exactly zero; they must not dilute A (G and the gradients are unaffected by them). A
+    layer whose output gradient is zero everywhere (LoRA's A before B has moved) keeps every
+    row: no row says more. ``select=False`` weights the rows, so the backward pass never waits
+    for an accelerator; ``select=True`` selects them (a host sync), which copies nothing when
+    every row is active, the common case."""
+    active = d_rows.abs().amax(dim=1) > 0  # 6x faster than ne(0).any(1) on CPU
+    if not select:
+        return x_rows, (active | ~active.any()).to(x_rows.dtype)
+    if bool(active.any()) and not bool(active.all()):
+        return x_rows[active], None
+    return x_rows, None
 
 
 def second_moment(x_rows: Tensor, bias: bool, weights: Tensor | None = None) -> Tensor:

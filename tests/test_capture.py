@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from hf_fop import FOP
+from hf_fop.capture import active_rows, second_moment
 
 
 class Net(nn.Module):
@@ -223,3 +224,25 @@ def test_g1_and_g_of_pytorch_transformer_layers_in_either_layout(batch_first: bo
     linear = reference["layer"].linear1
     expected = torch.cat([linear.weight.grad, linear.bias.grad[:, None]], dim=1)
     torch.testing.assert_close(stats.g1(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("inactive", ["some", "none", "all"])
+def test_weighted_rows_give_the_factor_of_the_selected_rows(inactive: str) -> None:
+    # The accelerator path (rows weighted, no host sync) against the CPU path (rows selected)
+    # and against the definition: E[a a^T] over the rows whose output gradient is not zero,
+    # every row when none is.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 5, generator=generator)
+    d = torch.randn(12, 3, generator=generator)
+    zero = {"some": [1, 4, 5, 11], "none": [], "all": list(range(12))}[inactive]
+    d[zero] = 0.0
+    factors = []
+    for select in (True, False):
+        rows, weights = active_rows(x, d, select=select)
+        count = rows.shape[0] if weights is None else weights.sum()
+        factors.append(second_moment(rows, True, weights) / count)
+    kept = [i for i in range(12) if i not in zero] or list(range(12))
+    a = torch.cat([x[kept], torch.ones(len(kept), 1)], dim=1)
+    expected = a.T @ a / len(kept)
+    for factor in factors:
+        torch.testing.assert_close(factor, expected, rtol=1e-6, atol=1e-6)
