@@ -113,7 +113,7 @@ class CurvatureCapture:
         self._key = next(_CAPTURE_KEYS)
         _CAPTURES_BY_KEY[self._key] = self_ref
         self._handles: list[RemovableHandle] = [
-            root.register_forward_pre_hook(partial(_call, self_ref, "_count_forward"))
+            root.register_forward_pre_hook(partial(_count_forward, self._forwards))
         ]
         for index, layer in enumerate(self.layers):
             hook = partial(_forward_hook, self_ref, self._key, self._forwards, index)
@@ -150,10 +150,6 @@ class CurvatureCapture:
         live = _LIVE_CAPTURES.get(root) if root is not None else None
         if live is not None and live() is self:
             del _LIVE_CAPTURES[root]
-
-    def _count_forward(self, module: nn.Module, args: object) -> None:
-        if module.training and torch.is_grad_enabled():
-            self._forwards.add_(1)
 
     def _on_forward(self, index: int, module: nn.Module, inputs: tuple, output: object) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -225,6 +221,13 @@ class _Held:
 
     def __init__(self, tensor: Tensor) -> None:
         self.tensor: Tensor | None = tensor
+
+
+def _count_forward(forwards: Tensor, module: nn.Module, args: object) -> None:
+    """The root's forward pre-hook: number the forwards that can take part in a backward (an
+    in-place add that torch.compile traces, so the root's call has no graph break)."""
+    if module.training and torch.is_grad_enabled():
+        forwards.add_(1)
 
 
 def _forward_hook(

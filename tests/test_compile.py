@@ -99,3 +99,37 @@ def test_compiled_model_recompiles_no_more_than_with_adamw(model_name: str) -> N
     _, _, with_fop = _train(model_name, lambda m: FOP(m, curvature_interval=2), True)
     assert len(with_fop) <= len(with_adamw), (with_fop, with_adamw)
     assert not [f for f in with_fop if "linear.py" in f or "pytorch_utils" in f], with_fop
+
+
+def test_a_plain_model_compiles_whole_with_fullgraph_and_trains_like_eager() -> None:
+    # fullgraph=True fails on any graph break: the hooks (the root's counter included) must be
+    # traceable; the in-place ReLU after a preconditioned layer must stay legal.
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(8, 32),
+            torch.nn.ReLU(inplace=True),
+            torch.nn.Linear(32, 32),
+            torch.nn.GELU(),
+            torch.nn.Linear(32, 4),
+        )
+
+    params = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = build()
+        optimizer = FOP(model, targets="all-linear", curvature_interval=2, inverse_interval=2)
+        forward = torch.compile(model, backend="eager", fullgraph=True) if compiled else model
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(16, 8, generator=generator)
+            y = torch.randint(4, (16,), generator=generator)
+            loss = torch.nn.functional.cross_entropy(forward(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        assert optimizer.statistics()["beta_max"] != 0.0  # the hooks delivered g1
+        optimizer.remove_hooks()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for eager, compiled in zip(*params):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
