@@ -58,12 +58,14 @@ def train_ddp(
     local: int,
     micro_batches: int = 1,
     mode: str = "fop",
+    compiled: bool = False,
 ) -> None:
     init_process(rank, world_size, port)
     torch.manual_seed(0)
     model = tiny_vit()
     optimizer = FOP(model, **SETTINGS, mode=mode, gradient_accumulation_steps=micro_batches)
     ddp = DistributedDataParallel(model)
+    forward = torch.compile(ddp, backend="eager") if compiled else ddp
     for step in range(steps):
         images, labels = local_batch(step, local, rank, world_size)
         optimizer.zero_grad()
@@ -73,7 +75,7 @@ def train_ddp(
             # Gradient accumulation as the Trainer does it: no_sync on all but the last micro-batch.
             context = ddp.no_sync() if index < micro_batches - 1 else contextlib.nullcontext()
             with context:
-                (F.cross_entropy(ddp(x).logits, y) / micro_batches).backward()
+                (F.cross_entropy(forward(x).logits, y) / micro_batches).backward()
         optimizer.step()
     torch.save(
         {

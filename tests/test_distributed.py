@@ -49,6 +49,22 @@ def test_gradient_accumulation_under_no_sync_communicates_once_per_step(tmp_path
 
 
 @pytest.mark.slow
+def test_a_compiled_ddp_model_trains_like_the_eager_one(
+    two_rank_run: dict[int, dict], tmp_path: Path
+) -> None:
+    # torch.compile over DDP (DDPOptimizer splits the graph at gradient buckets): the hooks'
+    # compiled path (an identity Function and a custom op in backward) on two ranks.
+    mp.spawn(
+        train_ddp, args=(2, free_port(), str(tmp_path), 4, 8, 1, "fop", True), nprocs=2, join=True
+    )
+    for rank in (0, 1):
+        compiled = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, param in two_rank_run[rank]["params"].items():
+            torch.testing.assert_close(compiled["params"][name], param, rtol=1e-5, atol=1e-6)
+        assert compiled["comm_calls"] == two_rank_run[rank]["comm_calls"]
+
+
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_the_double_batch(two_rank_run: dict[int, dict]) -> None:
     torch.manual_seed(0)
     model = tiny_vit()
