@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hf_fop import FOP
+from hf_fop.capture import _CAPTURES_BY_KEY
 from tests.helpers import TokenClassifier, tiny_bert, tiny_gpt2, token_data
 
 
@@ -36,9 +37,13 @@ def test_one_live_set_of_hooks_per_model_and_none_after_the_optimizer() -> None:
         second = FOP(model)
     layer = second.layers[0].module
     assert len(layer._forward_hooks) == 1  # the first optimizer's hook is gone
+    keys = [first.capture._key, second.capture._key]
+    assert keys[0] not in _CAPTURES_BY_KEY and keys[1] in _CAPTURES_BY_KEY
     del first, second
     gc.collect()
     assert len(layer._forward_hooks) == 0 and len(model._forward_pre_hooks) == 0
+    # Nor is a capture left where compiled graphs look it up.
+    assert keys[1] not in _CAPTURES_BY_KEY
 
 
 def test_a_forward_without_backward_does_not_disturb_the_split() -> None:
