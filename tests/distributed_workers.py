@@ -151,6 +151,7 @@ def train_fsdp2(
     optimizer_first: bool = False,
     micro_batches: int = 1,
     unsharded_layer: bool = False,
+    compiled: bool = False,
 ) -> None:
     """As train_ddp, on a model sharded with fully_shard (parameters as DTensors); with
     ``optimizer_first`` the optimizer is built before sharding, as accelerate's prepare does;
@@ -167,6 +168,7 @@ def train_fsdp2(
         shard_vit(model, set(whole))
         optimizer = FOP(model, **SETTINGS, mode=mode)
     optimizer.gradient_accumulation_steps = micro_batches
+    forward = torch.compile(model, backend="eager") if compiled else model
     for step in range(steps):
         images, labels = local_batch(step, local, rank, world_size)
         optimizer.zero_grad()
@@ -174,7 +176,7 @@ def train_fsdp2(
             zip(images.chunk(micro_batches), labels.chunk(micro_batches))
         ):
             model.set_requires_gradient_sync(index == micro_batches - 1)
-            (F.cross_entropy(model(x).logits, y) / micro_batches).backward()
+            (F.cross_entropy(forward(x).logits, y) / micro_batches).backward()
         average_gradients(whole)
         optimizer.step()
     curvature = optimizer.curvature.state_dict()

@@ -23,6 +23,7 @@ def _runs(
     optimizer_first: bool = False,
     micro_batches: int = 1,
     unsharded_layer: bool = False,
+    compiled: bool = False,
 ) -> dict[int, dict]:
     out = tmp_path / worker.__name__
     out.mkdir()
@@ -30,21 +31,27 @@ def _runs(
     if worker is train_ddp:
         extra = (micro_batches, mode)
     else:
-        extra = (mode, optimizer_first, micro_batches, unsharded_layer)
+        extra = (mode, optimizer_first, micro_batches, unsharded_layer, compiled)
     mp.spawn(worker, args=args + extra, nprocs=2, join=True)
     return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("mode", "optimizer_first", "micro_batches"),
-    [("fop", False, 1), ("kfac", False, 1), ("fop", True, 1), ("fop", False, 2)],
-    ids=["fop", "kfac", "fop-built-before-sharding", "fop-accumulating-2"],
+    ("mode", "optimizer_first", "micro_batches", "compiled"),
+    [
+        ("fop", False, 1, False),
+        ("kfac", False, 1, False),
+        ("fop", True, 1, False),
+        ("fop", False, 2, False),
+        ("fop", False, 1, True),
+    ],
+    ids=["fop", "kfac", "fop-built-before-sharding", "fop-accumulating-2", "fop-compiled"],
 )
 def test_fsdp2_trains_like_ddp_with_the_curvature_sharded(
-    tmp_path: Path, mode: str, optimizer_first: bool, micro_batches: int
+    tmp_path: Path, mode: str, optimizer_first: bool, micro_batches: int, compiled: bool
 ) -> None:
-    fsdp = _runs(tmp_path, train_fsdp2, mode, optimizer_first, micro_batches)
+    fsdp = _runs(tmp_path, train_fsdp2, mode, optimizer_first, micro_batches, compiled=compiled)
     ddp = _runs(tmp_path, train_ddp, mode, micro_batches=micro_batches)
     # The same parameters after several steps (and so the same as one process with the double
     # batch, which the DDP tests pin).
