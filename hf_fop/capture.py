@@ -255,7 +255,8 @@ def _forward_hook(
 class _TapOutputGrad(torch.autograd.Function):
     """Identity on a layer's output (a copy, so that in-place operations after the layer stay
     legal) whose backward records the layer's statistics: what the tensor hook does in eager
-    mode, in a form dynamo traces without a graph break."""
+    mode, in a form dynamo traces without a graph break. (Unlike the eager hook, a second
+    backward through a retained graph records again.)"""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -299,11 +300,10 @@ _CAPTURES_BY_KEY: dict[int, weakref.ref] = {}
 
 @torch.compiler.disable
 def _call(capture_ref: weakref.ref, method: str, *args: object) -> None:
-    """Dispatch a hook to the capture while it lives (hooks must not keep it alive).
+    """Dispatch an eager hook to the capture while it lives (hooks must not keep it alive).
 
-    Left out of torch.compile: the hooks keep Python state (counters, held inputs) that dynamo
-    would guard on, recompiling the model step after step; run eagerly they cost a graph break
-    around each preconditioned layer instead."""
+    Never traced: the capture's Python state (counters, held inputs) would be guarded on and
+    recompile the model step after step; compiled code takes ``_TapOutputGrad`` instead."""
     capture = capture_ref()
     if capture is not None:
         getattr(capture, method)(*args)
