@@ -1,7 +1,8 @@
 """``hf_fop.FOP``: K-FAC natural gradient plus the Fisher-orthogonal correction, in one optimizer.
 
 ``step()`` is a short pipeline (the equations are in fop_math.py, the curvature in
-model_curvature.py, the update rules in update_rules.py):
+model_curvature.py, steps 1 and 3-5 for the preconditioned layers in preconditioned_step.py, the
+update rules in update_rules.py):
 1. gather what the hooks saw (factor estimates on curvature steps, g1 in FOP mode), averaged
    across ranks in one all-reduce, and undo a loss scale;
 2. skip the step, touching nothing, if any gradient or statistic is not finite;
