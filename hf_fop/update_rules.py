@@ -141,14 +141,15 @@ def parameter_updates(
     layers: list[LayerAdapter], pairs: list[tuple[int, Tensor]], scale: Tensor | None
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """(parameters, tensors to update, directions) from each layer's direction matrix: split
-    into weight and bias, scaled by the KL clip, cut to this rank's rows under FSDP2."""
+    into weight and bias (views), cut to this rank's rows under FSDP2, scaled by the KL clip in
+    one foreach call."""
     params, targets, directions = [], [], []
     for index, direction in pairs:
         layer = layers[index]
-        if scale is not None:
-            direction = direction * scale
         for param, update in zip(layer.params, layer.split_matrix(direction)):
             params.append(param)
             targets.append(local_tensor(param))
             directions.append(local_rows(update, param))
+    if scale is not None and directions:
+        directions = list(torch._foreach_mul(directions, scale))
     return params, targets, directions
