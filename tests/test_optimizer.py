@@ -235,6 +235,37 @@ def test_clipped_gradients_give_the_clip_factor_times_the_fop_step() -> None:
     torch.testing.assert_close(deltas[1], 0.3 * deltas[0], rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("graft", ["adamw", "none"])
+def test_kl_clip_scales_the_preconditioned_step_by_its_formula(graft: str) -> None:
+    # nu = min(1, sqrt(kl_clip / (lr^2 sum_l <n_l, g_l>))), n_l the direction of layer l: with
+    # momentum and weight decay off the clipped step is nu times the unclipped one, and nu is
+    # recomputed here from that step and the gradients.
+    tokens, labels = token_data()
+    lr, kl_clip = 0.1, 1e-4
+    runs = []
+    for clip in (None, kl_clip):
+        torch.manual_seed(0)
+        model = TokenClassifier()
+        optimizer = FOP(model, lr=lr, graft=graft, momentum=0.0, weight_decay=0.0, kl_clip=clip)
+        nn.functional.cross_entropy(model(tokens[:16]), labels[:16]).backward()
+        preconditioned = {id(p) for p in optimizer.fop_group["params"]}
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizer.step()
+        deltas = {name: p.detach() - before[name] for name, p in model.named_parameters()}
+        fop_names = [n for n, p in model.named_parameters() if id(p) in preconditioned]
+        runs.append((deltas, grads, optimizer.statistics()["kl_scale"]))
+    (unclipped, grads, scale_off), (clipped, _, scale) = runs
+    vg = sum((-unclipped[n] / lr * grads[n]).sum() for n in fop_names)
+    nu = min(1.0, (kl_clip / (lr**2 * vg)).sqrt().item())
+    assert scale_off == 1.0 and nu < 0.5  # the clip binds
+    assert scale == pytest.approx(nu, rel=1e-5)
+    for name, delta in clipped.items():
+        # The preconditioned layers take nu times the step; the AdamW side is not clipped.
+        factor = nu if name in fop_names else 1.0
+        torch.testing.assert_close(delta, factor * unclipped[name], rtol=1e-4, atol=1e-8)
+
+
 def test_accumulation_steps_are_learned_from_the_previous_step() -> None:
     tokens, labels = token_data()
     model = TokenClassifier()
