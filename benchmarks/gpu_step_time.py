@@ -68,30 +68,46 @@ def generated_batch(
     return patterns[labels] + 2.0 * noise, labels
 
 
+def backward(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(pixel_values=images).logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss
+
+
 def step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     labels: torch.Tensor,
-) -> float:
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = F.cross_entropy(model(pixel_values=images).logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+) -> torch.Tensor:
+    loss = backward(model, optimizer, images, labels)
     optimizer.step()
     return loss
 
 
-def step_time(name: str, batch: int, timed_steps: int, interval: int) -> dict[str, Any]:
-    """Mean step time over whole curvature intervals, and peak memory."""
+def fixed_batch_run(name: str, batch: int, interval: int) -> tuple[Any, ...]:
+    """(model, optimizer, images, labels) on the GPU: one generated batch, seeded."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     generator = torch.Generator(device=device).manual_seed(0)
     patterns = torch.randn(10, 3, 224, 224, device=device, generator=generator)
     model = vit_small().to(device)
     optimizer = make_optimizer(name, model, interval)
-    torch.cuda.reset_peak_memory_stats()
     images, labels = generated_batch(patterns, batch, generator)
+    return model, optimizer, images, labels
+
+
+def step_time(name: str, batch: int, timed_steps: int, interval: int) -> dict[str, Any]:
+    """Mean step time over whole curvature intervals, and peak memory."""
+    model, optimizer, images, labels = fixed_batch_run(name, batch, interval)
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(5):
         step(model, optimizer, images, labels)
     torch.cuda.synchronize()
@@ -112,21 +128,12 @@ def host_syncs_in_step(name: str, batch: int, interval: int) -> dict[str, Any]:
     """Synchronising CUDA calls inside ``optimizer.step()`` (torch's sync debug mode), per step
     over one curvature interval after warm-up: steps that refresh the curvature (whose
     eigendecompositions synchronise) and steps that only precondition."""
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    generator = torch.Generator(device=device).manual_seed(0)
-    patterns = torch.randn(10, 3, 224, 224, device=device, generator=generator)
-    model = vit_small().to(device)
-    optimizer = make_optimizer(name, model, interval)
-    images, labels = generated_batch(patterns, batch, generator)
+    model, optimizer, images, labels = fixed_batch_run(name, batch, interval)
     for _ in range(2 * interval + 1):  # past the first steps' loss-scale check
         step(model, optimizer, images, labels)
     counts = []
     for _ in range(interval):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(pixel_values=images).logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(model, optimizer, images, labels)
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
