@@ -208,6 +208,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     result = run(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()})
+    # Leave together and take the process group down before exiting: a rank that exits while
+    # another still talks to it can abort inside gloo ("terminate called without an active
+    # exception").
+    accelerator = result.trainer.accelerator
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return result.metrics
 
 
