@@ -152,9 +152,7 @@ class CurvatureCapture:
             del _LIVE_CAPTURES[root]
 
     def _on_forward(self, index: int, module: nn.Module, inputs: tuple, output: object) -> None:
-        if not (module.training and torch.is_grad_enabled()):
-            return
-        if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+        if not _takes_part_in_backward(module, inputs, output):
             return
         held = _Held(inputs[0].detach())
         self._held.add(held)
@@ -223,6 +221,13 @@ class _Held:
         self.tensor: Tensor | None = tensor
 
 
+def _takes_part_in_backward(module: nn.Module, inputs: tuple, output: object) -> bool:
+    """A training-mode call with gradients on whose output will receive a gradient."""
+    if not (module.training and torch.is_grad_enabled()):
+        return False
+    return isinstance(output, Tensor) and output.requires_grad and bool(inputs)
+
+
 def _count_forward(forwards: Tensor, module: nn.Module, args: object) -> None:
     """The root's forward pre-hook: number the forwards that can take part in a backward (an
     in-place add that torch.compile traces, so the root's call has no graph break)."""
@@ -245,9 +250,7 @@ def _forward_hook(
     if not torch.compiler.is_compiling():
         _call(capture_ref, "_on_forward", index, module, inputs, output)
         return None
-    if not (module.training and torch.is_grad_enabled()):
-        return None
-    if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+    if not _takes_part_in_backward(module, inputs, output):
         return None
     return _TapOutputGrad.apply(output, inputs[0].detach(), forwards.clone(), key, index)
 
