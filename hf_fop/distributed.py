@@ -100,7 +100,11 @@ class Communicator:
             flat = torch.cat([present] + [t.reshape(-1) for t in filled])
             dist.all_reduce(flat, group=self.group)
             _unflatten_into(flat, [present, *filled])
-        # The flags were fetched to the host once per step: they decide which layers update.
+        if all(t is not None for t in tensors):
+            # Present here, so present somewhere: the host needs no flag, nothing waits.
+            return [t / share for t, share in zip(filled, present.unbind())]
+        # A layer missing here may be missing everywhere: the host reads the flags (one sync)
+        # to decide which layers update.
         shares = present.tolist()
         return [t / share if share > 0 else None for t, share in zip(filled, shares)]
 

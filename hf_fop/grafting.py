@@ -13,20 +13,29 @@ import torch
 from torch import Tensor
 
 
-def adam_direction(grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int) -> Tensor:
+def adam_direction(
+    grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int, ok: Tensor | None = None
+) -> Tensor:
     """g / (sqrt(v_hat) + eps): AdamW's step for this layer before momentum and the rate.
 
     Updates the second-moment average ``exp_avg_sq`` in place (v = beta2 v + (1 - beta2) g^2;
-    v_hat = v / (1 - beta2^step)), exactly as AdamW would.
+    v_hat = v / (1 - beta2^step)), exactly as AdamW would; only where the device flag ``ok``
+    is true, when given (a step that turns out skipped leaves it as it was).
     """
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
+    updated = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if ok is None:
+        exp_avg_sq.copy_(updated)
+    else:
+        torch.where(ok, updated, exp_avg_sq, out=exp_avg_sq)
+    denominator = (updated / (1 - beta2**step)).sqrt_().add_(eps)
     return grad / denominator
 
 
-def adam_step_norm(grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int) -> Tensor:
+def adam_step_norm(
+    grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int, ok: Tensor | None = None
+) -> Tensor:
     """||g / (sqrt(v_hat) + eps)|| per matrix (shape (..., 1, 1)): the size of AdamW's step."""
-    direction = adam_direction(grad, exp_avg_sq, beta2, eps, step)
+    direction = adam_direction(grad, exp_avg_sq, beta2, eps, step, ok)
     return torch.linalg.vector_norm(direction, dim=(-2, -1), keepdim=True)
 
 

@@ -12,44 +12,46 @@ damping). FOP therefore learns S:
   which covers ``unscale_`` before ``step`` (gradient clipping).
 
 A scaled backward FOP was not told about is detected from g1 being orders of magnitude larger
-than the gradient it is half of, and named in an error.
+than the gradient it is half of (during the first steps), and named in an error once the
+host reads the step's flags; that step changes nothing.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-logger = logging.getLogger("hf_fop")
-
 # g1 (a half-batch gradient) is O(1) times g_avg; loss scales are 2^8 - 2^24.
 UNSCALED_RATIO_LIMIT = 1000.0
 
 
 def loss_scale(grad_scale: Tensor | None, grad_scaler: Any | None) -> Tensor | float:
-    """S, the factor the last backward passes multiplied the output gradients by (a tensor
-    on the device when GradScaler.step hands it over, so reading it costs no sync)."""
+    """S, the factor the last backward passes multiplied the output gradients by: a tensor on
+    the device (GradScaler.step hands it over, else the scaler's own), so nothing waits."""
     if grad_scale is not None:
         return grad_scale
     if grad_scaler is not None and grad_scaler.is_enabled():
-        return float(grad_scaler.get_scale())
+        scale = getattr(grad_scaler, "_scale", None)
+        return scale if isinstance(scale, Tensor) else float(grad_scaler.get_scale())
     return 1.0
 
 
-def check_not_scaled(g1: Sequence[Tensor], g_avg: Sequence[Tensor]) -> None:
-    """Raise when the hooks saw scaled gradients that FOP was not told about."""
-    ratios = [
-        torch.linalg.vector_norm(a) / torch.linalg.vector_norm(b)
-        for a, b in zip(g1, g_avg)
-        if bool(torch.linalg.vector_norm(b) > 0)
-    ]
-    if not ratios:
-        return
-    ratio = torch.stack(ratios).median().item()
+def unscaled_ratio(g1: Sequence[Tensor], g_avg: Sequence[Tensor]) -> Tensor | None:
+    """The median over layers of ||g1|| / ||g_avg||, on the device: O(1) normally, the loss
+    scale when the hooks saw a scaled backward that FOP was not told about (NaN: no layer)."""
+    if not g1:
+        return None
+    top = torch.stack(torch._foreach_norm(list(g1)))
+    bottom = torch.stack(torch._foreach_norm(list(g_avg)))
+    valid = bottom > 0
+    return torch.where(valid, top / torch.where(valid, bottom, 1.0), float("nan")).nanmedian()
+
+
+def raise_if_unscaled(ratio: float) -> None:
+    """Raise when ``unscaled_ratio`` says the hooks saw a loss scale FOP was not told about."""
     if ratio > UNSCALED_RATIO_LIMIT:
         raise RuntimeError(
             f"FOP's hooks saw output gradients about {ratio:.3g}x larger than the parameters' "
@@ -94,25 +96,28 @@ def unscale_and_check(grads: Sequence[Tensor], grad_scale: Tensor | None) -> Ten
     return torch.cat([f.to(flags[0].device) for f in flags]).sum()
 
 
-def step_is_finite(
-    statistics: Sequence[Tensor], overflow: Tensor | None, found_inf: Tensor | None
-) -> bool:
-    """Whether a step may change anything: the hooks' statistics finite and no gradient
-    overflow (``found_inf``: GradScaler's flag, whose skips it reports itself). One host sync."""
-    if all_finite(statistics, [overflow, found_inf]):
-        return True
-    if found_inf is None or not bool(found_inf.sum() > 0):
-        logger.warning(
-            "FOP skipped a step: the gradients hold NaN or Inf; parameters and optimizer state "
-            "are unchanged"
-        )
-    return False
+def step_verdict(
+    statistics: Sequence[Tensor],
+    overflow: Tensor | None,
+    found_inf: Tensor | None,
+    device: torch.device,
+    unscaled: Tensor | None = None,
+) -> Tensor:
+    """[ok, scaler_skipped, unscaled ratio] (fp32) on ``device``, computed without waiting.
 
-
-def all_finite(tensors: Sequence[Tensor], flags: Sequence[Tensor | None] = ()) -> bool:
-    """Whether every tensor is finite and every overflow flag is zero (one host sync)."""
-    checks = [t.isfinite().all() for t in tensors]
-    checks += [flag.sum() == 0 for flag in flags if flag is not None]
-    if not checks:
-        return True
-    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
+    ``ok``: every statistic is finite, no gradient overflowed and no unannounced loss scale
+    was seen (``unscaled_ratio``), so the step may change anything; ``scaler_skipped``:
+    GradScaler's ``found_inf`` was set (it reports such skips itself)."""
+    checks = [t.isfinite().all().to(device) for t in statistics]
+    checks += [(flag.sum() == 0).to(device) for flag in (overflow, found_inf) if flag is not None]
+    ratio = torch.zeros((), device=device)
+    if unscaled is not None:
+        ratio = unscaled.to(device, torch.float32)
+        checks.append(~(ratio > UNSCALED_RATIO_LIMIT))
+    ok = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool, device=device)
+    scaler_skipped = (
+        (found_inf.sum() > 0).to(device)
+        if found_inf is not None
+        else torch.zeros((), dtype=torch.bool, device=device)
+    )
+    return torch.stack([ok.float(), scaler_skipped.float(), ratio])

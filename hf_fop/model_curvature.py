@@ -121,49 +121,67 @@ class ModelCurvature:
     # ---------------------------------------------------------------------------- statistics
 
     def gather(self, refresh: bool, want_g1: bool) -> list[BucketStatistics]:
-        """This step's factor estimates and g1, averaged across ranks in one bucket."""
+        """This step's factor estimates (``refresh``) and g1 (``want_g1``), averaged across
+        ranks, stacked per bucket; only what is asked for is sent."""
+        kinds = [
+            kind for kind, wanted in (("A", refresh), ("G", refresh), ("g1", want_g1)) if wanted
+        ]
+        if not kinds:
+            return [
+                BucketStatistics(None, None, [False] * len(b), None, [False] * len(b))
+                for b in self.buckets
+            ]
         tensors: list[Tensor | None] = []
         shapes: list[tuple[int, ...]] = []
         for layer, stats in zip(self.layers, self.capture.stats):
-            factors = refresh and stats.has_factors
-            split = want_g1 and stats.has_split
-            tensors += [stats.A() if factors else None, stats.G() if factors else None]
-            tensors.append(stats.g1() if split else None)
-            if want_g1 and not split and stats.examples > 0:
+            if want_g1 and not stats.has_split and stats.examples > 0:
                 self._warn_once(
                     "no-split",
                     "FOP could not split a step's examples into two halves (a batch of one "
                     "example, or fewer micro-batches than gradient_accumulation_steps); such "
                     "steps use the K-FAC direction",
                 )
-            shapes += [(layer.in_dim,) * 2, (layer.out_dim,) * 2, (layer.out_dim, layer.in_dim)]
+            for kind in kinds:
+                present = stats.has_split if kind == "g1" else stats.has_factors
+                tensors.append(getattr(stats, kind)() if present else None)
+                shapes.append(_statistic_shape(kind, layer.in_dim, layer.out_dim))
         like = torch.zeros((), device=self.layers[0].weight.device)
         averaged = self.communicator.average_partial(tensors, shapes, like)
+        per_kind = {kind: averaged[k :: len(kinds)] for k, kind in enumerate(kinds)}
         out = []
         for bucket in self.buckets:
-            A, G, g1 = ([averaged[3 * i + k] for i in bucket.indices] for k in range(3))
-            has_factors = [a is not None for a in A]
-            has_split = [g is not None for g in g1]
+            gathered = {
+                kind: [values[i] for i in bucket.indices] for kind, values in per_kind.items()
+            }
+            stacked = {
+                kind: _stack(values, _statistic_shape(kind, bucket.in_dim, bucket.out_dim), like)
+                for kind, values in gathered.items()
+            }
+            absent = [False] * len(bucket)
+            present = {kind: [t is not None for t in values] for kind, values in gathered.items()}
             out.append(
                 BucketStatistics(
-                    _stack(A, (bucket.in_dim,) * 2, like) if refresh else None,
-                    _stack(G, (bucket.out_dim,) * 2, like) if refresh else None,
-                    has_factors,
-                    _stack(g1, (bucket.out_dim, bucket.in_dim), like) if want_g1 else None,
-                    has_split,
+                    stacked.get("A"),
+                    stacked.get("G"),
+                    present.get("A", absent),
+                    stacked.get("g1"),
+                    present.get("g1", absent),
                 )
             )
         return out
 
     # ----------------------------------------------------------------------------- refresh
 
-    def refresh(self, statistics: list[BucketStatistics], step: int, damping: float) -> bool:
-        """Fold the estimates into the running factors and decompose what is due. Returns
-        whether any decomposition was refreshed."""
+    def refresh(
+        self, statistics: list[BucketStatistics], step: int, damping: float, ok: Tensor
+    ) -> bool:
+        """Fold the estimates into the running factors and decompose what is due, on the
+        device only where ``ok`` (the step's finiteness flag) is true. Returns whether any
+        decomposition was refreshed."""
         config = self.config
         for bucket, stats in zip(self.buckets, statistics):
             if stats.A is not None and any(stats.has_factors):
-                bucket.fold(stats.A, stats.G, stats.has_factors, config.factor_decay)
+                bucket.fold(stats.A, stats.G, stats.has_factors, config.factor_decay, ok)
         inverse_step = step % config.inverse_interval == 0
         due = sorted(
             (
@@ -181,7 +199,7 @@ class ModelCurvature:
             for bucket in self.buckets:
                 rows = [r for b, r in due if b is bucket]
                 if rows:
-                    bucket.decompose(rows, damping, config.damping_mode)
+                    bucket.decompose(rows, damping, config.damping_mode, ok)
             return True
         costs = [decomposition_cost(b.in_dim, b.out_dim) for b, _ in due]
         owners = assign_layers(costs, self.communicator.world_size)
@@ -192,7 +210,7 @@ class ModelCurvature:
             rows = [r for (b, r), o in zip(due, owners) if b is bucket]
             mine = [r for (b, r), o in zip(due, owners) if b is bucket and o == rank]
             if mine:
-                bucket.decompose(mine, damping, config.damping_mode)
+                bucket.decompose(mine, damping, config.damping_mode, ok)
             bucket.mark_ready(rows)
             if self.communicator.active:
                 mine_set = set(mine)
@@ -204,6 +222,16 @@ class ModelCurvature:
         self.communicator.share_owned(shared, owned)
         return True
 
+    def host_counters(self) -> list[tuple[list[int], list[bool]]]:
+        """What the host tracks per bucket (estimates folded in, decomposition present): saved
+        before a step, so that a step found skipped afterwards can put them back."""
+        return [(list(b.factor_updates), list(b.ready)) for b in self.buckets]
+
+    def restore_host_counters(self, saved: list[tuple[list[int], list[bool]]]) -> None:
+        for bucket, (factor_updates, ready) in zip(self.buckets, saved):
+            bucket.factor_updates, bucket.ready = factor_updates, ready
+            bucket._cache = None
+
     # -------------------------------------------------------------------------- directions
 
     def directions(
@@ -213,12 +241,15 @@ class ModelCurvature:
         beta2: float,
         step: int,
         gradients: list[Tensor | None],
+        ok: Tensor,
     ) -> list[BucketStep]:
         """The preconditioned (and, with grafting, AdamW-sized) direction of every layer this
         rank holds the curvature of (all of them unless sharded).
 
         ``step`` is 1-based (the bias corrections of the grafting norm); ``gradients`` are the
-        layers' full gradient matrices (``full_gradients``).
+        layers' full gradient matrices (``full_gradients``). Where ``ok`` (the step's
+        finiteness flag) is false the grafting moments stay as they were and the directions
+        are zeros, so nothing downstream sees a NaN.
         """
         config = self.config
         out = []
@@ -256,7 +287,7 @@ class ModelCurvature:
                 chosen = result.direction
                 if config.graft == "adamw":
                     v = exp_avg_sq if every else exp_avg_sq[picked]
-                    chosen = graft(chosen, adam_step_norm(g, v, beta2, config.adamw_eps, step))
+                    chosen = graft(chosen, adam_step_norm(g, v, beta2, config.adamw_eps, step, ok))
                     if not every:
                         exp_avg_sq[picked] = v
                 if every:
@@ -272,17 +303,12 @@ class ModelCurvature:
                     self._report_waiting(bucket.indices[row])
                 v = exp_avg_sq[picked]
                 direction[waiting] = adam_direction(
-                    g_avg[waiting], v, beta2, config.adamw_eps, step
+                    g_avg[waiting], v, beta2, config.adamw_eps, step, ok
                 )
                 exp_avg_sq[picked] = v
+            direction = torch.where(ok, direction, 0.0)
             out.append(
-                BucketStep(
-                    bucket,
-                    rows,
-                    direction,
-                    g_avg,
-                    scalars._replace(direction=direction),
-                )
+                BucketStep(bucket, rows, direction, g_avg, scalars._replace(direction=direction))
             )
         return out
 
@@ -499,6 +525,10 @@ def float_statistics(statistics: dict[str, Tensor | float]) -> dict[str, float]:
         else:
             out[key] = float(value)
     return out
+
+
+def _statistic_shape(kind: str, in_dim: int, out_dim: int) -> tuple[int, int]:
+    return {"A": (in_dim, in_dim), "G": (out_dim, out_dim), "g1": (out_dim, in_dim)}[kind]
 
 
 def _stack(tensors: list[Tensor | None], shape: tuple[int, ...], like: Tensor) -> Tensor:

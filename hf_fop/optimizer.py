@@ -5,7 +5,8 @@ model_curvature.py, steps 1 and 3-5 for the preconditioned layers in preconditio
 update rules in update_rules.py):
 1. gather what the hooks saw (factor estimates on curvature steps, g1 in FOP mode), averaged
    across ranks in one all-reduce, and undo a loss scale;
-2. skip the step, touching nothing, if any gradient or statistic is not finite;
+2. a device flag: is every gradient and statistic finite? Every update below is masked by it,
+   so a bad step changes nothing, and the host reads it later (pending_verdict.py);
 3. refresh the curvature: fold the estimates in, decompose where due (batched per layer shape);
 4. the directions: eta * F^-1 (g_avg + beta g_perp) per layer (F^-1 g_avg in K-FAC mode),
    grafted onto AdamW's step size, and a KL-norm clip over the group;
@@ -32,10 +33,11 @@ from hf_fop.checkpoint import (
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
 from hf_fop.layers import LayerAdapter
-from hf_fop.mixed_precision import step_is_finite, unscale_and_check
+from hf_fop.mixed_precision import raise_if_unscaled, step_verdict, unscale_and_check
 from hf_fop.model_curvature import ModelCurvature, float_statistics
 from hf_fop.param_groups import adamw_defaults, param_groups, param_indices
 from hf_fop.partition import partition_model, unwrap_model
+from hf_fop.pending_verdict import PendingVerdict
 from hf_fop.preconditioned_step import gather_statistics, preconditioned_update
 from hf_fop.sharding import follow_sharded_parameters, is_sharded, local_tensor
 from hf_fop.update_rules import adamw_step, initial_state
@@ -94,6 +96,7 @@ class FOP(torch.optim.Optimizer):
         )
         self.capture.accumulation_steps = config.gradient_accumulation_steps
         self._last_stats: dict[str, Tensor | float] = {}
+        self._verdict = PendingVerdict()
         self._arm_capture()
         logger.info(partition.summary())
 
@@ -123,6 +126,7 @@ class FOP(torch.optim.Optimizer):
 
     def statistics(self) -> dict[str, float]:
         """The last step's FOP statistics as plain floats, for logging (reading them syncs)."""
+        self._verdict.settle()
         return float_statistics(self._last_stats)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -140,6 +144,7 @@ class FOP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._verdict.settle()  # the last step's flag: waits, if at all, for that step only
         self._follow_sharding()
         if self._empty_step():
             # What the first step creates, as torch's optimizers do on zero gradients:
@@ -151,6 +156,8 @@ class FOP(torch.optim.Optimizer):
         else:
             self._step()
         self.curvature.reset()
+        if self._verdict.known():
+            self._verdict.settle()
         self._arm_capture()
         return loss
 
@@ -168,6 +175,7 @@ class FOP(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict with each layer's curvature (complete from the start) nested in its
         weight's state: the layout torch.distributed.checkpoint needs (checkpoint.py)."""
+        self._verdict.settle()
         self._follow_sharding()
         state = super().state_dict()
         indices = param_indices(self.param_groups)
@@ -180,6 +188,7 @@ class FOP(torch.optim.Optimizer):
         resume), except FOP's own settings: the damping and the KL clip given to this optimizer
         win over the checkpoint's, with a warning when they differ. A checkpoint of another
         model fails here, naming the layer, before anything is loaded."""
+        self._verdict.settle()
         self._follow_sharding()
         keys = saved_keys(state_dict["param_groups"], self.param_groups)
         weights = {n: keys.get(id(x.weight)) for n, x in zip(self.layer_names, self.layers)}
@@ -197,35 +206,64 @@ class FOP(torch.optim.Optimizer):
         """Tell the hooks what the coming backward passes must gather."""
         group = self.fop_group
         step = group["step"] if group is not None else 0
-        self.capture.collect_factors = step % self.config.curvature_interval == 0
+        due = step % self.config.curvature_interval == 0
+        if self._verdict.pending:  # the last step may yet be found skipped, and repeated
+            due = due or (step - 1) % self.config.curvature_interval == 0
+        self.capture.collect_factors = due
         self.capture.collect_first_half = self.config.mode == "fop"
 
     def _step(self) -> None:
         # GradScaler.step sets these: S while p.grad is still scaled, and its overflow flag.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        overflow = unscale_and_check(self._local_grads(), grad_scale)
+        grads = self._local_grads()
+        overflow = unscale_and_check(grads, grad_scale)
         if overflow is not None and self.curvature.sharded:
             # Each rank checked its own shards: all must agree to skip.
             self.communicator.all_reduce_mean([overflow])
         group = self.fop_group
-        statistics, gradients = [], []
+        statistics, gradients, unscaled = [], [], None
         if group is not None:
-            statistics, gradients = gather_statistics(
+            statistics, gradients, unscaled = gather_statistics(
                 self.curvature, group, self.config, grad_scale, self.grad_scaler
             )
-        # The step's one host synchronisation: whether anything may change at all.
-        if not step_is_finite([t for s in statistics for t in s.tensors()], overflow, found_inf):
-            return
+        tensors = [t for s in statistics for t in s.tensors()]
+        verdict = step_verdict(tensors, overflow, found_inf, grads[0].device, unscaled)
+        ok = verdict[0].bool()
+        undo = self._undo_if_skipped()
         if group is not None:
-            self._last_stats.update(
-                preconditioned_update(
-                    self.curvature, group, self.state, self.config, statistics, gradients
-                )
+            update = preconditioned_update(
+                self.curvature, group, self.state, self.config, statistics, gradients, ok
             )
+            self._last_stats = {**self._last_stats, **update}
+        skip = (~ok).to(torch.float32)
         for adamw_group in self.param_groups:
             if adamw_group["kind"] == "adamw":
-                adamw_step(adamw_group, self.state)
+                adamw_step(adamw_group, self.state, skip)
+        self._verdict.record(verdict, undo)
+
+    def _undo_if_skipped(self) -> Callable[[list[float]], None]:
+        """What puts the host's bookkeeping back as it is now, should this step be found
+        skipped (the device's side of a skipped step never changes)."""
+        group = self.fop_group
+        step = group["step"] if group is not None else 0
+        counters = self.curvature.host_counters()
+        statistics = self._last_stats
+
+        def undo(flags: list[float]) -> None:
+            _, scaler_skipped, unscaled = flags
+            if group is not None:
+                group["step"] = step
+            self.curvature.restore_host_counters(counters)
+            self._last_stats = statistics
+            raise_if_unscaled(unscaled)
+            if not scaler_skipped:  # GradScaler reports its own skips
+                logger.warning(
+                    "FOP skipped a step: the gradients hold NaN or Inf; parameters and "
+                    "optimizer state are unchanged"
+                )
+
+        return undo
 
     def _initialise_state(self) -> None:
         for group in self.param_groups:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from hf_fop.config import FOPConfig
 from hf_fop.fop_math import kl_clip_scale
-from hf_fop.mixed_precision import check_not_scaled, loss_scale, unscale_statistics
+from hf_fop.mixed_precision import loss_scale, unscale_statistics, unscaled_ratio
 from hf_fop.model_curvature import BucketStatistics, ModelCurvature
 from hf_fop.update_rules import grafted_step, heavy_ball_step, parameter_updates
 
@@ -28,13 +28,13 @@ def gather_statistics(
     config: FOPConfig,
     grad_scale: Tensor | None,
     grad_scaler: Any | None,
-) -> tuple[list[BucketStatistics], list[Tensor | None]]:
-    """This step's bucket statistics (factor estimates on curvature steps, g1 in FOP mode) and
-    every layer's full gradient matrix, free of any loss scale.
+) -> tuple[list[BucketStatistics], list[Tensor | None], Tensor | None]:
+    """This step's bucket statistics (factor estimates on curvature steps, g1 in FOP mode),
+    every layer's full gradient matrix, free of any loss scale, and during the first steps
+    without a known scale the ``unscaled_ratio`` that tells an unannounced one.
 
     ``grad_scale``: what GradScaler.step hands over while p.grad is still scaled; else the
-    scale of ``grad_scaler``, if any. Without either, the first steps check that the hooks did
-    not see an unannounced scale (reading that check synchronises)."""
+    scale of ``grad_scaler``, if any."""
     refresh = group["step"] % config.curvature_interval == 0
     statistics = curvature.gather(refresh, config.mode == "fop")
     gradients = curvature.full_gradients()
@@ -42,8 +42,8 @@ def gather_statistics(
     if isinstance(scale, Tensor) or scale != 1.0:
         unscale_statistics(statistics, scale)
     elif group["step"] < UNSCALED_CHECK_STEPS:
-        check_not_scaled(*curvature.scaled_pairs(statistics, gradients))
-    return statistics, gradients
+        return statistics, gradients, unscaled_ratio(*curvature.scaled_pairs(statistics, gradients))
+    return statistics, gradients, None
 
 
 def preconditioned_update(
@@ -53,22 +53,26 @@ def preconditioned_update(
     config: FOPConfig,
     statistics: list[BucketStatistics],
     gradients: list[Tensor | None],
+    ok: Tensor,
 ) -> dict[str, Tensor | float]:
     """Update the FOP group's parameters (and its step count); returns the step's statistics
-    (per-layer tensors, kept on the device until read)."""
+    (per-layer tensors, kept on the device until read).
+
+    ``ok`` is the step's device flag: false, and nothing on the device changes (the host's
+    counts are put back by the optimizer once it reads the flag)."""
     lr, damping = group["lr"], group["damping"]
-    refreshed = curvature.refresh(statistics, group["step"], damping)
+    refreshed = curvature.refresh(statistics, group["step"], damping, ok)
     step = group["step"] + 1  # 1-based, for the bias corrections
-    steps = curvature.directions(statistics, damping, group["betas"][1], step, gradients)
+    steps = curvature.directions(statistics, damping, group["betas"][1], step, gradients, ok)
     pairs, layer_statistics, vg = curvature.layer_directions(steps, gradients)
     scale = None
     if pairs and group["kl_clip"] is not None:
-        scale = kl_clip_scale(vg, lr, group["kl_clip"])
+        scale = kl_clip_scale(torch.where(ok, vg, 0.0), lr, group["kl_clip"])
     params, targets, directions = parameter_updates(curvature.layers, pairs, scale)
     if config.graft == "adamw":
-        grafted_step(params, targets, directions, state, group, step)
+        grafted_step(params, targets, directions, state, group, step, ok)
     else:
-        heavy_ball_step(params, targets, directions, state, group)
+        heavy_ball_step(params, targets, directions, state, group, (~ok).to(torch.float32))
     group["step"] += 1
     folded = any(any(s.has_factors) for s in statistics if s.A is not None)
     out: dict[str, Tensor | float] = {}

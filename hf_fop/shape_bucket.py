@@ -45,12 +45,16 @@ class ShapeBucket:
             self._cache = ((damping, damping_mode), built)
         return self._cache[1]
 
-    def fold(self, A: Tensor, G: Tensor, present: list[bool], decay: float) -> None:
-        """Fold this step's estimates into the running factors (see update_running_factor)."""
+    def fold(self, A: Tensor, G: Tensor, present: list[bool], decay: float, ok: Tensor) -> None:
+        """Fold this step's estimates into the running factors (see update_running_factor).
+
+        ``ok`` (a device flag) false leaves the factors exactly as they were (a lerp toward
+        themselves); the host's counts are put back by the optimizer once it reads the flag."""
         weights = [
             (1.0 if done == 0 else max(1.0 - decay, 1.0 / (done + 1))) if has else 0.0
             for has, done in zip(present, self.factor_updates)
         ]
+        A, G = torch.where(ok, A, self.A), torch.where(ok, G, self.G)
         if len(set(weights)) == 1:
             self.A.lerp_(A, weights[0])
             self.G.lerp_(G, weights[0])
@@ -60,15 +64,19 @@ class ShapeBucket:
             self.G.lerp_(G, weight)
         self.factor_updates = [done + has for done, has in zip(self.factor_updates, present)]
 
-    def decompose(self, rows: list[int], damping: float, damping_mode: str) -> None:
+    def decompose(self, rows: list[int], damping: float, damping_mode: str, ok: Tensor) -> None:
+        """Decompose the running factors of ``rows``; kept only where the device flag ``ok``
+        is true (the old decomposition stays otherwise)."""
         everything = rows == list(range(len(self)))
         A, G = (self.A, self.G) if everything else (self.A[rows], self.G[rows])
         computed = self.method.from_factors(A, G, damping, damping_mode).state()
         for key, value in computed.items():
             if everything:
-                self.decomposition[key] = value
+                self.decomposition[key] = torch.where(ok, value, self.decomposition[key])
             else:
-                self.decomposition[key][rows] = value
+                self.decomposition[key][rows] = torch.where(
+                    ok, value, self.decomposition[key][rows]
+                )
         self.mark_ready(rows)
 
     def mark_ready(self, rows: list[int]) -> None:

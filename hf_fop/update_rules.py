@@ -1,13 +1,16 @@
 """The parameter updates after the directions are known, on torch.optim's own kernels.
 
 - The AdamW side (embeddings, norms, heads) is torch's functional ``adamw``, with torch's state
-  keys (``step``, ``exp_avg``, ``exp_avg_sq``), so it is AdamW by construction (foreach or fused
-  where torch picks them).
+  keys (``step``, ``exp_avg``, ``exp_avg_sq``), so it is AdamW by construction.
 - Raw natural-gradient directions (``graft="none"``) take torch's functional ``sgd``: heavy-ball
   momentum with the weight decay added to the direction, K-FAC practice
   (``momentum_buffer``).
 - Grafted (AdamW-sized) directions take AdamW's rules without its normalisation: a bias-corrected
   moving average of the direction (``exp_avg``) and decoupled weight decay, as foreach ops.
+
+A step that must not happen (non-finite gradients) is decided on the device: torch's fused
+AdamW and SGD take the flag as ``found_inf``, the grafted rule multiplies its coefficients by
+it. Nothing here waits for the device, on the devices torch has fused kernels for.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from torch.optim.sgd import sgd
 
 from hf_fop.layers import LayerAdapter
@@ -34,8 +38,8 @@ def initial_state(group: dict[str, Any], param: Tensor, graft: str) -> dict[str,
     """The state a parameter of ``group`` gets at its first step: zeros shaped (and, under
     FSDP2, sharded) like the parameter. Starting from it is the same as starting without it."""
     if group["kind"] == "adamw":
-        return {
-            "step": torch.tensor(0.0),
+        return {  # the step count on the parameter's device, as torch's fused AdamW keeps it
+            "step": torch.zeros((), dtype=torch.float32, device=param.device),
             "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
         }
@@ -56,20 +60,48 @@ def _moments(params: list[Tensor], state: dict[Tensor, dict[str, Any]], graft: s
     return [local_tensor(state[p][key]) for p in params]
 
 
-def adamw_step(group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> None:
-    """One AdamW step for the parameters of ``group`` that have gradients."""
+def _fused(tensors: list[Tensor]) -> bool:
+    """Whether torch's fused kernels (which take an overflow flag) serve these tensors. They
+    read memory as contiguous (the CPU kernel misreads a strided view), so views do not."""
+    devices = _get_fused_kernels_supported_devices()
+    return all(
+        t.device.type in devices and t.is_floating_point() and t.is_contiguous() for t in tensors
+    )
+
+
+def _skip_on_host(skip: Tensor | None) -> bool:
+    """Where no fused kernel takes the flag: read it (a host synchronisation)."""
+    return skip is not None and bool(skip)
+
+
+def adamw_step(
+    group: dict[str, Any], state: dict[Tensor, dict[str, Any]], skip: Tensor | None = None
+) -> None:
+    """One AdamW step for the parameters of ``group`` that have gradients; none at all, on the
+    device, where the flag ``skip`` is set (torch's fused kernel reads it there)."""
     params = [p for p in group["params"] if p.grad is not None]
     if not params:
         return
     for param in params:
         if not state[param]:
             state[param].update(initial_state(group, param, "adamw"))
+        elif state[param]["step"].device != param.device:  # a checkpoint of CPU step counts
+            state[param]["step"] = state[param]["step"].to(param.device, torch.float32)
+    locals_ = [
+        [local_tensor(t) for t in tensors]
+        for tensors in (
+            params,
+            [p.grad for p in params],
+            [state[p]["exp_avg"] for p in params],
+            [state[p]["exp_avg_sq"] for p in params],
+        )
+    ]
+    fused = _fused([t for tensors in locals_ for t in tensors])
+    if not fused and _skip_on_host(skip):
+        return
     beta1, beta2 = group["betas"]
     adamw(
-        params,
-        [p.grad for p in params],
-        [state[p]["exp_avg"] for p in params],
-        [state[p]["exp_avg_sq"] for p in params],
+        *locals_,
         [],
         [state[p]["step"] for p in params],
         amsgrad=False,
@@ -79,6 +111,8 @@ def adamw_step(group: dict[str, Any], state: dict[Tensor, dict[str, Any]]) -> No
         weight_decay=group["weight_decay"],
         eps=group["eps"],
         maximize=False,
+        fused=fused or None,
+        found_inf=skip if fused else None,
     )
 
 
@@ -88,17 +122,21 @@ def heavy_ball_step(
     directions: list[Tensor],
     state: dict[Tensor, dict[str, Any]],
     group: dict[str, Any],
+    skip: Tensor | None = None,
 ) -> None:
     """p -= lr * buf, buf = momentum * buf + (d + weight_decay * p): torch's SGD on ``d``, with
-    the FOP group's lr, momentum (``betas[0]``) and weight decay.
+    the FOP group's lr, momentum (``betas[0]``) and weight decay; nothing where ``skip`` is set.
 
     ``targets`` are the tensors updated (each parameter, or its local shard under FSDP2);
     the state stays keyed by the parameters, shaped like them."""
     if not targets:
         return
     momentum = group["betas"][0]
-    directions = [d.to(t.dtype) for t, d in zip(targets, directions)]
+    directions = [d.to(t.dtype).contiguous() for t, d in zip(targets, directions)]
     buffers = _moments(params, state, "none") if momentum else [None] * len(params)
+    fused = _fused([*targets, *directions, *(b for b in buffers if b is not None)])
+    if not fused and _skip_on_host(skip):
+        return
     sgd(
         targets,
         directions,
@@ -109,6 +147,8 @@ def heavy_ball_step(
         dampening=0.0,
         nesterov=False,
         maximize=False,
+        fused=fused or None,
+        found_inf=skip if fused else None,
     )
 
 
@@ -119,22 +159,29 @@ def grafted_step(
     state: dict[Tensor, dict[str, Any]],
     group: dict[str, Any],
     step: int,
+    ok: Tensor,
 ) -> None:
     """AdamW's momentum and decoupled weight decay on AdamW-sized directions (fp32 moments),
-    with the FOP group's settings; ``step`` is 1-based (the bias correction).
+    with the FOP group's settings; ``step`` is 1-based (the bias correction). Every
+    coefficient is multiplied by the device flag ``ok``, so a skipped step changes nothing
+    (the directions are finite then: zeros).
 
     ``targets`` are the tensors updated (see ``heavy_ball_step``)."""
     if not targets:
         return
     lr, momentum, weight_decay = group["lr"], group["betas"][0], group["weight_decay"]
+    keep = ok.to(torch.float32)
     if weight_decay:
-        torch._foreach_mul_(targets, 1 - lr * weight_decay)
+        torch._foreach_mul_(targets, 1 - (lr * weight_decay) * keep)
     if not momentum:
-        torch._foreach_add_(targets, directions, alpha=-lr)
+        torch._foreach_add_(targets, torch._foreach_mul(directions, -lr * keep))
         return
     averages = _moments(params, state, "adamw")
-    torch._foreach_lerp_(averages, directions, 1 - momentum)
-    torch._foreach_add_(targets, averages, alpha=-lr / (1 - momentum**step))
+    # averages.lerp_(directions, 1 - momentum), with the weight on the device
+    toward = torch._foreach_sub(directions, averages)
+    torch._foreach_mul_(toward, (1 - momentum) * keep)
+    torch._foreach_add_(averages, toward)
+    torch._foreach_add_(targets, torch._foreach_mul(averages, (-lr / (1 - momentum**step)) * keep))
 
 
 def parameter_updates(

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hf_fop import FOP
 from hf_fop.sharding import full_tensor, is_sharded
-from tests.helpers import image_data, tiny_vit
+from tests.helpers import ValueReads, device_ahead, image_data, tiny_vit
 
 SETTINGS = dict(lr=3e-3, curvature_interval=1, inverse_interval=2)
 
@@ -66,6 +66,7 @@ def train_ddp(
     optimizer = FOP(model, **SETTINGS, mode=mode, gradient_accumulation_steps=micro_batches)
     ddp = DistributedDataParallel(model)
     forward = torch.compile(ddp, backend="eager") if compiled else ddp
+    reads = []  # what steps without a decomposition read from the device (nothing, it should)
     for step in range(steps):
         images, labels = local_batch(step, local, rank, world_size)
         optimizer.zero_grad()
@@ -76,13 +77,20 @@ def train_ddp(
             context = ddp.no_sync() if index < micro_batches - 1 else contextlib.nullcontext()
             with context:
                 (F.cross_entropy(forward(x).logits, y) / micro_batches).backward()
-        optimizer.step()
+        if step % SETTINGS["inverse_interval"] == 0:
+            optimizer.step()
+            continue
+        optimizer.statistics()  # reads the last step's flags, outside the step measured
+        with device_ahead(), ValueReads() as mode:
+            optimizer.step()
+        reads += mode.reads
     torch.save(
         {
             "params": {n: p.detach() for n, p in model.named_parameters()},
             "optimizer": optimizer.state_dict(),
             "decomposed": list(optimizer.curvature.decomposed_by_rank),
             "comm_calls": optimizer.communicator.calls,
+            "reads": reads,
         },
         Path(out) / f"rank{rank}.pt",
     )

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_fop.integration import FOPTrainingArguments
+from hf_fop.pending_verdict import PendingVerdict
 
 
 class TokenClassifier(nn.Module):
@@ -205,3 +211,59 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# What makes the host wait for a device: reading a value (as a Python number or list), or an
+# op whose output shape depends on values (on a GPU all of them synchronise).
+VALUE_READS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten._linalg_check_errors.default,
+}
+HOST_CONVERSIONS = {"tolist", "item", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+
+
+class _ValueReadOps(TorchDispatchMode):
+    def __init__(self, reads: list[str]) -> None:
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        boolean_index = func is torch.ops.aten.index.Tensor and any(
+            t is not None and t.dtype == torch.bool for t in args[1]
+        )
+        if func in VALUE_READS or boolean_index:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class ValueReads(TorchFunctionMode):
+    """Records every read of tensor values on the host: the conversions to Python objects
+    (seen as torch functions: ``tolist`` reaches no op) and the ops that read values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+        self._ops = _ValueReadOps(self.reads)
+
+    def __enter__(self) -> ValueReads:
+        self._ops.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._ops.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", None) in HOST_CONVERSIONS:
+            self.reads.append(f"Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def device_ahead() -> Iterator[None]:
+    """Act as an accelerator that has not finished a step when the host is done launching it:
+    FOP reads a step's flags when the next step starts, never inside the step that made them."""
+    with mock.patch.object(PendingVerdict, "known", lambda self: not self.pending):
+        yield

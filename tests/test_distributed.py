@@ -37,6 +37,8 @@ def test_ranks_hold_identical_parameters_and_state(two_rank_run: dict[int, dict]
     assert_identical(two_rank_run[0]["optimizer"], two_rank_run[1]["optimizer"])
     # One bucketed all-reduce per step, plus one decomposition share on inverse steps (0, 2).
     assert two_rank_run[0]["comm_calls"] == 4 + 2
+    # Steps 1 and 3 (no decomposition) never wait for the device, on either rank.
+    assert two_rank_run[0]["reads"] == two_rank_run[1]["reads"] == []
 
 
 @pytest.mark.slow
