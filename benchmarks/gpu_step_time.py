@@ -127,7 +127,7 @@ def step_time(name: str, batch: int, timed_steps: int, interval: int) -> dict[st
 def host_syncs_in_step(name: str, batch: int, interval: int) -> dict[str, Any]:
     """Synchronising CUDA calls inside ``optimizer.step()`` (torch's sync debug mode), per step
     over one curvature interval after warm-up: steps that refresh the curvature (whose
-    eigendecompositions synchronise) and steps that only precondition."""
+    eigendecompositions synchronise) and steps that only precondition (none expected)."""
     model, optimizer, images, labels = fixed_batch_run(name, batch, interval)
     for _ in range(2 * interval + 1):  # past the first steps' loss-scale check
         step(model, optimizer, images, labels)
