@@ -18,11 +18,14 @@ host reads the step's flags; that step changes nothing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger("hf_fop")
 
 # g1 (a half-batch gradient) is O(1) times g_avg; loss scales are 2^8 - 2^24.
 UNSCALED_RATIO_LIMIT = 1000.0
@@ -121,3 +124,15 @@ def step_verdict(
         else torch.zeros((), dtype=torch.bool, device=device)
     )
     return torch.stack([ok.float(), scaler_skipped.float(), ratio])
+
+
+def report_skipped_step(flags: Sequence[float]) -> None:
+    """Say why a step was skipped, once the host has read its ``step_verdict``: an unannounced
+    loss scale is an error; non-finite gradients a warning (GradScaler reports its own)."""
+    _, scaler_skipped, unscaled = flags
+    raise_if_unscaled(unscaled)
+    if not scaler_skipped:
+        logger.warning(
+            "FOP skipped a step: the gradients hold NaN or Inf; parameters and optimizer state "
+            "are unchanged"
+        )

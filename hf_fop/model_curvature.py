@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,15 +222,17 @@ class ModelCurvature:
         self.communicator.share_owned(shared, owned)
         return True
 
-    def host_counters(self) -> list[tuple[list[int], list[bool]]]:
-        """What the host tracks per bucket (estimates folded in, decomposition present): saved
-        before a step, so that a step found skipped afterwards can put them back."""
-        return [(list(b.factor_updates), list(b.ready)) for b in self.buckets]
+    def host_counters(self) -> Callable[[], None]:
+        """What puts the host's per-layer counts (estimates folded in, decomposition present)
+        back as they are now: a step found skipped afterwards has to."""
+        saved = [(list(b.factor_updates), list(b.ready)) for b in self.buckets]
 
-    def restore_host_counters(self, saved: list[tuple[list[int], list[bool]]]) -> None:
-        for bucket, (factor_updates, ready) in zip(self.buckets, saved):
-            bucket.factor_updates, bucket.ready = factor_updates, ready
-            bucket._cache = None
+        def restore() -> None:
+            for bucket, (factor_updates, ready) in zip(self.buckets, saved):
+                bucket.factor_updates, bucket.ready = factor_updates, ready
+                bucket._cache = None
+
+        return restore
 
     # -------------------------------------------------------------------------- directions
 

@@ -33,14 +33,14 @@ from hf_fop.checkpoint import (
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
 from hf_fop.layers import LayerAdapter
-from hf_fop.mixed_precision import raise_if_unscaled, step_verdict, unscale_and_check
+from hf_fop.mixed_precision import report_skipped_step, step_verdict, unscale_and_check
 from hf_fop.model_curvature import ModelCurvature, float_statistics
-from hf_fop.param_groups import adamw_defaults, param_groups, param_indices
+from hf_fop.param_groups import adamw_defaults, local_grads, param_groups, param_indices
 from hf_fop.partition import partition_model, unwrap_model
 from hf_fop.pending_verdict import PendingVerdict
 from hf_fop.preconditioned_step import gather_statistics, preconditioned_update
-from hf_fop.sharding import follow_sharded_parameters, is_sharded, local_tensor
-from hf_fop.update_rules import adamw_step, initial_state
+from hf_fop.sharding import follow_sharded_parameters, is_sharded
+from hf_fop.update_rules import adamw_step, initialise_state
 
 logger = logging.getLogger("hf_fop")
 
@@ -150,7 +150,7 @@ class FOP(torch.optim.Optimizer):
             # What the first step creates, as torch's optimizers do on zero gradients:
             # torch.distributed.checkpoint runs such a step at lr 0 to build the state it loads
             # into (quietly, then).
-            self._initialise_state()
+            initialise_state(self.param_groups, self.state, self.config.graft)
             if any(float(g["lr"]) != 0 for g in self.param_groups):
                 logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
         else:
@@ -216,7 +216,7 @@ class FOP(torch.optim.Optimizer):
         # GradScaler.step sets these: S while p.grad is still scaled, and its overflow flag.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        grads = self._local_grads()
+        grads = local_grads(self.param_groups)
         overflow = unscale_and_check(grads, grad_scale)
         if overflow is not None and self.curvature.sharded:
             # Each rank checked its own shards: all must agree to skip.
@@ -247,29 +247,17 @@ class FOP(torch.optim.Optimizer):
         skipped (the device's side of a skipped step never changes)."""
         group = self.fop_group
         step = group["step"] if group is not None else 0
-        counters = self.curvature.host_counters()
+        restore_counters = self.curvature.host_counters()
         statistics = self._last_stats
 
         def undo(flags: list[float]) -> None:
-            _, scaler_skipped, unscaled = flags
             if group is not None:
                 group["step"] = step
-            self.curvature.restore_host_counters(counters)
+            restore_counters()
             self._last_stats = statistics
-            raise_if_unscaled(unscaled)
-            if not scaler_skipped:  # GradScaler reports its own skips
-                logger.warning(
-                    "FOP skipped a step: the gradients hold NaN or Inf; parameters and "
-                    "optimizer state are unchanged"
-                )
+            report_skipped_step(flags)
 
         return undo
-
-    def _initialise_state(self) -> None:
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.requires_grad and not self.state.get(param):
-                    self.state[param].update(initial_state(group, param, self.config.graft))
 
     def _follow_sharding(self) -> None:
         """The model was sharded with fully_shard after this optimizer was built: point the
@@ -285,13 +273,4 @@ class FOP(torch.optim.Optimizer):
         """No example reached the preconditioned layers and every gradient is zero."""
         if not self.layers or any(stats.examples for stats in self.capture.stats):
             return False
-        return all(not bool(grad.any()) for grad in self._local_grads())
-
-    def _local_grads(self) -> list[Tensor]:
-        """Every gradient (its local shard under FSDP2)."""
-        return [
-            local_tensor(p.grad)
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None
-        ]
+        return all(not bool(grad.any()) for grad in local_grads(self.param_groups))

@@ -49,6 +49,16 @@ def initial_state(group: dict[str, Any], param: Tensor, graft: str) -> dict[str,
     return {key: torch.zeros_like(param, dtype=dtype)}
 
 
+def initialise_state(
+    groups: list[dict[str, Any]], state: dict[Tensor, dict[str, Any]], graft: str
+) -> None:
+    """What the first step creates, for every trainable parameter that lacks it."""
+    for group in groups:
+        for param in group["params"]:
+            if param.requires_grad and not state.get(param):
+                state[param].update(initial_state(group, param, graft))
+
+
 def _moments(params: list[Tensor], state: dict[Tensor, dict[str, Any]], graft: str) -> list[Tensor]:
     """Each parameter's moment (created as ``initial_state`` does at first use), as the local
     tensors the kernels update; a zero momentum buffer gives the first step exactly what
