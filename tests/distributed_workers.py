@@ -49,6 +49,18 @@ def local_batch(
     return images[index], labels[index]
 
 
+def measured_step(optimizer: FOP, step: int, reads: list[str]) -> None:
+    """optimizer.step(), recording in ``reads`` what a step without a decomposition reads from
+    the device (nothing, it should)."""
+    if step % SETTINGS["inverse_interval"] == 0:
+        optimizer.step()
+        return
+    optimizer.statistics()  # reads the last step's flags, outside the step measured
+    with device_ahead(), ValueReads() as mode:
+        optimizer.step()
+    reads += mode.reads
+
+
 def train_ddp(
     rank: int,
     world_size: int,
@@ -66,7 +78,7 @@ def train_ddp(
     optimizer = FOP(model, **SETTINGS, mode=mode, gradient_accumulation_steps=micro_batches)
     ddp = DistributedDataParallel(model)
     forward = torch.compile(ddp, backend="eager") if compiled else ddp
-    reads = []  # what steps without a decomposition read from the device (nothing, it should)
+    reads: list[str] = []
     for step in range(steps):
         images, labels = local_batch(step, local, rank, world_size)
         optimizer.zero_grad()
@@ -77,13 +89,7 @@ def train_ddp(
             context = ddp.no_sync() if index < micro_batches - 1 else contextlib.nullcontext()
             with context:
                 (F.cross_entropy(forward(x).logits, y) / micro_batches).backward()
-        if step % SETTINGS["inverse_interval"] == 0:
-            optimizer.step()
-            continue
-        optimizer.statistics()  # reads the last step's flags, outside the step measured
-        with device_ahead(), ValueReads() as mode:
-            optimizer.step()
-        reads += mode.reads
+        measured_step(optimizer, step, reads)
     torch.save(
         {
             "params": {n: p.detach() for n, p in model.named_parameters()},
@@ -177,6 +183,7 @@ def train_fsdp2(
         optimizer = FOP(model, **SETTINGS, mode=mode)
     optimizer.gradient_accumulation_steps = micro_batches
     forward = torch.compile(model, backend="eager") if compiled else model
+    reads: list[str] = []
     for step in range(steps):
         images, labels = local_batch(step, local, rank, world_size)
         optimizer.zero_grad()
@@ -186,7 +193,7 @@ def train_fsdp2(
             model.set_requires_gradient_sync(index == micro_batches - 1)
             (F.cross_entropy(forward(x).logits, y) / micro_batches).backward()
         average_gradients(whole)
-        optimizer.step()
+        measured_step(optimizer, step, reads)
     curvature = optimizer.curvature.state_dict()
     torch.save(
         {
@@ -201,6 +208,7 @@ def train_fsdp2(
             ),
             "decomposed": list(optimizer.curvature.decomposed_by_rank),
             "statistics": optimizer.statistics(),
+            "reads": reads,
         },
         Path(out) / f"rank{rank}.pt",
     )

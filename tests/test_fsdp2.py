@@ -67,6 +67,8 @@ def test_fsdp2_trains_like_ddp_with_the_curvature_sharded(
         assert fsdp[rank]["curvature_layers"] == owned
         assert fsdp[rank]["decomposed"] == [i for i, o in enumerate(owners) if o == rank]
     assert set(fsdp[0]["curvature_layers"]).isdisjoint(fsdp[1]["curvature_layers"])
+    # Steps without a decomposition never wait for the device, on either rank.
+    assert fsdp[0]["reads"] == fsdp[1]["reads"] == []
     total = fsdp[0]["curvature_bytes"] + fsdp[1]["curvature_bytes"]
     assert max(fsdp[r]["curvature_bytes"] for r in (0, 1)) <= 0.6 * total
     # Every rank logs every layer's statistics (shared with the directions).
