@@ -74,8 +74,9 @@ class LayerStatistics:
 class CurvatureCapture:
     """Registers the hooks on the preconditioned modules and holds their per-step statistics.
 
-    The optimizer sets ``collect_factors`` (curvature steps) and ``collect_first_half`` (FOP
-    mode) before each step's backward passes, and calls ``reset`` after the step.
+    The optimizer sets ``collect_factors`` (curvature steps; anything with a truth value, read
+    at the backward passes) and ``collect_first_half`` (FOP mode) before each step's backward
+    passes, and calls ``reset`` after the step.
 
     Lifetime: a layer's input is held from its forward until its output's gradient arrives, and
     dropped then (the graph may live on, e.g. in a ``loss`` variable kept for logging). The hooks
@@ -85,7 +86,7 @@ class CurvatureCapture:
 
     def __init__(self, root: nn.Module, layers: Sequence[LayerAdapter]) -> None:
         self.layers = list(layers)
-        self.collect_factors = True
+        self.collect_factors: Any = True
         self.collect_first_half = True
         self._accumulation_steps: int | None = None
         self._observed_steps = 1

@@ -37,7 +37,7 @@ from hf_fop.mixed_precision import report_skipped_step, step_verdict, unscale_an
 from hf_fop.model_curvature import ModelCurvature, float_statistics
 from hf_fop.param_groups import adamw_defaults, local_grads, param_groups, param_indices
 from hf_fop.partition import partition_model, unwrap_model
-from hf_fop.pending_verdict import PendingVerdict
+from hf_fop.pending_verdict import DecidedAtFirstUse, PendingVerdict
 from hf_fop.preconditioned_step import gather_statistics, preconditioned_update
 from hf_fop.sharding import follow_sharded_parameters, is_sharded
 from hf_fop.update_rules import adamw_step, initialise_state
@@ -206,9 +206,10 @@ class FOP(torch.optim.Optimizer):
         """Tell the hooks what the coming backward passes must gather."""
         group = self.fop_group
         step = group["step"] if group is not None else 0
-        due = step % self.config.curvature_interval == 0
+        interval = self.config.curvature_interval
+        due: bool | DecidedAtFirstUse = step % interval == 0
         if self._verdict.pending:  # the last step may yet be found skipped, and repeated
-            due = due or (step - 1) % self.config.curvature_interval == 0
+            due = DecidedAtFirstUse(self._verdict, bool(due), (step - 1) % interval == 0)
         self.capture.collect_factors = due
         self.capture.collect_first_half = self.config.mode == "fop"
 

@@ -49,6 +49,12 @@ class PendingVerdict:
             return self._ready.query()
         return self._flags.device.type == "cpu"
 
+    def peek(self) -> bool | None:
+        """Whether the step was taken, if that can be read without waiting (else None)."""
+        if self._flags is None or not self.known():
+            return None
+        return bool(self._flags[0].item())
+
     def settle(self) -> bool:
         """Read the flags (waiting for their step only, if need be) and undo a skipped step's
         host bookkeeping. Returns whether the step was skipped."""
@@ -62,3 +68,22 @@ class PendingVerdict:
         if not values[0]:
             undo(values)
         return not values[0]
+
+
+class DecidedAtFirstUse:
+    """A bool the hooks read during the next backward: ``if_taken`` if the pending step turns
+    out taken, ``if_skipped`` if not, both (``or``) while that is still unknown. Deciding as
+    late as that, a device that has finished the last step by then costs no extra work."""
+
+    def __init__(self, verdict: PendingVerdict, if_taken: bool, if_skipped: bool) -> None:
+        self._verdict, self._if_taken, self._if_skipped = verdict, if_taken, if_skipped
+        self._value: bool | None = None
+
+    def __bool__(self) -> bool:
+        if self._value is None:
+            taken = self._verdict.peek()
+            either = self._if_taken or self._if_skipped
+            self._value = (
+                either if taken is None else (self._if_taken if taken else self._if_skipped)
+            )
+        return self._value

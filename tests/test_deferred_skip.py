@@ -101,3 +101,22 @@ def test_a_skip_found_late_puts_the_step_count_back_before_the_next_step() -> No
     assert optimizer.statistics() is not None  # reading anything settles the flag
     assert optimizer.fop_group["step"] == 0
     assert all(not any(b.factor_updates) and not any(b.ready) for b in optimizer.curvature.buckets)
+
+
+@pytest.mark.parametrize("taken", [True, False])
+def test_the_hooks_gather_factors_for_the_step_that_comes_once_the_flag_is_known(
+    taken: bool,
+) -> None:
+    # Interval 3: after step 0 (a curvature step) the next is step 1 (no factors) if step 0 was
+    # taken, step 0 again (factors) if it was skipped. Unknown when the step ends, the choice
+    # is made when the hooks first ask, by then known.
+    model = TokenClassifier()
+    optimizer = FOP(model, curvature_interval=3)
+    tokens, labels = token_data()
+    loss = nn.functional.cross_entropy(model(tokens[:16]), labels[:16])
+    loss = loss if taken else loss * float("nan")
+    loss.backward()
+    with device_ahead():
+        optimizer.step()
+    assert optimizer._verdict.pending
+    assert bool(optimizer.capture.collect_factors) is not taken
