@@ -172,26 +172,26 @@ def grafted_step(
     ok: Tensor,
 ) -> None:
     """AdamW's momentum and decoupled weight decay on AdamW-sized directions (fp32 moments),
-    with the FOP group's settings; ``step`` is 1-based (the bias correction). Every
-    coefficient is multiplied by the device flag ``ok``, so a skipped step changes nothing
-    (the directions are finite then: zeros).
+    with the FOP group's settings; ``step`` is 1-based (the bias correction). Where the device
+    flag ``ok`` is false nothing changes (the directions are zeros then).
 
     ``targets`` are the tensors updated (see ``heavy_ball_step``)."""
     if not targets:
         return
     lr, momentum, weight_decay = group["lr"], group["betas"][0], group["weight_decay"]
-    keep = ok.to(torch.float32)
     if weight_decay:
-        torch._foreach_mul_(targets, 1 - (lr * weight_decay) * keep)
-    if not momentum:
-        torch._foreach_add_(targets, torch._foreach_mul(directions, -lr * keep))
+        torch._foreach_mul_(targets, torch.where(ok, 1 - lr * weight_decay, 1.0))
+    if not momentum:  # the directions are zeros where not ok
+        torch._foreach_add_(targets, directions, alpha=-lr)
         return
     averages = _moments(params, state, "adamw")
-    # averages.lerp_(directions, 1 - momentum), with the weight on the device
-    toward = torch._foreach_sub(directions, averages)
-    torch._foreach_mul_(toward, (1 - momentum) * keep)
-    torch._foreach_add_(averages, toward)
-    torch._foreach_add_(targets, torch._foreach_mul(averages, (-lr / (1 - momentum**step)) * keep))
+    # Toward the direction where ok, toward itself (an exact no-op) where not; the same
+    # arithmetic as the unmasked lerp and add otherwise.
+    toward = torch._foreach_mul(averages, (~ok).to(torch.float32))
+    torch._foreach_add_(toward, directions)
+    torch._foreach_lerp_(averages, toward, 1 - momentum)
+    kept = torch._foreach_mul(averages, ok.to(torch.float32))
+    torch._foreach_add_(targets, kept, alpha=-lr / (1 - momentum**step))
 
 
 def parameter_updates(
