@@ -25,6 +25,7 @@ class PendingVerdict:
         self._flags: Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         self._undo: Callable[[list[float]], None] | None = None
+        self._last_taken: bool | None = None  # what the last settled step turned out
 
     @property
     def pending(self) -> bool:
@@ -50,8 +51,10 @@ class PendingVerdict:
         return self._flags.device.type == "cpu"
 
     def peek(self) -> bool | None:
-        """Whether the step was taken, if that can be read without waiting (else None)."""
-        if self._flags is None or not self.known():
+        """Whether the last step was taken, if that can be read without waiting (else None)."""
+        if self._flags is None:
+            return self._last_taken
+        if not self.known():
             return None
         return bool(self._flags[0].item())
 
@@ -65,6 +68,7 @@ class PendingVerdict:
         if ready is not None:
             ready.synchronize()
         values = flags.tolist()
+        self._last_taken = bool(values[0])
         if not values[0]:
             undo(values)
         return not values[0]

@@ -103,9 +103,10 @@ def test_a_skip_found_late_puts_the_step_count_back_before_the_next_step() -> No
     assert all(not any(b.factor_updates) and not any(b.ready) for b in optimizer.curvature.buckets)
 
 
+@pytest.mark.parametrize("settled", [False, True])
 @pytest.mark.parametrize("taken", [True, False])
 def test_the_hooks_gather_factors_for_the_step_that_comes_once_the_flag_is_known(
-    taken: bool,
+    taken: bool, settled: bool
 ) -> None:
     # Interval 3: after step 0 (a curvature step) the next is step 1 (no factors) if step 0 was
     # taken, step 0 again (factors) if it was skipped. Unknown when the step ends, the choice
@@ -119,4 +120,6 @@ def test_the_hooks_gather_factors_for_the_step_that_comes_once_the_flag_is_known
     with device_ahead():
         optimizer.step()
     assert optimizer._verdict.pending
+    if settled:  # read before the backward asks (a logging callback reading the statistics)
+        optimizer.statistics()
     assert bool(optimizer.capture.collect_factors) is not taken
