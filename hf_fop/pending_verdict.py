@@ -38,7 +38,7 @@ class PendingVerdict:
             host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             host.copy_(flags, non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(flags.device))  # where the copy runs
             flags = host
         self._flags, self._undo = flags, undo
 
