@@ -9,8 +9,9 @@
   moving average of the direction (``exp_avg``) and decoupled weight decay, as foreach ops.
 
 A step that must not happen (non-finite gradients) is decided on the device: torch's fused
-AdamW and SGD take the flag as ``found_inf``, the grafted rule multiplies its coefficients by
-it. Nothing here waits for the device, on the devices torch has fused kernels for.
+AdamW and SGD take the flag as ``found_inf``; the grafted rule moves its moment toward itself
+and adds it times the flag, which is the unmasked arithmetic where the step is taken. Nothing
+here waits for the device, on the devices torch has fused kernels for.
 """
 
 from __future__ import annotations
