@@ -1,14 +1,19 @@
 """Hooks that gather, during the user's own backward pass, everything FOP needs per layer.
 
-A forward hook keeps the layer's input and puts a tensor hook on its output (full backward hooks
-break on in-place operations after the layer). The tensor hook sees the output gradient d of
-every example, so it adds up the Kronecker factor sums and the gradient of the first half of
-the step's examples, g1: no second backward pass.
+A forward hook keeps the layer's input and sees to it that the output gradient d of every
+example comes back to the capture, which adds up the Kronecker factor sums and the gradient of
+the first half of the step's examples, g1: no second backward pass. For nn.Linear and
+transformers' Conv1D the hook routes the output through the layer's own backward
+(layer_backward.py), which computes the weight gradient as two half-batch matmuls, the first of
+them g1, so g1 costs no extra matmul; for other layers (Conv2d, subclasses with a forward of
+their own) a tensor hook on the output computes g1 beside autograd's gradient. Full backward
+hooks are not used: they break on in-place operations after the layer.
 
-All work happens in the tensor hook, which fires exactly once per forward that takes part in the
-backward pass. Forwards in eval mode or under no_grad, and the recomputation inside a
-non-reentrant gradient checkpoint (its output never receives a gradient), therefore count zero
-times, and a module called twice counts twice, as its weight gradient does.
+All work happens when the output's gradient arrives, which is exactly once per forward that
+takes part in the backward pass. Forwards in eval mode or under no_grad, and the recomputation
+inside a non-reentrant gradient checkpoint (its output never receives a gradient), therefore
+count zero times, and a module called twice counts twice, as its weight gradient does. A deep
+copy of the model carries the hooks but is ignored by them.
 
 Under torch.compile the forward hook takes another road with the same result: it wraps the
 output in an identity autograd Function whose backward hands (input, output gradient) to the
@@ -31,7 +36,8 @@ from torch import Tensor, nn
 from torch.fx.node import has_side_effect
 from torch.utils.hooks import RemovableHandle
 
-from hf_fop.layers import LayerAdapter
+from hf_fop.layer_backward import LayerBackward, ModuleOutput
+from hf_fop.layers import LayerAdapter, LinearAdapter
 
 
 @dataclass
@@ -118,7 +124,9 @@ class CurvatureCapture:
         ]
         for index, layer in enumerate(self.layers):
             hook = partial(_forward_hook, self_ref, self._key, self._forwards, index)
-            self._handles.append(layer.module.register_forward_hook(hook))
+            # First among the module's forward hooks: later ones (FSDP2's) see the output
+            # that carries FOP's backward.
+            self._handles.append(layer.module.register_forward_hook(hook, prepend=True))
         weakref.finalize(self, _release, list(self._handles), self._key)
 
     @property
@@ -152,15 +160,24 @@ class CurvatureCapture:
         if live is not None and live() is self:
             del _LIVE_CAPTURES[root]
 
-    def _on_forward(self, index: int, module: nn.Module, inputs: tuple, output: object) -> None:
-        if not _takes_part_in_backward(module, inputs, output):
-            return
+    def _on_forward(
+        self, index: int, module: nn.Module, inputs: tuple, output: object
+    ) -> Tensor | None:
+        layer = self.layers[index]
+        if module is not layer.module or not _takes_part_in_backward(module, inputs, output):
+            return None  # a copy of the model (copy.deepcopy copies hooks) is not ours to track
         held = _Held(inputs[0].detach())
         self._held.add(held)
         self_ref = weakref.ref(self)
-        output.register_hook(
-            partial(_call, self_ref, "_on_output_grad", index, held, int(self._forwards))
-        )
+        forward = int(self._forwards)
+        if isinstance(layer, LinearAdapter) and layer.runs_plain_forward(inputs[0], output):
+            # g1 comes out of the layer's own weight gradient (layer_backward.py).
+            hidden = ModuleOutput(output.detach())
+            return LayerBackward.apply(
+                inputs[0], layer.weight, layer.bias, hidden, layer, self_ref, index, forward, held
+            )
+        output.register_hook(partial(_call, self_ref, "_on_output_grad", index, held, forward))
+        return None
 
     def _first_half_count(self, micro_batch: int, examples: int) -> int:
         """How many leading examples of this micro-batch belong to the step's first half."""
@@ -177,35 +194,54 @@ class CurvatureCapture:
     def record(self, index: int, layer_input: Tensor, forward: int, grad_output: Tensor) -> None:
         """Add one call's statistics: layer ``index`` saw ``layer_input`` in root forward number
         ``forward`` and ``grad_output`` came back."""
-        micro_batch = self._micro_batches.setdefault(forward, len(self._micro_batches))
-        layer, stats = self.layers[index], self.stats[index]
+        layer = self.layers[index]
         d = layer.output_grad_rows(grad_output)  # (N, L, out)
-        examples = d.shape[0]
+        first_half = self.first_half_of(index, forward, d.shape[0])
+        first_grad = None
+        if first_half:
+            x = layer.input_positions(layer_input).float()  # (N, L, in)
+            d1 = d[:first_half].float().flatten(0, 1)
+            first_grad = weight_gradient(d1, x[:first_half].flatten(0, 1), layer.has_bias)
+        self.add(index, layer_input, grad_output, first_grad)
+
+    def first_half_of(self, index: int, forward: int, examples: int) -> int | None:
+        """Count a call's ``examples`` (once per micro-batch, however often the layer ran) and
+        say how many leading ones belong to the step's first half (None: g1 is not gathered)."""
+        micro_batch = self._micro_batches.setdefault(forward, len(self._micro_batches))
         if examples == 0:
-            return
+            return None
+        stats = self.stats[index]
         first_half = self._first_half_count(micro_batch, examples)
         if micro_batch not in stats.micro_batches:
             stats.micro_batches.add(micro_batch)
             stats.examples += examples
             stats.first_half_examples += first_half
-        if not (self.collect_factors or self.collect_first_half):
+        return first_half if self.collect_first_half else None
+
+    @torch.no_grad()
+    def add(
+        self, index: int, layer_input: Tensor, grad_output: Tensor, first_grad: Tensor | None
+    ) -> None:
+        """Add a counted call's factor sums (on curvature steps) and its part of g1
+        (``first_grad``: the fp32 out x in' gradient of its first-half examples, None if none)."""
+        layer, stats = self.layers[index], self.stats[index]
+        d = layer.output_grad_rows(grad_output)  # (N, L, out)
+        if d.shape[0] == 0:
             return
-        x = layer.input_positions(layer_input).float()  # (N, L, in)
-        d = d.float()
         if self.collect_factors:
-            x_rows, d_rows = x.flatten(0, 1), d.flatten(0, 1)
+            x_rows = layer.input_positions(layer_input).float().flatten(0, 1)
+            d_rows = d.float().flatten(0, 1)
             # On the CPU reading a flag costs nothing: select; elsewhere weight (no host sync).
             x_rows, weights = active_rows(x_rows, d_rows, select=x_rows.device.type == "cpu")
             stats.A_sum = _accumulate(stats.A_sum, second_moment(x_rows, layer.has_bias, weights))
             stats.A_rows = stats.A_rows + (x_rows.shape[0] if weights is None else weights.sum())
             stats.G_sum = _accumulate(stats.G_sum, d_rows.T @ d_rows)
-        if self.collect_first_half and first_half > 0:
-            first_grad = weight_gradient(
-                d[:first_half].flatten(0, 1), x[:first_half].flatten(0, 1), layer.has_bias
-            )
+        if not self.collect_first_half:
+            return
+        if first_grad is not None:
             stats.first_half_grad = _accumulate(stats.first_half_grad, first_grad)
-        elif self.collect_first_half and stats.first_half_grad is None:
-            stats.first_half_grad = d.new_zeros(layer.out_dim, layer.in_dim)
+        elif stats.first_half_grad is None:
+            stats.first_half_grad = d.new_zeros(layer.out_dim, layer.in_dim, dtype=torch.float32)
 
 
 # The live capture of each model (weak on both sides: nothing is kept alive, nothing is
@@ -249,8 +285,7 @@ def _forward_hook(
     (see ``CurvatureCapture._on_forward``); traced by torch.compile, it returns the output
     wrapped in ``_TapOutputGrad``."""
     if not torch.compiler.is_compiling():
-        _call(capture_ref, "_on_forward", index, module, inputs, output)
-        return None
+        return _call(capture_ref, "_on_forward", index, module, inputs, output)
     if not _takes_part_in_backward(module, inputs, output):
         return None
     return _TapOutputGrad.apply(output, inputs[0].detach(), forwards.clone(), key, index)
@@ -303,14 +338,13 @@ _CAPTURES_BY_KEY: dict[int, weakref.ref] = {}
 
 
 @torch.compiler.disable
-def _call(capture_ref: weakref.ref, method: str, *args: object) -> None:
+def _call(capture_ref: weakref.ref, method: str, *args: object) -> Any:
     """Dispatch an eager hook to the capture while it lives (hooks must not keep it alive).
 
     Never traced: the capture's Python state (counters, held inputs) would be guarded on and
     recompile the model step after step; compiled code takes ``_TapOutputGrad`` instead."""
     capture = capture_ref()
-    if capture is not None:
-        getattr(capture, method)(*args)
+    return getattr(capture, method)(*args) if capture is not None else None
 
 
 def _release(handles: list[RemovableHandle], key: int) -> None:

@@ -45,20 +45,20 @@ class LayerAdapter(ABC):
     @property
     def in_dim(self) -> int:
         """Size of A: inputs per position, plus one for a folded bias."""
-        return self._weight_matrix(self.weight).shape[1] + (self.bias is not None)
+        return self.weight_matrix(self.weight).shape[1] + (self.bias is not None)
 
     @property
     def out_dim(self) -> int:
         """Size of G."""
-        return self._weight_matrix(self.weight).shape[0]
+        return self.weight_matrix(self.weight).shape[0]
 
     @abstractmethod
-    def _weight_matrix(self, weight: Tensor) -> Tensor:
+    def weight_matrix(self, weight: Tensor) -> Tensor:
         """The weight (or its gradient) as out x in, without copying where possible."""
 
     @abstractmethod
     def _unflatten_weight(self, matrix: Tensor) -> Tensor:
-        """Inverse of ``_weight_matrix``."""
+        """Inverse of ``weight_matrix``."""
 
     @abstractmethod
     def input_positions(self, inputs: Tensor) -> Tensor:
@@ -80,7 +80,7 @@ class LayerAdapter(ABC):
         for the same layers in the same order)."""
         if self.weight.grad is None:
             return None
-        matrix = self._weight_matrix(full_tensor(self.weight.grad))
+        matrix = self.weight_matrix(full_tensor(self.weight.grad))
         if self.bias is not None:
             bias_grad = self.bias.grad
             if bias_grad is None:
@@ -106,7 +106,7 @@ class LinearAdapter(LayerAdapter):
         super().__init__(module)
         self.sequence_first = sequence_first
 
-    def _weight_matrix(self, weight: Tensor) -> Tensor:
+    def weight_matrix(self, weight: Tensor) -> Tensor:
         return weight
 
     def _unflatten_weight(self, matrix: Tensor) -> Tensor:
@@ -123,15 +123,37 @@ class LinearAdapter(LayerAdapter):
     def output_grad_rows(self, grad_output: Tensor) -> Tensor:
         return self._examples_first(grad_output)
 
+    def weight_gradient(self, d_rows: Tensor, x_rows: Tensor) -> Tensor:
+        """sum over rows of d x^T, shaped (and laid out) like the weight, as autograd makes it."""
+        return d_rows.T @ x_rows
+
+    def runs_plain_forward(self, layer_input: object, output: Tensor) -> bool:
+        """``output`` is the module's affine map of ``layer_input`` by its library's own forward
+        (subclasses that compute something else keep autograd's backward)."""
+        return (
+            type(self.module).forward is self._library_forward()
+            and isinstance(layer_input, Tensor)
+            and output.shape[:-1] == layer_input.shape[:-1]
+        )
+
+    def _library_forward(self) -> object:
+        return nn.Linear.forward
+
 
 class Conv1DAdapter(LinearAdapter):
     """transformers' Conv1D (GPT-2): a Linear whose weight is stored transposed (in x out)."""
 
-    def _weight_matrix(self, weight: Tensor) -> Tensor:
+    def weight_matrix(self, weight: Tensor) -> Tensor:
         return weight.T
 
     def _unflatten_weight(self, matrix: Tensor) -> Tensor:
         return matrix.T
+
+    def weight_gradient(self, d_rows: Tensor, x_rows: Tensor) -> Tensor:
+        return x_rows.T @ d_rows
+
+    def _library_forward(self) -> object:
+        return getattr(_conv1d_type(), "forward", None)
 
 
 class Conv2dAdapter(LayerAdapter):
@@ -158,7 +180,7 @@ class Conv2dAdapter(LayerAdapter):
             return (totals[0] // 2, totals[1] // 2)
         return tuple(module.padding)
 
-    def _weight_matrix(self, weight: Tensor) -> Tensor:
+    def weight_matrix(self, weight: Tensor) -> Tensor:
         return weight.reshape(weight.shape[0], -1)
 
     def _unflatten_weight(self, matrix: Tensor) -> Tensor:
