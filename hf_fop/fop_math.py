@@ -34,12 +34,10 @@ class FOPDirection(NamedTuple):
 
 
 def inner(x: Tensor, y: Tensor) -> Tensor:
-    """Frobenius inner product <x, y> of each matrix in a stack (shape (..., 1, 1))."""
-    return torch.sum(x * y, dim=(-2, -1), keepdim=True)
-
-
-def _norm(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    """Frobenius inner product <x, y> of each matrix in a stack (shape (..., 1, 1)), in one
+    pass over the two (no product tensor)."""
+    dot = torch.linalg.vecdot(x.reshape(*x.shape[:-2], -1), y.reshape(*y.shape[:-2], -1))
+    return dot[..., None, None]
 
 
 def _scalar(x: Tensor) -> Tensor:
@@ -61,7 +59,7 @@ def fisher_orthogonal_component(
     """
     denominator = inner(g_avg, fisher_g_avg)
     s = _safe_divide(inner(g_diff, fisher_g_avg), denominator, denominator > 0, 0.0)
-    return g_diff - s * g_avg, s
+    return torch.addcmul(g_diff, s, g_avg, value=-1.0), s
 
 
 def fop_direction(
@@ -81,7 +79,7 @@ def fop_direction(
     n_avg = inverse_fisher(g_avg)
     # F^-1 is linear, so F^-1 g_perp = F^-1 g_diff - s F^-1 g_avg (one product fewer).
     n_diff = inverse_fisher(g_diff)
-    n_perp = n_diff - s * n_avg
+    n_perp = torch.addcmul(n_diff, s, n_avg, value=-1.0)
 
     a = inner(g_avg, n_avg)
     D = inner(g_avg, n_perp)
@@ -92,15 +90,16 @@ def fop_direction(
     has_signal = (zero_tol * inner(g_diff, n_diff) < E) & (zero_tol * a < E)
     beta = _safe_divide(D, E, has_signal, 0.0)  # argmin of J(b) = -b D + b^2 E / 2
 
-    n_comb = n_avg + beta * n_perp  # F^-1 g_comb
-    g_comb = g_avg + beta * g_perp
-    numerator = inner(g_avg, n_comb)
-    denominator = inner(g_comb, n_comb)
+    n_comb = torch.addcmul(n_avg, beta, n_perp)  # F^-1 g_comb, g_comb = g_avg + beta g_perp
+    # F^-1 is symmetric, so <g_avg, n_perp> = <g_perp, n_avg> = D: the step factor's two inner
+    # products follow from a, D and E (a sum of non-negative terms at beta = D / E).
+    numerator = a + beta * D  # <g_avg, n_comb>
+    denominator = numerator + beta * (D + beta * E)  # <g_comb, n_comb>
     eta = _safe_divide(numerator, denominator, denominator > 0, 1.0)
     rho = _safe_divide(D, torch.sqrt(a * E), has_signal & (a > 0), 0.0)
-    norms = _norm(n_comb) * _norm(n_avg)
+    norms = torch.sqrt(inner(n_comb, n_comb) * inner(n_avg, n_avg))
     cosine = _safe_divide(inner(n_comb, n_avg), norms, norms > 0, 1.0)
-    return FOPDirection(eta * n_comb, *(_scalar(x) for x in (beta, eta, rho, cosine)))
+    return FOPDirection(n_comb.mul_(eta), *(_scalar(x) for x in (beta, eta, rho, cosine)))
 
 
 def kfac_direction(g_avg: Tensor, inverse_fisher: LinearOperator) -> FOPDirection:
