@@ -3,22 +3,24 @@
     python -m benchmarks.step_cost          # writes benchmarks/results/step_cost.json and .md
     git worktree add /tmp/before <rev> && python -m benchmarks.step_cost --before /tmp/before
 
-With ``--before``, every configuration also runs on that checkout's ``hf_fop`` (same machine,
-same run, alternating), so a change of the step shows as before/after ratios.
+Every optimizer of one width (AdamW, and K-FAC and FOP at each curvature interval) trains its
+own copy of the model in one process (one thread), the steps taken in turn, so the drift of
+this machine's speed (10-15% between processes) hits all of them alike and the ratios within a
+width are measured side by side. With ``--before``, the same runs on that checkout's ``hf_fop``
+in a process of its own, after / before ratios therefore carry that drift.
 
 Besides the measured times, each row carries a floor: the flops FOP (or K-FAC) cannot avoid on
 top of AdamW, converted to seconds at this machine's measured matmul rate. Per preconditioned
-layer (in' = in + 1 with the bias, N = batch x tokens): the first-half weight gradient (FOP
-only, N in' out flops), the rotations into and out of the Kronecker eigenbasis (3 for FOP, 2 for
-K-FAC, each 2 out in' (out + in')), and per curvature interval the factor products
-(2 N (in'^2 + out^2)) and the two eigendecompositions (~9 d^3 each). The overhead over AdamW
-divided by that floor says how far the implementation is from the work itself.
+layer (in' = in + 1 with the bias, N = batch x tokens): the rotations into and out of the
+Kronecker eigenbasis (3 for FOP, 2 for K-FAC, each 2 out in' (out + in')), and per curvature
+interval the factor products (2 N (in'^2 + out^2)) and the two eigendecompositions (~9 d^3
+each). FOP's first-half gradient is not in it: it is one of the two matmuls the weight gradient
+is summed from (hf_fop/layer_backward.py). The overhead over AdamW divided by that floor says
+how far the implementation is from the work itself.
 
-Every configuration runs in a fresh process (one thread) so that its peak memory is its own;
-AdamW is the baseline measured in the same run. The step time is the mean over a window that
-spans several curvature intervals, so the periodic factor and eigendecomposition work is
-amortised as in training. Curvature interval k means factors collected and decompositions
-refreshed every k steps.
+The step time is the mean over a window that spans several curvature intervals, so the
+periodic factor and eigendecomposition work is amortised as in training. Curvature interval k
+means factors collected and decompositions refreshed every k steps.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,6 @@ def unavoidable_flops(hidden: int, layers: int, batch: int, interval: int, mode:
     for in_dim, out in layer_shapes(hidden) * layers:
         rotation = 2.0 * out * in_dim * (out + in_dim)
         total += rotation * (3 if mode == "fop" else 2)
-        if mode == "fop":
-            total += float(rows) * in_dim * out
         factors = 2.0 * rows * (in_dim**2 + out**2)
         decompositions = EIGH_FLOPS_PER_CUBE * (in_dim**3 + out**3)
         total += (factors + decompositions) / interval
@@ -87,70 +86,82 @@ def matmul_flops_per_second(hidden: int, batch: int) -> float:
     return 2.0 * x.shape[0] * hidden * 4 * hidden / seconds
 
 
-def _measure(config: dict[str, Any], queue: Any) -> None:
-    import sys
-
-    if config.get("code_path"):
-        sys.path.insert(0, config["code_path"])  # the --before checkout's hf_fop
+def _vit(hidden: int) -> Any:
     from transformers import ViTConfig, ViTForImageClassification
 
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=hidden,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=4 * hidden,
+        num_labels=10,
+    )
+    return ViTForImageClassification(config)
+
+
+def _measure(configs: list[dict[str, Any]], code_path: str | None, queue: Any) -> None:
+    """Train one model per configuration (all of one width), a step of each in turn."""
+    import sys
+
+    if code_path:
+        sys.path.insert(0, code_path)  # the --before checkout's hf_fop
     from hf_fop import FOP
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    hidden = config["hidden"]
-    model = ViTForImageClassification(
-        ViTConfig(
-            image_size=32,
-            patch_size=4,
-            num_channels=3,
-            hidden_size=hidden,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=4 * hidden,
-            num_labels=10,
-        )
-    )
-    if config["optimizer"] == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    else:
-        interval = config["interval"]
-        optimizer = FOP(
-            model, mode=config["optimizer"], curvature_interval=interval, inverse_interval=interval
-        )
-    images = torch.randn(config["batch"], 3, 32, 32)
-    labels = torch.randint(0, 10, (config["batch"],))
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for step in range(config["warmup"] + config["steps"]):
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(images).logits, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step >= config["warmup"]:
-            times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    runs = []
+    for config in configs:
+        model = _vit(config["hidden"])
+        if config["optimizer"] == "adamw":
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        else:
+            interval = config["interval"]
+            optimizer = FOP(
+                model,
+                mode=config["optimizer"],
+                curvature_interval=interval,
+                inverse_interval=interval,
+            )
+        runs.append((config, model, optimizer, []))
+    first = configs[0]
+    images = torch.randn(first["batch"], 3, 32, 32)
+    labels = torch.randint(0, 10, (first["batch"],))
+    for step in range(first["warmup"] + first["steps"]):
+        for _, model, optimizer, times in runs:
+            start = time.perf_counter()
+            loss = F.cross_entropy(model(images).logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step >= first["warmup"]:
+                times.append(time.perf_counter() - start)
+    rate = matmul_flops_per_second(first["hidden"], first["batch"])
     queue.put(
-        {
-            **config,
-            "mean_step_s": sum(times) / len(times),
-            "optimizer_state_bytes": tensor_bytes(optimizer.state_dict()),
-            "peak_rss_increase_mib": (peak - rss_before) / 1024,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "matmul_flops_per_s": matmul_flops_per_second(hidden, config["batch"]),
-        }
+        [
+            {
+                **config,
+                "mean_step_s": sum(times) / len(times),
+                "optimizer_state_bytes": tensor_bytes(optimizer.state_dict()),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "matmul_flops_per_s": rate,
+            }
+            for config, model, optimizer, times in runs
+        ]
     )
 
 
-def run_config(config: dict[str, Any]) -> dict[str, Any]:
+def run_configs(configs: list[dict[str, Any]], code_path: str | None) -> list[dict[str, Any]]:
+    """The rows of ``configs``, measured together in a fresh process."""
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_measure, args=(config, queue))
+    process = context.Process(target=_measure, args=(configs, code_path, queue))
     process.start()
-    result = queue.get()
+    rows = queue.get()
     process.join()
-    return result
+    return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -217,11 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for interval in args.intervals.split(",")
             for name in ("kfac", "fop")
         ]
-        for config in configs:
-            for code, path in codes.items():  # alternating, so drift hits both alike
-                row = run_config({**config, "code": code, "code_path": path})
-                row.pop("code_path")  # a path of this machine: not part of the result
-                rows.append(row)
+        for code, path in codes.items():
+            rows += run_configs([{**config, "code": code} for config in configs], path)
         for code in codes:
             measured = {_key(r): r for r in rows if r["code"] == code and r["hidden"] == hidden}
             adamw = measured[(hidden, "adamw", None)]
@@ -245,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "command": "python -m benchmarks.step_cost"
         + ("" if args.before is None else " --before <checkout of the previous step>"),
-        "machine": f"{platform.machine()}, torch {torch.__version__}, 1 CPU thread per configuration",
+        "machine": f"{platform.machine()}, torch {torch.__version__}, 1 CPU thread, the "
+        "optimizers of a width in turn in one process",
         "model": "ViTForImageClassification, image 32, patch 4 (65 tokens), 4 layers, MLP 4x hidden",
         "rows": rows,
     }
