@@ -170,8 +170,10 @@ class CurvatureCapture:
         self._held.add(held)
         self_ref = weakref.ref(self)
         forward = int(self._forwards)
-        if isinstance(layer, LinearAdapter) and layer.runs_plain_forward(inputs[0], output):
-            # g1 comes out of the layer's own weight gradient (layer_backward.py).
+        splits = self.collect_first_half and isinstance(layer, LinearAdapter)
+        if splits and layer.runs_plain_forward(inputs[0], output):
+            # g1 comes out of the layer's own weight gradient (layer_backward.py); without g1
+            # (K-FAC mode) autograd's own backward is faster.
             hidden = ModuleOutput(output.detach())
             return LayerBackward.apply(
                 inputs[0], layer.weight, layer.bias, hidden, layer, self_ref, index, forward, held
