@@ -68,32 +68,42 @@ class LayerBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        layer_input, weight = ctx.saved_tensors
-        adapter: LinearAdapter = ctx.adapter
-        dtype = grad_output.dtype  # the layer's compute dtype (autocast's, where it ran)
-        with torch.autocast(grad_output.device.type, enabled=False):
-            x = layer_input.to(dtype)
-            grad_input = None
-            if ctx.needs_input_grad[0]:
-                weight_matrix = adapter.weight_matrix(weight).to(dtype)
-                grad_input = (grad_output @ weight_matrix).to(layer_input.dtype)
-            x_rows = adapter.input_positions(x)  # (N, L, in)
-            d_rows = adapter.output_grad_rows(grad_output)  # (N, L, out)
-            recorder = ctx.recorder()
-            first_call = ctx.held.tensor is not None  # else a second backward (retained graph)
-            ctx.held.tensor = None
-            first_half = None
-            if recorder is not None and first_call:
-                first_half = recorder.first_half_of(ctx.index, ctx.forward, d_rows.shape[0])
-            grad_weight, grad_bias, g1 = split_weight_gradient(
-                adapter, x_rows, d_rows, ctx.bias_dtype is not None, first_half
-            )
-            if recorder is not None and first_call:
-                recorder.add(ctx.index, layer_input, grad_output, g1)
-        grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        device_type = grad_output.device.type
+        if torch.is_autocast_enabled(device_type):  # a backward called inside autocast
+            with torch.autocast(device_type, enabled=False):
+                grads = _layer_backward(ctx, grad_output)
+        else:
+            grads = _layer_backward(ctx, grad_output)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _layer_backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """(input, weight, bias) gradients in the layer's compute dtype (grad_output's: autocast's
+    where the forward ran under it), cast back to the tensors' own; FOP's statistics on the way."""
+    layer_input, weight = ctx.saved_tensors
+    adapter: LinearAdapter = ctx.adapter
+    dtype = grad_output.dtype
+    x = layer_input.to(dtype)
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = (grad_output @ adapter.weight_matrix(weight).to(dtype)).to(layer_input.dtype)
+    x_rows = adapter.input_positions(x)  # (N, L, in)
+    d_rows = adapter.output_grad_rows(grad_output)  # (N, L, out)
+    recorder = ctx.recorder() if ctx.held.tensor is not None else None  # None: a 2nd backward
+    ctx.held.tensor = None
+    first_half = None
+    if recorder is not None:
+        first_half = recorder.first_half_of(ctx.index, ctx.forward, d_rows.shape[0])
+    has_bias = ctx.bias_dtype is not None
+    grad_weight, grad_bias, g1 = split_weight_gradient(
+        adapter, x_rows, d_rows, has_bias, first_half
+    )
+    if recorder is not None:
+        recorder.add(ctx.index, layer_input, grad_output, g1)
+    grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(ctx.bias_dtype)
+    return grad_input, grad_weight, grad_bias
 
 
 def split_weight_gradient(

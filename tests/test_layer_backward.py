@@ -74,7 +74,8 @@ def test_fop_adds_no_matmul_work_to_the_backward() -> None:
     assert flops[0] == flops[1]
 
 
-def test_bf16_autocast_gradients_match_autograd() -> None:
+@pytest.mark.parametrize("backward_inside_autocast", [False, True])
+def test_bf16_autocast_gradients_match_autograd(backward_inside_autocast: bool) -> None:
     torch.manual_seed(0)
     model = tiny_vit()
     plain = copy.deepcopy(model)
@@ -83,7 +84,10 @@ def test_bf16_autocast_gradients_match_autograd() -> None:
     for m in (model, plain):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = _vit_loss(m, images, labels)
-        loss.backward()
+            if backward_inside_autocast:
+                loss.backward()
+        if not backward_inside_autocast:
+            loss.backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert p.grad.dtype == q.grad.dtype == torch.float32, name
         # bf16 matmuls: the two halves round differently from one product.
