@@ -222,17 +222,28 @@ class ModelCurvature:
         self.communicator.share_owned(shared, owned)
         return True
 
-    def host_counters(self) -> Callable[[], None]:
-        """What puts the host's per-layer counts (estimates folded in, decomposition present)
-        back as they are now: a step found skipped afterwards has to."""
+    def host_counters(self, group: dict[str, Any] | None) -> Callable[[], None]:
+        """What puts the host's counts (the FOP group's step, each layer's estimates folded in
+        and decomposition present) back as they are now: a step found skipped afterwards has
+        to (the device's side of a skipped step never changes)."""
+        step = group["step"] if group is not None else 0
         saved = [(list(b.factor_updates), list(b.ready)) for b in self.buckets]
 
         def restore() -> None:
+            if group is not None:
+                group["step"] = step
             for bucket, (factor_updates, ready) in zip(self.buckets, saved):
                 bucket.factor_updates, bucket.ready = factor_updates, ready
                 bucket._cache = None
 
         return restore
+
+    def is_empty_step(self, grads: Sequence[Tensor]) -> bool:
+        """No example reached these layers since the last step and every gradient in
+        ``grads`` is zero."""
+        if not self.layers or any(stats.examples for stats in self.capture.stats):
+            return False
+        return all(not bool(grad.any()) for grad in grads)
 
     # -------------------------------------------------------------------------- directions
 

@@ -18,18 +18,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hf_fop.checkpoint import (
-    keep_fop_settings,
-    nest_curvature,
-    saved_keys,
-    saved_layer_names,
-    take_curvature,
-)
+from hf_fop import checkpoint
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
 from hf_fop.layers import LayerAdapter
@@ -40,7 +35,7 @@ from hf_fop.partition import partition_model, unwrap_model
 from hf_fop.pending_verdict import DecidedAtFirstUse, PendingVerdict
 from hf_fop.preconditioned_step import gather_statistics, preconditioned_update
 from hf_fop.sharding import follow_sharded_parameters, is_sharded
-from hf_fop.update_rules import adamw_step, initialise_state
+from hf_fop.update_rules import adamw_step, take_empty_step
 
 logger = logging.getLogger("hf_fop")
 
@@ -71,14 +66,7 @@ class FOP(torch.optim.Optimizer):
         grad_scaler: Any | None = None,
         **settings: Any,
     ) -> None:
-        config = config or FOPConfig()
-        if settings:
-            config = config.replace(**settings)
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                "FOP needs the model (an nn.Module), not its parameters, because it hooks the "
-                f"model's layers: use FOP(model, ...), got {type(model).__name__}"
-            )
+        config = (config or FOPConfig()).replace(**settings)
         model = unwrap_model(model)
         partition = partition_model(model, config.targets, config.skip, config.max_factor_dim)
         super().__init__(param_groups(partition, config), adamw_defaults(config))
@@ -146,13 +134,8 @@ class FOP(torch.optim.Optimizer):
                 loss = closure()
         self._verdict.settle()  # the last step's flag: waits, if at all, for that step only
         self._follow_sharding()
-        if self._empty_step():
-            # What the first step creates, as torch's optimizers do on zero gradients:
-            # torch.distributed.checkpoint runs such a step at lr 0 to build the state it loads
-            # into (quietly, then).
-            initialise_state(self.param_groups, self.state, self.config.graft)
-            if any(float(g["lr"]) != 0 for g in self.param_groups):
-                logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
+        if self.curvature.is_empty_step(local_grads(self.param_groups)):
+            take_empty_step(self.param_groups, self.state, self.config.graft)
         else:
             self._step()
         self.curvature.reset()
@@ -180,7 +163,7 @@ class FOP(torch.optim.Optimizer):
         state = super().state_dict()
         indices = param_indices(self.param_groups)
         weights = {n: indices[id(x.weight)] for n, x in zip(self.layer_names, self.layers)}
-        nest_curvature(state["state"], weights, self.curvature.state_dict())
+        checkpoint.nest_curvature(state["state"], weights, self.curvature.state_dict())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -190,14 +173,16 @@ class FOP(torch.optim.Optimizer):
         model fails here, naming the layer, before anything is loaded."""
         self._verdict.settle()
         self._follow_sharding()
-        keys = saved_keys(state_dict["param_groups"], self.param_groups)
+        keys = checkpoint.saved_keys(state_dict["param_groups"], self.param_groups)
         weights = {n: keys.get(id(x.weight)) for n, x in zip(self.layer_names, self.layers)}
-        torch_state, curvature = take_curvature(state_dict, weights)
-        self.curvature.check_state_dict(curvature, saved_layer_names(state_dict))
+        torch_state, curvature = checkpoint.take_curvature(state_dict, weights)
+        self.curvature.check_state_dict(curvature, checkpoint.saved_layer_names(state_dict))
         super().load_state_dict(torch_state)
         self.curvature.load_state_dict(curvature)
         if self.fop_group is not None:
-            keep_fop_settings(self.fop_group, self.config, self.state, torch_state["state"], keys)
+            checkpoint.keep_fop_settings(
+                self.fop_group, self.config, self.state, torch_state["state"], keys
+            )
         self._arm_capture()
 
     # --------------------------------------------------------------------------------- internal
@@ -231,7 +216,7 @@ class FOP(torch.optim.Optimizer):
         tensors = [t for s in statistics for t in s.tensors()]
         verdict = step_verdict(tensors, overflow, found_inf, grads[0].device, unscaled)
         ok = verdict[0].bool()
-        undo = self._undo_if_skipped()
+        undo = partial(self._undo, self.curvature.host_counters(group), self._last_stats)
         if group is not None:
             update = preconditioned_update(
                 self.curvature, group, self.state, self.config, statistics, gradients, ok
@@ -243,22 +228,11 @@ class FOP(torch.optim.Optimizer):
                 adamw_step(adamw_group, self.state, skip)
         self._verdict.record(verdict, undo)
 
-    def _undo_if_skipped(self) -> Callable[[list[float]], None]:
-        """What puts the host's bookkeeping back as it is now, should this step be found
-        skipped (the device's side of a skipped step never changes)."""
-        group = self.fop_group
-        step = group["step"] if group is not None else 0
-        restore_counters = self.curvature.host_counters()
-        statistics = self._last_stats
-
-        def undo(flags: list[float]) -> None:
-            if group is not None:
-                group["step"] = step
-            restore_counters()
-            self._last_stats = statistics
-            report_skipped_step(flags)
-
-        return undo
+    def _undo(self, restore: Callable[[], None], stats: dict[str, Any], flags: list[float]) -> None:
+        """Put the host's bookkeeping back as it was before a step the device skipped."""
+        restore()
+        self._last_stats = stats
+        report_skipped_step(flags)
 
     def _follow_sharding(self) -> None:
         """The model was sharded with fully_shard after this optimizer was built: point the
@@ -269,9 +243,3 @@ class FOP(torch.optim.Optimizer):
         if model is not None:
             follow_sharded_parameters(self.param_groups, model, self._param_names, self.state)
         self.curvature.follow_sharding()
-
-    def _empty_step(self) -> bool:
-        """No example reached the preconditioned layers and every gradient is zero."""
-        if not self.layers or any(stats.examples for stats in self.capture.stats):
-            return False
-        return all(not bool(grad.any()) for grad in local_grads(self.param_groups))

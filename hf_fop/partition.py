@@ -24,6 +24,11 @@ class UnsupportedWrapperError(TypeError):
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module under DDP or torch.compile; a clear error for wrappers FOP cannot serve."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "FOP needs the model (an nn.Module), not its parameters, because it hooks the "
+            f"model's layers: use FOP(model, ...), got {type(model).__name__}"
+        )
     name = type(model).__name__
     if isinstance(model, nn.DataParallel) and not isinstance(
         model, nn.parallel.DistributedDataParallel

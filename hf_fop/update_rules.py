@@ -16,6 +16,7 @@ here waits for the device, on the devices torch has fused kernels for.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from torch.optim.sgd import sgd
 
 from hf_fop.layers import LayerAdapter
 from hf_fop.sharding import local_rows, local_tensor
+
+logger = logging.getLogger("hf_fop")
 
 # The moment each preconditioned parameter keeps, by graft: (state key, dtype; None: the
 # parameter's). Grafted moments are fp32 whatever the parameter's precision.
@@ -58,6 +61,17 @@ def initialise_state(
         for param in group["params"]:
             if param.requires_grad and not state.get(param):
                 state[param].update(initial_state(group, param, graft))
+
+
+def take_empty_step(
+    groups: list[dict[str, Any]], state: dict[Tensor, dict[str, Any]], graft: str
+) -> None:
+    """A step whose batch reached nothing changes nothing but creates what the first step
+    creates, as torch's optimizers do on zero gradients: torch.distributed.checkpoint runs such
+    a step at lr 0 to build the state it loads into (quietly, then)."""
+    initialise_state(groups, state, graft)
+    if any(float(g["lr"]) != 0 for g in groups):
+        logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
 
 
 def _moments(params: list[Tensor], state: dict[Tensor, dict[str, Any]], graft: str) -> list[Tensor]:
