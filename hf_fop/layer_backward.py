@@ -54,15 +54,15 @@ class LayerBackward(torch.autograd.Function):
         bias: Tensor | None,
         output: ModuleOutput,
         adapter: LinearAdapter,
-        recorder: weakref.ref,
+        recorder: weakref.ref[Recorder],
         index: int,
         forward: int,
-        held: Any,
+        held: Any,  # capture._Held: the input, until this call's backward has run
     ) -> Tensor:
         ctx.save_for_backward(layer_input, weight)
         ctx.adapter, ctx.recorder, ctx.index, ctx.forward = adapter, recorder, index, forward
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.held = held  # the capture's record that this call awaits its backward
+        ctx.held = held
         result, output.tensor = output.tensor, None
         return result
 
