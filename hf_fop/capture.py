@@ -164,8 +164,10 @@ class CurvatureCapture:
         self, index: int, module: nn.Module, inputs: tuple, output: object
     ) -> Tensor | None:
         layer = self.layers[index]
-        if module is not layer.module or not _takes_part_in_backward(module, inputs, output):
-            return None  # a copy of the model (copy.deepcopy copies hooks) is not ours to track
+        if module is not layer.module:
+            return None  # a deep copy of the model (copy.deepcopy copies hooks): not ours
+        if not _takes_part_in_backward(module, inputs, output):
+            return None
         held = _Held(inputs[0].detach())
         self._held.add(held)
         self_ref = weakref.ref(self)
