@@ -86,35 +86,21 @@ def matmul_flops_per_second(hidden: int, batch: int) -> float:
     return 2.0 * x.shape[0] * hidden * 4 * hidden / seconds
 
 
-def _vit(hidden: int) -> Any:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=32,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=hidden,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=4 * hidden,
-        num_labels=10,
-    )
-    return ViTForImageClassification(config)
-
-
 def _measure(configs: list[dict[str, Any]], code_path: str | None, queue: Any) -> None:
     """Train one model per configuration (all of one width), a step of each in turn."""
     import sys
 
     if code_path:
         sys.path.insert(0, code_path)  # the --before checkout's hf_fop
+    # Imported only now, so that the hf_fop they import is the one chosen above.
+    from benchmarks.distributed_step_time import _model as vit
     from hf_fop import FOP
 
     torch.set_num_threads(1)
     runs = []
     for config in configs:
-        model = _vit(config["hidden"])
+        torch.manual_seed(0)
+        model = vit(config["hidden"], layers=4)
         if config["optimizer"] == "adamw":
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         else:

@@ -29,7 +29,9 @@ class Recorder(Protocol):
 
     def first_half_of(self, index: int, forward: int, examples: int) -> int | None: ...
 
-    def add(self, index: int, x: Tensor, d: Tensor, first_half_grad: Tensor | None) -> None: ...
+    def add(
+        self, index: int, layer_input: Tensor, grad_output: Tensor, first_grad: Tensor | None
+    ) -> None: ...
 
 
 class ModuleOutput:
