@@ -139,6 +139,40 @@ def _measure(configs: list[dict[str, Any]], code_path: str | None, queue: Any) -
     )
 
 
+def side_by_side_step_seconds(
+    task: Any, batch: int, picks: dict[str, tuple[float, float | None]], steps: int, warmup: int = 3
+) -> dict[str, float]:
+    """Mean seconds per training step of each optimizer on ``task``, measured side by side.
+
+    ``picks`` maps a name of ``benchmarks.optimizers`` to its (learning rate, damping). Every
+    optimizer trains its own copy of the task's model in this process, a step of each in
+    turn, on the same batches, so this machine's drift hits all of them alike. The window
+    should span a few curvature intervals, so that K-FAC's and FOP's periodic work is in it.
+    """
+    from benchmarks.optimizers import make_optimizer
+
+    runs = []
+    for name, (lr, damping) in picks.items():
+        torch.manual_seed(0)
+        model = task.make_model()
+        runs.append((name, model, make_optimizer(name, model, lr, damping), []))
+    generator = torch.Generator().manual_seed(0)
+    for step in range(warmup + steps):
+        state = generator.get_state()
+        for _, model, optimizer, times in runs:
+            generator.set_state(state)
+            start = time.perf_counter()
+            loss = task.sample(batch, generator)(model)
+            optimizer.zero_grad()
+            loss.backward()
+            if task.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), task.max_grad_norm)
+            optimizer.step()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+    return {name: sum(times) / len(times) for name, _, _, times in runs}
+
+
 def run_configs(configs: list[dict[str, Any]], code_path: str | None) -> list[dict[str, Any]]:
     """The rows of ``configs``, measured together in a fresh process."""
     context = mp.get_context("spawn")

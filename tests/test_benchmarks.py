@@ -134,34 +134,51 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
             "--batches",
             "64,512",
             "--steps",
-            "6",
+            "12",
             "--optimizers",
-            "adamw,fop",
+            "adamw,muon,soap,fop",
             "--seeds",
             "1",
-            "--evaluations",
-            "2",
+            "--eval_every",
+            "4",
+            "--report_at",
+            "5",
             "--damping_grid",
             "0.3,1",
+            "--cost_steps",
+            "2",
             "--output_dir",
             str(tmp_path),
         ]
     )
     rows = {(r["batch"], r["optimizer"]): r for r in result["summary"]}
-    # The damping grid: FOP tried 0.3 at its best rate beside the default 1.0; AdamW has none.
+    assert set(rows) == {(b, o) for b in (64, 512) for o in ("adamw", "muon", "soap", "fop")}
+    # Every optimizer, the two peers included, learned: MNIST's chance level is 0.1.
+    assert all(r["final_mean"] > 0.25 for r in rows.values()), {
+        k: r["final_mean"] for k, r in rows.items()
+    }
+    # The damping grid: FOP tried 0.3 at its best rate beside the default 1.0; the rest have none.
     fop_tuning = result["results"]["64"]["fop"]["tuning"]
-    assert [t["damping"] for t in fop_tuning] == [None, 0.3]
+    assert [t["damping"] for t in fop_tuning] == [1.0, 0.3]
     best = max(fop_tuning, key=lambda t: t["final"])
-    assert rows[(64, "fop")]["damping"] == (best["damping"] or 1.0)
-    assert rows[(64, "adamw")]["damping"] is None
-    assert set(rows) == {(64, "adamw"), (64, "fop"), (512, "adamw"), (512, "fop")}
+    assert rows[(64, "fop")]["damping"] == best["damping"]
+    assert rows[(64, "adamw")]["damping"] is None and rows[(64, "soap")]["damping"] is None
+    # One point per grid in quick mode: no pick can be interior, and the table says so.
+    assert rows[(64, "muon")]["lr_interior"] is False
+    assert "| 64 | Muon | 0.003 (edge) |" in (tmp_path / "drop_in_mnist_mlp.md").read_text()
+    # Seconds are steps times the per-step cost measured side by side, never a run's own clock.
+    for r in rows.values():
+        assert r["step_seconds"] > 0 and r["train_seconds"] == 12 * r["step_seconds"]
+    # The intermediate report is the evaluation at step 4 (the last one at or before step 5).
+    curve = result["results"]["512"]["soap"]["curves"][0]
+    assert [p["step"] for p in curve] == [4, 8, 12]
+    assert rows[(512, "soap")]["at_report_step"] == [curve[0]["metric"]]
     # 512 is the whole quick training set: a full-batch run.
     assert rows[(512, "fop")]["kfac_cosine"] is not None and rows[(64, "adamw")]["rho_abs"] is None
     # FOP's direction is K-FAC's plus a correction: close to it, not equal.
     assert 0.5 < rows[(512, "fop")]["kfac_cosine"] < 0.99999
     assert rows[(64, "adamw")]["target"] == rows[(64, "adamw")]["final_mean"] - 0.01
     assert (tmp_path / "drop_in_mnist_mlp.png").stat().st_size > 10_000
-    assert "| 512 | FOP |" in (tmp_path / "drop_in_mnist_mlp.md").read_text()
 
 
 @pytest.mark.slow
