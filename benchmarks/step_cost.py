@@ -1,9 +1,10 @@
-"""Per-step cost and memory of FOP and K-FAC against AdamW on a small ViT, as the width grows.
+"""Per-step cost and memory of FOP and K-FAC against AdamW, Muon and SOAP on a small ViT, by width.
 
     python -m benchmarks.step_cost          # writes benchmarks/results/step_cost.json and .md
     git worktree add /tmp/before <rev> && python -m benchmarks.step_cost --before /tmp/before
 
-Every optimizer of one width (AdamW, and K-FAC and FOP at each curvature interval) trains its
+Every optimizer of one width (AdamW, Muon, SOAP, and K-FAC and FOP at each curvature interval,
+all built by ``benchmarks.optimizers``) trains its
 own copy of the model in one process (one thread), the steps taken in turn, so the drift of
 this machine's speed (10-15% between processes) hits all of them alike and the ratios within a
 width are measured side by side. With ``--before``, the same runs on that checkout's ``hf_fop``
@@ -94,23 +95,18 @@ def _measure(configs: list[dict[str, Any]], code_path: str | None, queue: Any) -
         sys.path.insert(0, code_path)  # the --before checkout's hf_fop
     # Imported only now, so that the hf_fop they import is the one chosen above.
     from benchmarks.distributed_step_time import _model as vit
-    from hf_fop import FOP
+    from benchmarks.optimizers import make_optimizer
 
     torch.set_num_threads(1)
     runs = []
     for config in configs:
         torch.manual_seed(0)
         model = vit(config["hidden"], layers=4)
-        if config["optimizer"] == "adamw":
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        else:
-            interval = config["interval"]
-            optimizer = FOP(
-                model,
-                mode=config["optimizer"],
-                curvature_interval=interval,
-                inverse_interval=interval,
-            )
+        interval = config["interval"]
+        settings = {} if interval is None else {"curvature_interval": interval}
+        if interval is not None:
+            settings["inverse_interval"] = interval
+        optimizer = make_optimizer(config["optimizer"], model, 1e-3, **settings)
         runs.append((config, model, optimizer, []))
     first = configs[0]
     images = torch.randn(first["batch"], 3, 32, 32)
@@ -197,7 +193,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["code"] != "after":
             continue
-        interval = "-" if r["optimizer"] == "adamw" else str(r["interval"])
+        interval = "-" if r["interval"] is None else str(r["interval"])
         cells = [
             str(r["hidden"]),
             r["optimizer"],
@@ -205,8 +201,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{1000 * r['mean_step_s']:.1f}",
             f"{r['ratio_to_adamw']:.2f}",
             "-" if r.get("ratio_to_kfac") is None else f"{r['ratio_to_kfac']:.2f}",
-            "-" if r["optimizer"] == "adamw" else f"{1000 * r['floor_s']:.1f}",
-            "-" if r["optimizer"] == "adamw" else f"{r['overhead_over_floor']:.1f}",
+            "-" if r["interval"] is None else f"{1000 * r['floor_s']:.1f}",
+            "-" if r["interval"] is None else f"{r['overhead_over_floor']:.1f}",
         ]
         if compare:
             old = before.get(_key(r))
@@ -243,7 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for hidden in [int(h) for h in args.hidden.split(",")]:
         base = {"hidden": hidden, "batch": args.batch, "steps": args.steps, "warmup": args.warmup}
-        configs = [{**base, "optimizer": "adamw", "interval": None}] + [
+        configs = [
+            {**base, "optimizer": name, "interval": None} for name in ("adamw", "muon", "soap")
+        ] + [
             {**base, "optimizer": name, "interval": int(interval)}
             for interval in args.intervals.split(",")
             for name in ("kfac", "fop")
@@ -255,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             adamw = measured[(hidden, "adamw", None)]
             for row in measured.values():
                 row["ratio_to_adamw"] = row["mean_step_s"] / adamw["mean_step_s"]
-                if row["optimizer"] == "adamw":
+                if row["interval"] is None:  # AdamW and the peers
                     continue
                 kfac = measured[(hidden, "kfac", row["interval"])]
                 row["ratio_to_kfac"] = row["mean_step_s"] / kfac["mean_step_s"]

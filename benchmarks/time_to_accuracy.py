@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.optimizers import make_optimizer
 from benchmarks.tasks import TASKS, Task, build_task
-from hf_fop import FOP
 from hf_fop.metrics import load_metric
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,16 +53,6 @@ SECOND_ORDER = {
     "kl_clip": 1e-3,
     "weight_decay": 0.0,
 }
-
-
-def make_optimizer(
-    name: str, model: nn.Module, lr: float, damping: float | None
-) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    return FOP(model, mode=name, lr=lr, damping=damping, **SECOND_ORDER)
 
 
 @functools.cache
@@ -96,7 +86,7 @@ def train_run(
     """One training run: test metrics after every epoch against training wall time."""
     torch.manual_seed(seed)
     model = task.make_model().to(task.x_train.device)
-    optimizer = make_optimizer(name, model, lr, damping)
+    optimizer = make_optimizer(name, model, lr, damping, **SECOND_ORDER)
     generator = torch.Generator().manual_seed(seed)
     curve, seconds = [], 0.0
     for epoch in range(1, task.epochs + 1):

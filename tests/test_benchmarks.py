@@ -71,7 +71,11 @@ def test_step_cost_tiny(tmp_path: Path) -> None:
         ]
     )
     rows = {(r["code"], r["optimizer"]): r for r in result["rows"]}
-    assert set(rows) == {(c, o) for c in ("after", "before") for o in ("adamw", "kfac", "fop")}
+    names = ("adamw", "muon", "soap", "kfac", "fop")
+    assert set(rows) == {(c, o) for c in ("after", "before") for o in names}
+    assert (
+        rows[("after", "soap")]["ratio_to_adamw"] > 0 and "floor_s" not in rows[("after", "muon")]
+    )
     fop, kfac = rows[("after", "fop")], rows[("after", "kfac")]
     assert fop["ratio_to_kfac"] == fop["mean_step_s"] / kfac["mean_step_s"]
     # FOP holds factors and eigenvectors that AdamW does not.
