@@ -20,7 +20,6 @@ of 0.1 means the same in a CNN with G ~ 1e-1 as in a transformer whose fresh G i
 from __future__ import annotations
 
 import logging
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -30,10 +29,8 @@ from hf_fop.fop_math import FOPDirection, fop_direction, kfac_direction
 logger = logging.getLogger(__name__)
 
 
-def update_running_factor(
-    running: Tensor | None, estimate: Tensor, decay: float, updates: int
-) -> Tensor:
-    """Moving average of a Kronecker factor with a warm start, kept in fp32.
+def running_factor_weight(updates: int, decay: float) -> float:
+    """The weight of a Kronecker factor's next estimate in its moving average (a warm start).
 
     ``updates`` estimates came before this one. The k-th estimate gets weight
     max(1 - decay, 1 / k), so the average starts as the plain mean of the estimates seen so far
@@ -43,11 +40,7 @@ def update_running_factor(
     the factor's size is rank-deficient, but the gradients of that batch lie in its range, and
     the damping is relative to the factor's mean eigenvalue, so nothing blows up.
     """
-    estimate = estimate.float()
-    if running is None or updates == 0:
-        return estimate.clone()
-    weight = max(1.0 - decay, 1.0 / (updates + 1))
-    return running.lerp(estimate, weight)
+    return 1.0 if updates == 0 else max(1.0 - decay, 1.0 / (updates + 1))
 
 
 def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,21 +81,29 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
-class Preconditioner(Protocol):
-    """Damped Fisher products of one layer, and the FOP and K-FAC steps built from them."""
+class KroneckerPreconditioner:
+    """Damped Fisher products of a stack of layers, and the K-FAC and FOP steps built from them.
 
-    def fisher(self, matrix: Tensor) -> Tensor: ...
+    A subclass stores its decomposition as the attributes named in ``STATE_KEYS`` and defines
+    ``fisher`` / ``inverse_fisher``; the directions and the state follow from those.
+    """
 
-    def inverse_fisher(self, matrix: Tensor) -> Tensor: ...
+    STATE_KEYS: tuple[str, ...] = ()
 
-    def kfac(self, g_avg: Tensor) -> FOPDirection: ...
+    def fisher(self, matrix: Tensor) -> Tensor:
+        raise NotImplementedError
 
-    def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection: ...
+    def inverse_fisher(self, matrix: Tensor) -> Tensor:
+        raise NotImplementedError
 
-    def state(self) -> dict[str, Tensor]: ...
+    def kfac(self, g_avg: Tensor) -> FOPDirection:
+        return kfac_direction(g_avg, self.inverse_fisher)
 
-    @staticmethod
-    def state_shapes(in_dim: int, out_dim: int) -> dict[str, tuple[int, ...]]: ...
+    def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection:
+        return fop_direction(g_avg, g_diff, self.fisher, self.inverse_fisher, zero_tol)
+
+    def state(self) -> dict[str, Tensor]:
+        return {key: getattr(self, key) for key in self.STATE_KEYS}
 
 
 def kronecker_damping(mean_A: Tensor, mean_G: Tensor, damping: float, damping_mode: str) -> Tensor:
@@ -113,7 +114,7 @@ def kronecker_damping(mean_A: Tensor, mean_G: Tensor, damping: float, damping_mo
     return damping * torch.clamp(mean_A * mean_G, min=tiny)
 
 
-class EigenPreconditioner:
+class EigenPreconditioner(KroneckerPreconditioner):
     """(A (x) G + lambda I)^-1 through A = Q_A diag(l_A) Q_A^T and G = Q_G diag(l_G) Q_G^T.
 
     Every tensor may carry leading batch dimensions: a stack of layers of one shape is then
@@ -151,9 +152,6 @@ class EigenPreconditioner:
     ) -> EigenPreconditioner:
         return cls(*(state[key] for key in cls.STATE_KEYS), damping, damping_mode)
 
-    def state(self) -> dict[str, Tensor]:
-        return {key: getattr(self, key) for key in self.STATE_KEYS}
-
     @staticmethod
     def state_shapes(in_dim: int, out_dim: int) -> dict[str, tuple[int, ...]]:
         return {
@@ -175,9 +173,6 @@ class EigenPreconditioner:
     def inverse_fisher(self, matrix: Tensor) -> Tensor:
         return self.unrotate(self.rotate(matrix) / self.kronecker_eigvals)
 
-    def kfac(self, g_avg: Tensor) -> FOPDirection:
-        return kfac_direction(g_avg, self.inverse_fisher)
-
     def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection:
         # Rotations preserve inner products, so every FOP scalar is computed in the eigenbasis.
         eigvals = self.kronecker_eigvals
@@ -191,7 +186,7 @@ class EigenPreconditioner:
         return result._replace(direction=self.unrotate(result.direction))
 
 
-class InversePreconditioner:
+class InversePreconditioner(KroneckerPreconditioner):
     """F^-1 V = G_d^-1 V A_d^-1 with factored Tikhonov damping (Martens & Grosse, 2015)."""
 
     STATE_KEYS = ("A_damped", "G_damped", "A_inv", "G_inv")
@@ -213,9 +208,6 @@ class InversePreconditioner:
     ) -> InversePreconditioner:
         return cls(*(state[key] for key in cls.STATE_KEYS))
 
-    def state(self) -> dict[str, Tensor]:
-        return {key: getattr(self, key) for key in self.STATE_KEYS}
-
     @staticmethod
     def state_shapes(in_dim: int, out_dim: int) -> dict[str, tuple[int, ...]]:
         return {
@@ -230,12 +222,6 @@ class InversePreconditioner:
 
     def inverse_fisher(self, matrix: Tensor) -> Tensor:
         return self.G_inv @ matrix @ self.A_inv
-
-    def kfac(self, g_avg: Tensor) -> FOPDirection:
-        return kfac_direction(g_avg, self.inverse_fisher)
-
-    def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection:
-        return fop_direction(g_avg, g_diff, self.fisher, self.inverse_fisher, zero_tol)
 
 
 def split_damping(

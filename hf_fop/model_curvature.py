@@ -15,47 +15,20 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from hf_fop.bucket import BucketStatistics, BucketStep, ShapeBucket
 from hf_fop.capture import CurvatureCapture
 from hf_fop.config import FOPConfig
-from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
-from hf_fop.fop_math import FOPDirection, inner
-from hf_fop.grafting import adam_direction, adam_step_norm, graft
+from hf_fop.distributed import Communicator
+from hf_fop.distributors import Directions, Distributor, make_distributor
 from hf_fop.layers import LayerAdapter
-from hf_fop.shape_bucket import ShapeBucket
 from hf_fop.sharding import is_sharded
 
 logger = logging.getLogger("hf_fop")
-
-
-@dataclass
-class BucketStatistics:
-    """One step's averaged statistics of a bucket (zeros in the rows a layer lacks)."""
-
-    A: Tensor | None
-    G: Tensor | None
-    has_factors: list[bool]
-    g1: Tensor | None
-    has_split: list[bool]
-
-    def tensors(self) -> list[Tensor]:
-        return [t for t in (self.A, self.G, self.g1) if t is not None]
-
-
-@dataclass
-class BucketStep:
-    """The directions a bucket's layers take this step (before the learning rate)."""
-
-    bucket: ShapeBucket
-    rows: list[int]  # rows of the bucket that have gradients, in order
-    direction: Tensor  # (len(rows), out, in)
-    g_avg: Tensor
-    scalars: FOPDirection  # direction unused; beta, eta, rho, kfac_cosine per row
 
 
 class ModelCurvature:
@@ -77,34 +50,33 @@ class ModelCurvature:
         self.layers = [layer for _, layer in layers]
         self.capture = CurvatureCapture(model, self.layers)
         self._build_buckets()
-        # Layer indices this rank decomposed at the last refresh (for inspection and tests).
-        self.decomposed_by_rank: list[int] = []
         self._warned: set[str] = set()
 
     def _build_buckets(self) -> None:
-        # Under FSDP2 each layer's curvature lives on one rank only (fixed owners, balanced by
-        # decomposition cost), so optimizer memory falls as 1 / world size; under DDP every rank
-        # holds all of it and decompositions are shared instead.
-        communicator, config = self.communicator, self.config
-        self.sharded = any(is_sharded(layer.weight) for layer in self.layers)
-        costs = [decomposition_cost(layer.in_dim, layer.out_dim) for layer in self.layers]
-        self.owners = (
-            assign_layers(costs, communicator.world_size)
-            if self.sharded
-            else [communicator.rank] * len(self.layers)
-        )
+        self.distributor: Distributor = make_distributor(self.layers, self.communicator)
         groups: dict[tuple[int, int, torch.device], list[int]] = {}
         for index, layer in enumerate(self.layers):
-            if self.owners[index] != communicator.rank:
-                continue
-            key = (layer.in_dim, layer.out_dim, layer.weight.device)
-            groups.setdefault(key, []).append(index)
+            if self.distributor.holds(index):
+                key = (layer.in_dim, layer.out_dim, layer.weight.device)
+                groups.setdefault(key, []).append(index)
         self.buckets = [
             ShapeBucket(
-                indices, [self.names[i] for i in indices], self.layers[indices[0]], config.method
+                indices,
+                [self.names[i] for i in indices],
+                self.layers[indices[0]],
+                self.config.method,
             )
             for indices in groups.values()
         ]
+
+    @property
+    def sharded(self) -> bool:
+        return self.distributor.sharded
+
+    @property
+    def decomposed_by_rank(self) -> list[int]:
+        """Layer indices this rank decomposed at the last refresh (for inspection and tests)."""
+        return self.distributor.decomposed_by_rank
 
     def follow_sharding(self) -> None:
         """Shard the curvature if the model was sharded after the optimizer was built
@@ -127,13 +99,9 @@ class ModelCurvature:
             kind for kind, wanted in (("A", refresh), ("G", refresh), ("g1", want_g1)) if wanted
         ]
         if not kinds:
-            return [
-                BucketStatistics(None, None, [False] * len(b), None, [False] * len(b))
-                for b in self.buckets
-            ]
-        tensors: list[Tensor | None] = []
-        shapes: list[tuple[int, ...]] = []
-        for layer, stats in zip(self.layers, self.capture.stats):
+            return [BucketStatistics.empty(bucket) for bucket in self.buckets]
+        per_layer = []
+        for stats in self.capture.stats:
             if want_g1 and not stats.has_split and stats.examples > 0:
                 self._warn_once(
                     "no-split",
@@ -141,34 +109,9 @@ class ModelCurvature:
                     "example, or fewer micro-batches than gradient_accumulation_steps); such "
                     "steps use the K-FAC direction",
                 )
-            for kind in kinds:
-                present = stats.has_split if kind == "g1" else stats.has_factors
-                tensors.append(getattr(stats, kind)() if present else None)
-                shapes.append(_statistic_shape(kind, layer.in_dim, layer.out_dim))
-        like = torch.zeros((), device=self.layers[0].weight.device)
-        averaged = self.communicator.average_partial(tensors, shapes, like)
-        per_kind = {kind: averaged[k :: len(kinds)] for k, kind in enumerate(kinds)}
-        out = []
-        for bucket in self.buckets:
-            gathered = {
-                kind: [values[i] for i in bucket.indices] for kind, values in per_kind.items()
-            }
-            stacked = {
-                kind: _stack(values, _statistic_shape(kind, bucket.in_dim, bucket.out_dim), like)
-                for kind, values in gathered.items()
-            }
-            absent = [False] * len(bucket)
-            present = {kind: [t is not None for t in values] for kind, values in gathered.items()}
-            out.append(
-                BucketStatistics(
-                    stacked.get("A"),
-                    stacked.get("G"),
-                    present.get("A", absent),
-                    stacked.get("g1"),
-                    present.get("g1", absent),
-                )
-            )
-        return out
+            present = {"A": stats.has_factors, "G": stats.has_factors, "g1": stats.has_split}
+            per_layer.append({k: getattr(stats, k)() if present[k] else None for k in kinds})
+        return self.distributor.average(per_layer, kinds, self.buckets)
 
     # ----------------------------------------------------------------------------- refresh
 
@@ -192,35 +135,9 @@ class ModelCurvature:
             ),
             key=lambda item: item[0].indices[item[1]],  # layer order: the same owners everywhere
         )
-        if not due:
-            return False
-        if self.sharded:  # the owner decomposes its own layers; nothing is shared
-            self.decomposed_by_rank = sorted(b.indices[r] for b, r in due)
-            for bucket in self.buckets:
-                rows = [r for b, r in due if b is bucket]
-                if rows:
-                    bucket.decompose(rows, damping, config.damping_mode, ok)
-            return True
-        costs = [decomposition_cost(b.in_dim, b.out_dim) for b, _ in due]
-        owners = assign_layers(costs, self.communicator.world_size)
-        rank = self.communicator.rank
-        self.decomposed_by_rank = [b.indices[r] for (b, r), o in zip(due, owners) if o == rank]
-        shared, owned = [], []
-        for bucket in self.buckets:
-            rows = [r for (b, r), o in zip(due, owners) if b is bucket]
-            mine = [r for (b, r), o in zip(due, owners) if b is bucket and o == rank]
-            if mine:
-                bucket.decompose(mine, damping, config.damping_mode, ok)
-            bucket.mark_ready(rows)
-            if self.communicator.active:
-                mine_set = set(mine)
-                for key in bucket.method.STATE_KEYS:
-                    for row in rows:
-                        shared.append(bucket.decomposition[key][row])
-                        owned.append(row in mine_set)
-        # Each rank decomposed its share; one collective gives every rank all of them.
-        self.communicator.share_owned(shared, owned)
-        return True
+        if due:
+            self.distributor.decompose(due, damping, config.damping_mode, ok)
+        return bool(due)
 
     def host_counters(self, group: dict[str, Any] | None) -> Callable[[], None]:
         """What puts the host's counts (the FOP group's step, each layer's estimates folded in
@@ -234,7 +151,7 @@ class ModelCurvature:
                 group["step"] = step
             for bucket, (factor_updates, ready) in zip(self.buckets, saved):
                 bucket.factor_updates, bucket.ready = factor_updates, ready
-                bucket._cache = None
+                bucket.invalidate()
 
         return restore
 
@@ -256,73 +173,16 @@ class ModelCurvature:
         gradients: list[Tensor | None],
         ok: Tensor,
     ) -> list[BucketStep]:
-        """The preconditioned (and, with grafting, AdamW-sized) direction of every layer this
-        rank holds the curvature of (all of them unless sharded).
-
-        ``step`` is 1-based (the bias corrections of the grafting norm); ``gradients`` are the
-        layers' full gradient matrices (``full_gradients``). Where ``ok`` (the step's
-        finiteness flag) is false the grafting moments stay as they were and the directions
-        are zeros, so nothing downstream sees a NaN.
-        """
-        config = self.config
+        """Every held bucket's step (``ShapeBucket.step``); ``gradients`` are the layers' full
+        gradient matrices (``full_gradients``)."""
         out = []
         for bucket, stats in zip(self.buckets, statistics):
             grads = [gradients[i] for i in bucket.indices]
-            rows = [row for row, grad in enumerate(grads) if grad is not None]
-            if not rows:
-                continue
-            g_avg = torch.stack([grads[row] for row in rows]).float()
-            ready = [j for j, row in enumerate(rows) if bucket.ready[row]]
-            waiting = [j for j, row in enumerate(rows) if not bucket.ready[row]]
-            direction = torch.empty_like(g_avg)
-            zeros = g_avg.new_zeros(len(rows))
-            scalars = FOPDirection(direction, zeros, zeros + 1, zeros.clone(), zeros + 1)
-            needs_adam = config.graft == "adamw" or bool(waiting)
-            exp_avg_sq = bucket.second_moment() if needs_adam else None
-            if ready:
-                every = len(ready) == len(bucket)
-                picked = [rows[j] for j in ready]
-                preconditioner = bucket.preconditioner(
-                    None if every else picked, damping, config.damping_mode
-                )
-                g = g_avg if every else g_avg[ready]
-                if stats.g1 is not None:
-                    # A layer without two halves this step has g_diff = 0: its FOP direction
-                    # is exactly K-FAC's.
-                    g1 = stats.g1 if every else stats.g1[picked]
-                    if not all(stats.has_split[row] for row in picked):
-                        split = [stats.has_split[row] for row in picked]
-                        mask = torch.tensor(split, device=g.device)[:, None, None]
-                        g1 = torch.where(mask, g1, g)
-                    result = preconditioner.fop(g, 2 * (g1 - g), config.fop_zero_tol)
-                else:
-                    result = preconditioner.kfac(g)
-                chosen = result.direction
-                if config.graft == "adamw":
-                    v = exp_avg_sq if every else exp_avg_sq[picked]
-                    chosen = graft(chosen, adam_step_norm(g, v, beta2, config.adamw_eps, step, ok))
-                    if not every:
-                        exp_avg_sq[picked] = v
-                if every:
-                    direction = chosen
-                    scalars = result._replace(direction=direction)
-                else:
-                    direction[ready] = chosen
-                    for name in SCALARS:
-                        getattr(scalars, name)[ready] = getattr(result, name)
-            if waiting:
-                picked = [rows[j] for j in waiting]
-                for row in picked:
+            bucket_step = bucket.step(stats, grads, damping, beta2, self.config, step, ok)
+            if bucket_step is not None:
+                for row in bucket_step.waiting:
                     self._report_waiting(bucket.indices[row])
-                v = exp_avg_sq[picked]
-                direction[waiting] = adam_direction(
-                    g_avg[waiting], v, beta2, config.adamw_eps, step, ok
-                )
-                exp_avg_sq[picked] = v
-            direction = torch.where(ok, direction, 0.0)
-            out.append(
-                BucketStep(bucket, rows, direction, g_avg, scalars._replace(direction=direction))
-            )
+                out.append(bucket_step)
         return out
 
     def scaled_pairs(
@@ -345,45 +205,10 @@ class ModelCurvature:
 
     def layer_directions(
         self, steps: list[BucketStep], gradients: list[Tensor | None]
-    ) -> tuple[list[tuple[int, Tensor]], dict[str, Tensor], Tensor]:
-        """(layer index, direction) for every layer with a gradient, the per-layer FOP
-        statistics, and sum_l <n_l, g_l> (the KL clip's quadratic term).
-
-        Under FSDP2 each owner computed only its layers: one summing all-reduce gives every
-        rank every direction (zeros elsewhere), the statistics and the sum.
-        """
-        vg = sum((inner(s.direction, s.g_avg).sum() for s in steps), torch.zeros(()))
-        if not self.sharded:
-            pairs = [
-                (s.bucket.indices[row], matrix)
-                for s in steps
-                for row, matrix in zip(s.rows, s.direction)
-            ]
-            return pairs, step_statistics(steps) if steps else {}, vg
-        computed = {
-            s.bucket.indices[row]: (matrix, [getattr(s.scalars, k)[j] for k in SCALARS])
-            for s in steps
-            for j, (row, matrix) in enumerate(zip(s.rows, s.direction))
-        }
-        like = self.layers[0].weight
-        tensors, owned, present = [], [], []
-        for index, grad in enumerate(gradients):
-            if grad is None:
-                continue
-            present.append(index)
-            matrix, scalars = computed.get(index, (None, None))
-            mine = matrix is not None
-            tensors.append(matrix if mine else grad.new_zeros(grad.shape, dtype=torch.float32))
-            tensors.append(torch.stack(scalars) if mine else grad.new_zeros(len(SCALARS)))
-            owned += [mine, mine]
-        vg = vg.reshape(1).to(like.device, torch.float32)
-        self.communicator.share_owned([*tensors, vg], [*owned, True])  # vg: summed over ranks
-        pairs = list(zip(present, tensors[0::2]))
-        scalars = torch.stack(tensors[1::2]) if present else torch.zeros(0, len(SCALARS))
-        statistics = {k: scalars[:, i] for i, k in enumerate(SCALARS)}
-        if present:
-            statistics["rho_abs"] = statistics["rho"].abs()
-        return pairs, statistics, vg.reshape(())
+    ) -> tuple[Directions, dict[str, Tensor], Tensor]:
+        """(layer index, direction) for every layer with a gradient, on every rank; the
+        per-layer FOP statistics; sum_l <n_l, g_l> (the KL clip's quadratic term)."""
+        return self.distributor.share_directions(steps, gradients)
 
     def _report_waiting(self, index: int) -> None:
         """Say why a targeted layer gets gradients but has no curvature (once)."""
@@ -454,7 +279,7 @@ class ModelCurvature:
         for bucket in self.buckets:
             for row, name in enumerate(bucket.names):
                 _load_layer(bucket, row, saved[name])
-            bucket._cache = None
+            bucket.invalidate()
 
     def check_state_dict(
         self, saved: dict[str, dict[str, Any]], saved_names: Sequence[str] | None = None
@@ -502,9 +327,6 @@ class ModelCurvature:
     def reset(self) -> None:
         self.capture.reset()
 
-    def remove(self) -> None:
-        self.capture.remove()
-
 
 def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
     targets = {"A": bucket.A, "G": bucket.G, **bucket.decomposition}
@@ -518,15 +340,6 @@ def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
     bucket.ready[row] = bool(state.get("decomposed", bucket.method.STATE_KEYS[0] in state))
 
 
-SCALARS = ("beta", "eta", "rho", "kfac_cosine")
-
-
-def step_statistics(steps: list[BucketStep]) -> dict[str, Tensor]:
-    """Per-layer FOP scalars of a step, one tensor each (kept on the device until read)."""
-    stacked = {name: torch.cat([getattr(s.scalars, name) for s in steps]) for name in SCALARS}
-    return {**stacked, "rho_abs": stacked["rho"].abs()}
-
-
 def float_statistics(statistics: dict[str, Tensor | float]) -> dict[str, float]:
     """Step statistics as plain floats for logging: per-layer tensors as mean / min / max."""
     out: dict[str, float] = {}
@@ -538,11 +351,3 @@ def float_statistics(statistics: dict[str, Tensor | float]) -> dict[str, float]:
         else:
             out[key] = float(value)
     return out
-
-
-def _statistic_shape(kind: str, in_dim: int, out_dim: int) -> tuple[int, int]:
-    return {"A": (in_dim, in_dim), "G": (out_dim, out_dim), "g1": (out_dim, in_dim)}[kind]
-
-
-def _stack(tensors: list[Tensor | None], shape: tuple[int, ...], like: Tensor) -> Tensor:
-    return torch.stack([t if t is not None else like.new_zeros(shape) for t in tensors])

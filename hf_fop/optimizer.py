@@ -1,7 +1,8 @@
 """``hf_fop.FOP``: K-FAC natural gradient plus the Fisher-orthogonal correction, in one optimizer.
 
 ``step()`` is a short pipeline (the equations are in fop_math.py, the curvature in
-model_curvature.py, steps 1 and 3-5 for the preconditioned layers in preconditioned_step.py, the
+model_curvature.py, one layer shape's step in bucket.py, what each rank holds and shares in
+distributors.py, steps 1 and 3-5 for the preconditioned layers in preconditioned_step.py, the
 update rules in update_rules.py):
 1. gather what the hooks saw (factor estimates on curvature steps, g1 in FOP mode), averaged
    across ranks in one all-reduce, and undo a loss scale;
@@ -204,9 +205,8 @@ class FOP(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         grads = local_grads(self.param_groups)
         overflow = unscale_and_check(grads, grad_scale)
-        if overflow is not None and self.curvature.sharded:
-            # Each rank checked its own shards: all must agree to skip.
-            self.communicator.all_reduce_mean([overflow])
+        if overflow is not None:
+            self.curvature.distributor.agree_overflow(overflow)
         group = self.fop_group
         statistics, gradients, unscaled = [], [], None
         if group is not None:
