@@ -22,10 +22,11 @@ setup: $(STAMP)
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m hf_fop_trainer.compare
 
-# Every test, the slow end-to-end ones included (CI runs this); `make test-fast` skips those.
+# Every test, the slow end-to-end ones included (CI runs this), in two pytest workers of one
+# thread each (one per core of a 2-core runner); `make test-fast` skips the slow ones.
 test: setup
 	$(PY) -m ruff check .
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "slow or not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist worksteal -m "slow or not slow"
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
