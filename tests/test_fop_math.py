@@ -237,3 +237,24 @@ def test_kl_clip_scale_by_hand() -> None:
     # A negative <n, g> (a direction against the gradient) is clipped by its size.
     assert kl_clip_scale(torch.tensor(-4.0), 0.1, 0.01).item() == pytest.approx(0.5)
     assert kl_clip_scale(torch.tensor(0.0), 0.1, 0.01).item() == 1.0
+
+
+def test_running_factors_start_as_the_plain_mean_then_decay_exponentially() -> None:
+    from hf_fop.bucket import ShapeBucket
+    from hf_fop.layers import make_adapter
+
+    layer = make_adapter(torch.nn.Linear(2, 3, bias=False))
+    bucket = ShapeBucket([0], ["layer"], layer, "eigen")
+    decay, ok = 0.9, torch.tensor(True)
+    estimates = [random_spd(2, dtype=torch.float32) for _ in range(40)]
+    for k, estimate in enumerate(estimates):
+        bucket.fold(estimate[None], torch.eye(3)[None], [True], decay, ok)
+        if k < 10:  # 1 / (k + 1) >= 1 - decay: the plain mean of the estimates so far
+            expected = torch.stack(estimates[: k + 1]).mean(0)
+        else:  # then an exponential average with weight 1 - decay
+            expected = expected.lerp(estimate, 1 - decay)
+        torch.testing.assert_close(bucket.A[0], expected, rtol=1e-5, atol=1e-6)
+    # A skipped step (the device flag false) leaves the factor as it was.
+    before = bucket.A.clone()
+    bucket.fold(estimates[0][None], torch.eye(3)[None], [True], decay, torch.tensor(False))
+    assert torch.equal(bucket.A, before)
