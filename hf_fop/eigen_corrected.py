@@ -1,0 +1,124 @@
+"""An eigenvalue-corrected Kronecker metric, and a cheap refresh of its basis (pure functions).
+
+K-FAC's metric in the Kronecker eigenbasis (Q_A, Q_G) is the product l_G,i * l_A,j: a rank-one
+guess at the curvature there. EK-FAC (George et al., 2018) keeps the basis and replaces that
+product by the running second moment of the gradient rotated into it,
+
+    s = average of (Q_G^T g Q_A)^2   (elementwise, out x in),
+
+and SOAP (Vyas et al., 2024) is the same idea with Adam's square root. Here the metric is
+m = s_hat^p + lambda (s_hat bias-corrected like Adam's second moment; p = 1 is EK-FAC's natural
+gradient, p = 1/2 SOAP-style; lambda = damping * mean(s_hat^p) per layer in the relative mode,
+as the Kronecker metric's damping is relative to its mean eigenvalue). The metric is diagonal in
+the rotated basis, so FOP's scalars (projection with M, beta and eta with M^-1) stay elementwise
+there and cost no matmuls beyond the rotations.
+
+The basis itself may be refreshed by one power-iteration step and a QR factorisation, warm
+started from the previous basis (SOAP's refresh): one matmul and one QR per factor instead of a
+full ``eigh``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hf_fop.curvature import KroneckerPreconditioner
+from hf_fop.fop_math import FOPDirection, fop_direction
+
+
+def rotate(matrix: Tensor, basis_A: Tensor, basis_G: Tensor) -> Tensor:
+    """Q_G^T V Q_A: a gradient matrix (out x in) in the Kronecker basis."""
+    return basis_G.mT @ matrix @ basis_A
+
+
+def unrotate(matrix: Tensor, basis_A: Tensor, basis_G: Tensor) -> Tensor:
+    """Q_G V Q_A^T: back from the Kronecker basis."""
+    return basis_G @ matrix @ basis_A.mT
+
+
+def update_rotated_second_moment(
+    second_moment: Tensor, rotated_grad: Tensor, beta2: float, ok: Tensor | None = None
+) -> Tensor:
+    """s = beta2 s + (1 - beta2) (Q_G^T g Q_A)^2, in place (only where the flag ``ok`` holds)."""
+    updated = second_moment.mul(beta2).addcmul_(rotated_grad, rotated_grad, value=1 - beta2)
+    if ok is None:
+        return second_moment.copy_(updated)
+    return torch.where(ok, updated, second_moment, out=second_moment)
+
+
+def corrected_metric(
+    second_moment: Tensor,
+    updates: int | Tensor,
+    beta2: float,
+    exponent: float,
+    damping: float,
+    damping_mode: str = "relative",
+) -> Tensor:
+    """m = s_hat^p + lambda: the damped metric per rotated coordinate (module docstring).
+
+    ``updates`` (>= 1) moments went into ``second_moment``; the bias correction divides by
+    1 - beta2^updates. ``damping_mode="absolute"`` adds ``damping`` itself (Adam's eps at
+    p = 1/2 with identity bases).
+    """
+    corrected = second_moment / (1 - beta2**updates)
+    powered = corrected.clamp(min=0).pow(exponent)
+    if damping_mode == "absolute":
+        return powered + damping
+    tiny = torch.finfo(torch.float32).tiny
+    mean = powered.mean(dim=(-2, -1), keepdim=True).clamp(min=tiny)
+    return powered + damping * mean
+
+
+class EigenCorrectedPreconditioner(KroneckerPreconditioner):
+    """M^-1 V = Q_G ((Q_G^T V Q_A) / m) Q_A^T for the metric m of ``corrected_metric``.
+
+    Tensors may carry leading batch dimensions (a stack of layers of one shape).
+    """
+
+    STATE_KEYS = ("eigvecs_A", "eigvecs_G", "metric")
+
+    def __init__(self, eigvecs_A: Tensor, eigvecs_G: Tensor, metric: Tensor) -> None:
+        self.eigvecs_A, self.eigvecs_G, self.metric = eigvecs_A, eigvecs_G, metric
+
+    def fisher(self, matrix: Tensor) -> Tensor:
+        rotated = rotate(matrix, self.eigvecs_A, self.eigvecs_G)
+        return unrotate(rotated * self.metric, self.eigvecs_A, self.eigvecs_G)
+
+    def inverse_fisher(self, matrix: Tensor) -> Tensor:
+        rotated = rotate(matrix, self.eigvecs_A, self.eigvecs_G)
+        return unrotate(rotated / self.metric, self.eigvecs_A, self.eigvecs_G)
+
+    def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection:
+        # The rotations are orthogonal: every inner product, so every FOP scalar, is the same
+        # in the rotated basis, where M and M^-1 are elementwise.
+        metric = self.metric
+        result = fop_direction(
+            rotate(g_avg, self.eigvecs_A, self.eigvecs_G),
+            rotate(g_diff, self.eigvecs_A, self.eigvecs_G),
+            fisher=lambda m: m * metric,
+            inverse_fisher=lambda m: m / metric,
+            zero_tol=zero_tol,
+        )
+        direction = unrotate(result.direction, self.eigvecs_A, self.eigvecs_G)
+        return result._replace(direction=direction)
+
+
+def power_qr_refresh(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """One warm-started power-iteration step on a symmetric PSD factor: (eigenvalue estimates,
+    orthonormal basis), columns in ascending order of the estimates like ``eigh``'s.
+
+    The previous basis's columns are first ordered by their Rayleigh quotients q^T F q, so the
+    iteration keeps each column on the eigenvector it is closest to; the signs of the QR are
+    fixed (R with a positive diagonal), so a converged basis stays put between refreshes.
+    """
+    estimates = torch.einsum("...ij,...ik,...kj->...j", basis, factor, basis)
+    order = estimates.argsort(dim=-1, descending=True)
+    ordered = torch.gather(basis, -1, order[..., None, :].expand_as(basis))
+    q, r = torch.linalg.qr(factor @ ordered)
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    q = q * torch.where(signs == 0, torch.ones_like(signs), signs)[..., None, :]
+    eigvals = torch.einsum("...ij,...ik,...kj->...j", q, factor, q).clamp(min=0)
+    ascending = eigvals.argsort(dim=-1)
+    q = torch.gather(q, -1, ascending[..., None, :].expand_as(q))
+    return torch.gather(eigvals, -1, ascending), q

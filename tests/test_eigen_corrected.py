@@ -1,0 +1,126 @@
+"""The eigenvalue-corrected Kronecker metric and the QR basis refresh against dense references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fop.curvature import EigenPreconditioner
+from hf_fop.eigen_corrected import (
+    EigenCorrectedPreconditioner,
+    corrected_metric,
+    power_qr_refresh,
+    rotate,
+    update_rotated_second_moment,
+)
+from hf_fop.fop_math import fisher_orthogonal_component, inner
+from hf_fop.grafting import adam_direction
+from tests.dense import dense_fop, random_spd, unvec, vec
+
+IN, OUT = 5, 4
+
+
+def _basis(size: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(size, size, dtype=torch.float64))[0]
+
+
+def _second_moment(updates: int, beta2: float, basis_A, basis_G) -> torch.Tensor:
+    moment = torch.zeros(OUT, IN, dtype=torch.float64)
+    for _ in range(updates):
+        update_rotated_second_moment(
+            moment, rotate(torch.randn(OUT, IN).double(), basis_A, basis_G), beta2
+        )
+    return moment
+
+
+def test_kronecker_products_as_the_moment_give_todays_direction_and_scalars() -> None:
+    A, G = random_spd(IN, dtype=torch.float32), random_spd(OUT, dtype=torch.float32)
+    kronecker = EigenPreconditioner.from_factors(A, G, damping=0.3)
+    products = kronecker.eigvals_G[:, None] * kronecker.eigvals_A[None, :]
+    # beta2 = 0: the bias correction is 1, the moment is the products themselves.
+    metric = corrected_metric(products, 1, beta2=0.0, exponent=1.0, damping=0.3)
+    corrected = EigenCorrectedPreconditioner(kronecker.eigvecs_A, kronecker.eigvecs_G, metric)
+    g_avg, g_diff = torch.randn(OUT, IN), torch.randn(OUT, IN)
+    for method in ("kfac", "fop"):
+        args = (g_avg,) if method == "kfac" else (g_avg, g_diff, 1e-10)
+        expected, got = getattr(kronecker, method)(*args), getattr(corrected, method)(*args)
+        for name in expected._fields:
+            torch.testing.assert_close(getattr(got, name), getattr(expected, name))
+
+
+def test_identity_bases_at_exponent_one_half_give_adams_step() -> None:
+    eye_A, eye_G = torch.eye(IN, dtype=torch.float64), torch.eye(OUT, dtype=torch.float64)
+    beta2, eps = 0.99, 1e-8
+    moment = torch.zeros(OUT, IN, dtype=torch.float64)
+    adam_moment = torch.zeros(OUT, IN, dtype=torch.float64)
+    for step in range(1, 6):
+        grad = torch.randn(OUT, IN, dtype=torch.float64)
+        update_rotated_second_moment(moment, rotate(grad, eye_A, eye_G), beta2)
+        expected = adam_direction(grad, adam_moment, beta2, eps, step)
+        metric = corrected_metric(moment, step, beta2, 0.5, eps, damping_mode="absolute")
+        direction = EigenCorrectedPreconditioner(eye_A, eye_G, metric).kfac(grad).direction
+        torch.testing.assert_close(direction, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("exponent", [1.0, 0.5])
+def test_fop_in_the_corrected_metric_matches_the_dense_equations(exponent: float) -> None:
+    basis_A, basis_G = _basis(IN), _basis(OUT)
+    metric = corrected_metric(_second_moment(7, 0.95, basis_A, basis_G), 7, 0.95, exponent, 0.1)
+    preconditioner = EigenCorrectedPreconditioner(basis_A, basis_G, metric)
+    # Dense M = (Q_A (x) Q_G) diag(vec m) (Q_A (x) Q_G)^T, built column by column from vec.
+    Q = torch.kron(basis_A, basis_G)
+    M = Q @ torch.diag(vec(metric)) @ Q.T
+    g_avg, g_diff = (
+        torch.randn(OUT, IN, dtype=torch.float64),
+        torch.randn(OUT, IN, dtype=torch.float64),
+    )
+    expected, beta, eta = dense_fop(g_avg, g_diff, M)
+    result = preconditioner.fop(g_avg, g_diff, zero_tol=1e-10)
+    torch.testing.assert_close(result.direction, expected, rtol=1e-9, atol=1e-12)
+    assert result.beta.item() == pytest.approx(beta, rel=1e-9)
+    assert result.eta.item() == pytest.approx(eta, rel=1e-9)
+    # g_perp is M-orthogonal to g_avg, and beta minimises J(b) = -b D + b^2 E / 2 in M^-1.
+    g_perp, _ = fisher_orthogonal_component(g_diff, g_avg, preconditioner.fisher(g_avg))
+    assert abs(inner(g_avg, preconditioner.fisher(g_perp)).item()) < 1e-10
+    D = inner(g_avg, preconditioner.inverse_fisher(g_perp)).item()
+    E = inner(g_perp, preconditioner.inverse_fisher(g_perp)).item()
+    assert result.beta.item() == pytest.approx(D / E, rel=1e-9)
+    assert torch.allclose(vec(preconditioner.fisher(g_avg)), M @ vec(g_avg))
+    assert torch.allclose(
+        unvec(torch.linalg.solve(M, vec(g_avg)), OUT), preconditioner.inverse_fisher(g_avg)
+    )
+
+
+def test_relative_damping_is_scale_free_and_a_skipped_update_changes_nothing() -> None:
+    moment = torch.rand(OUT, IN, dtype=torch.float64)
+    small = corrected_metric(moment, 3, 0.9, 1.0, 0.5)
+    large = corrected_metric(1e6 * moment, 3, 0.9, 1.0, 0.5)
+    torch.testing.assert_close(large, 1e6 * small)
+    before = moment.clone()
+    update_rotated_second_moment(moment, torch.randn(OUT, IN).double(), 0.9, torch.tensor(False))
+    assert torch.equal(moment, before)
+
+
+def test_the_qr_refresh_converges_to_eighs_basis_and_stays_there() -> None:
+    # Well separated eigenvalues (ratio 2): the power iteration converges geometrically.
+    size = 6
+    eigvecs = _basis(size)
+    eigvals = 2.0 ** torch.arange(size, dtype=torch.float64)
+    factor = eigvecs @ torch.diag(eigvals) @ eigvecs.T
+    reference_vals, reference_vecs = torch.linalg.eigh(factor)
+    basis = _basis(size)  # a cold start
+    for _ in range(80):
+        estimates, basis = power_qr_refresh(factor, basis)
+    torch.testing.assert_close(estimates, reference_vals, rtol=1e-8, atol=1e-10)
+    # The same eigenvectors up to sign, in eigh's (ascending) order.
+    overlap = (basis.T @ reference_vecs).abs()
+    torch.testing.assert_close(overlap, torch.eye(size, dtype=torch.float64), rtol=0, atol=1e-8)
+    # Warm-started from a converged basis, one refresh keeps it (signs included).
+    _, again = power_qr_refresh(factor, basis)
+    torch.testing.assert_close(again, basis, rtol=0, atol=1e-10)
+    # Batched: a stack of factors refreshes in one call.
+    stacked_vals, stacked = power_qr_refresh(
+        torch.stack([factor, 2 * factor]), torch.stack([basis, basis])
+    )
+    torch.testing.assert_close(stacked[1], basis, rtol=0, atol=1e-10)
+    torch.testing.assert_close(stacked_vals[1], 2 * estimates)
