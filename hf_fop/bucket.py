@@ -11,6 +11,13 @@ from torch import Tensor
 
 from hf_fop.config import FOPConfig
 from hf_fop.curvature import PRECONDITIONERS, KroneckerPreconditioner, running_factor_weight
+from hf_fop.eigen_corrected import (
+    EigenCorrectedPreconditioner,
+    corrected_metric,
+    power_qr_refresh,
+    rotate,
+    update_rotated_second_moment,
+)
 from hf_fop.fop_math import FOPDirection
 from hf_fop.grafting import adam_direction, adam_step_norm, graft
 from hf_fop.layers import LayerAdapter
@@ -22,10 +29,13 @@ SCALARS = ("beta", "eta", "rho", "kfac_cosine")
 class ShapeBucket:
     """The layers of one (in, out) shape on one device: stacked factors and decompositions."""
 
-    def __init__(self, indices: list[int], names: list[str], layer: LayerAdapter, method: str):
+    def __init__(
+        self, indices: list[int], names: list[str], layer: LayerAdapter, config: FOPConfig
+    ) -> None:
         self.indices, self.names = indices, names
         self.in_dim, self.out_dim = layer.in_dim, layer.out_dim
-        self.method = PRECONDITIONERS[method]
+        self.method = PRECONDITIONERS[config.method]
+        self.basis_refresh = config.basis_refresh
         count, device = len(indices), layer.weight.device
         self.A = torch.zeros(count, self.in_dim, self.in_dim, device=device)
         self.G = torch.zeros(count, self.out_dim, self.out_dim, device=device)
@@ -37,6 +47,13 @@ class ShapeBucket:
         self.ready = [False] * count  # a decomposition exists
         # AdamW's second moment per layer, for grafting (and for layers without curvature yet).
         self.graft_exp_avg_sq: Tensor | None = None
+        # curvature="eigen_corrected": the rotated gradient's second moment and its count.
+        self.rotated_second_moment: Tensor | None = None
+        self.moment_updates = [0] * count
+        if config.curvature == "eigen_corrected":
+            self.rotated_second_moment = torch.zeros(
+                count, self.out_dim, self.in_dim, device=device
+            )
         self._cache: tuple[tuple[float, str], KroneckerPreconditioner] | None = None
 
     def __len__(self) -> int:
@@ -78,7 +95,22 @@ class ShapeBucket:
         is true (the old decomposition stays otherwise)."""
         everything = rows == list(range(len(self)))
         A, G = (self.A, self.G) if everything else (self.A[rows], self.G[rows])
-        computed = self.method.from_factors(A, G, damping, damping_mode).state()
+        if self.basis_refresh == "qr" and all(self.ready[row] for row in rows):
+            old = (
+                self.decomposition
+                if everything
+                else {key: value[rows] for key, value in self.decomposition.items()}
+            )
+            eigvals_A, eigvecs_A = power_qr_refresh(A, old["eigvecs_A"])
+            eigvals_G, eigvecs_G = power_qr_refresh(G, old["eigvecs_G"])
+            computed = {
+                "eigvals_A": eigvals_A,
+                "eigvecs_A": eigvecs_A,
+                "eigvals_G": eigvals_G,
+                "eigvecs_G": eigvecs_G,
+            }
+        else:  # the first decomposition is always a full one
+            computed = self.method.from_factors(A, G, damping, damping_mode).state()
         for key, value in computed.items():
             if everything:
                 self.decomposition[key] = torch.where(ok, value, self.decomposition[key])
@@ -142,6 +174,8 @@ class ShapeBucket:
                 None if every else picked, damping, config.damping_mode
             )
             g = g_avg if every else g_avg[ready]
+            if self.rotated_second_moment is not None:
+                preconditioner = self._corrected(preconditioner, g, picked, damping, config, ok)
             if stats.g1 is not None:
                 # A layer without two halves this step has g_diff = 0: its FOP direction is
                 # exactly K-FAC's.
@@ -178,6 +212,32 @@ class ShapeBucket:
         return BucketStep(
             self, rows, direction, g_avg, scalars._replace(direction=direction), waiting_rows
         )
+
+    def _corrected(
+        self,
+        kronecker: KroneckerPreconditioner,
+        g: Tensor,
+        rows: list[int],
+        damping: float,
+        config: FOPConfig,
+        ok: Tensor,
+    ) -> EigenCorrectedPreconditioner:
+        """The eigen-corrected metric of ``rows`` after this step's gradient ``g`` went into
+        their rotated second moment (only where ``ok``)."""
+        basis_A, basis_G = kronecker.eigvecs_A, kronecker.eigvecs_G  # type: ignore[attr-defined]
+        every = len(rows) == len(self)
+        moment = self.rotated_second_moment if every else self.rotated_second_moment[rows]
+        decay = config.second_moment_decay
+        update_rotated_second_moment(moment, rotate(g, basis_A, basis_G), decay, ok)
+        if not every:
+            self.rotated_second_moment[rows] = moment
+        for row in rows:
+            self.moment_updates[row] += 1
+        updates = torch.tensor([self.moment_updates[r] for r in rows], device=g.device)
+        metric = corrected_metric(
+            moment, updates[:, None, None], decay, config.exponent, damping, config.damping_mode
+        )
+        return EigenCorrectedPreconditioner(basis_A, basis_G, metric)
 
 
 def statistic_shape(kind: str, in_dim: int, out_dim: int) -> tuple[int, int]:

@@ -12,11 +12,15 @@ Mode = Literal["fop", "kfac"]
 Method = Literal["eigen", "inverse"]
 DampingMode = Literal["relative", "absolute"]
 Graft = Literal["adamw", "none"]
+Curvature = Literal["kronecker", "eigen_corrected"]
+BasisRefresh = Literal["eigh", "qr"]
 
 MODES: tuple[str, ...] = ("fop", "kfac")
 METHODS: tuple[str, ...] = ("eigen", "inverse")
 DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
 GRAFTS: tuple[str, ...] = ("adamw", "none")
+CURVATURES: tuple[str, ...] = ("kronecker", "eigen_corrected")
+BASIS_REFRESHES: tuple[str, ...] = ("eigh", "qr")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,16 @@ class FOPConfig:
     kl_clip: float | None = None
     mode: Mode = "fop"
     method: Method = "eigen"
+    # The metric in the Kronecker eigenbasis (hf_fop/eigen_corrected.py): "kronecker" is
+    # K-FAC's product of the factors' eigenvalues; "eigen_corrected" the running second moment
+    # of the rotated gradient (decay ``second_moment_decay``) to the power ``exponent``: 1 is
+    # EK-FAC's natural gradient, 0.5 SOAP-style. Needs method="eigen".
+    curvature: Curvature = "kronecker"
+    exponent: float = 1.0
+    second_moment_decay: float = 0.95
+    # How the eigenbasis is refreshed after the first (always full) decomposition: "eigh", or
+    # "qr": one power-iteration step and a QR, warm-started from the previous basis.
+    basis_refresh: BasisRefresh = "eigh"
     # Collect A and G every `curvature_interval` steps; refresh their decomposition every
     # `inverse_interval` steps. Step 0 always does both.
     curvature_interval: int = 5
@@ -105,6 +119,27 @@ class FOPConfig:
             f"damping_mode must be one of {DAMPING_MODES}, got {self.damping_mode!r}",
         )
         _check(self.graft in GRAFTS, f"graft must be one of {GRAFTS}, got {self.graft!r}")
+        _check(
+            self.curvature in CURVATURES,
+            f"curvature must be one of {CURVATURES}, got {self.curvature!r}",
+        )
+        _check(
+            self.basis_refresh in BASIS_REFRESHES,
+            f"basis_refresh must be one of {BASIS_REFRESHES}, got {self.basis_refresh!r}",
+        )
+        _check(
+            self.method == "eigen" or (self.curvature, self.basis_refresh) == ("kronecker", "eigh"),
+            "curvature='eigen_corrected' and basis_refresh='qr' work in the Kronecker eigenbasis: "
+            f"use method='eigen' (got method={self.method!r})",
+        )
+        _check(
+            math.isfinite(self.exponent) and 0 < self.exponent <= 1,
+            f"exponent must be in (0, 1] (1: EK-FAC, 0.5: SOAP-style), got {self.exponent}",
+        )
+        _check(
+            0 <= self.second_moment_decay < 1,
+            f"second_moment_decay must be in [0, 1), got {self.second_moment_decay}",
+        )
         for name in ("curvature_interval", "inverse_interval", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if value is None and name == "gradient_accumulation_steps":

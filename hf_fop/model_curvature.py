@@ -64,7 +64,7 @@ class ModelCurvature:
                 indices,
                 [self.names[i] for i in indices],
                 self.layers[indices[0]],
-                self.config.method,
+                self.config,
             )
             for indices in groups.values()
         ]
@@ -144,13 +144,16 @@ class ModelCurvature:
         and decomposition present) back as they are now: a step found skipped afterwards has
         to (the device's side of a skipped step never changes)."""
         step = group["step"] if group is not None else 0
-        saved = [(list(b.factor_updates), list(b.ready)) for b in self.buckets]
+        saved = [
+            (list(b.factor_updates), list(b.ready), list(b.moment_updates)) for b in self.buckets
+        ]
 
         def restore() -> None:
             if group is not None:
                 group["step"] = step
-            for bucket, (factor_updates, ready) in zip(self.buckets, saved):
+            for bucket, (factor_updates, ready, moment_updates) in zip(self.buckets, saved):
                 bucket.factor_updates, bucket.ready = factor_updates, ready
+                bucket.moment_updates = moment_updates
                 bucket.invalidate()
 
         return restore
@@ -260,6 +263,9 @@ class ModelCurvature:
                 }
                 if self.config.graft == "adamw" or bucket.graft_exp_avg_sq is not None:
                     state["graft_exp_avg_sq"] = bucket.second_moment()[row]
+                if bucket.rotated_second_moment is not None:
+                    state["rotated_second_moment"] = bucket.rotated_second_moment[row]
+                    state["moment_updates"] = torch.tensor(bucket.moment_updates[row])
                 return state
         raise KeyError(f"no preconditioned layer named {name!r}")
 
@@ -313,6 +319,7 @@ class ModelCurvature:
                 "A": (bucket.in_dim,) * 2,
                 "G": (bucket.out_dim,) * 2,
                 "graft_exp_avg_sq": (bucket.out_dim, bucket.in_dim),
+                "rotated_second_moment": (bucket.out_dim, bucket.in_dim),
                 **bucket.method.state_shapes(bucket.in_dim, bucket.out_dim),
             }
             for name in bucket.names:
@@ -332,6 +339,9 @@ def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
     targets = {"A": bucket.A, "G": bucket.G, **bucket.decomposition}
     if "graft_exp_avg_sq" in state:
         targets["graft_exp_avg_sq"] = bucket.second_moment()
+    if bucket.rotated_second_moment is not None:
+        targets["rotated_second_moment"] = bucket.rotated_second_moment
+        bucket.moment_updates[row] = int(state.get("moment_updates", 0))
     for key, value in state.items():
         if key in targets:
             targets[key][row] = value.to(device=bucket.A.device, dtype=torch.float32)

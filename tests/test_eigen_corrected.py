@@ -124,3 +124,94 @@ def test_the_qr_refresh_converges_to_eighs_basis_and_stays_there() -> None:
     )
     torch.testing.assert_close(stacked[1], basis, rtol=0, atol=1e-10)
     torch.testing.assert_close(stacked_vals[1], 2 * estimates)
+
+
+# ------------------------------------------------------------------------------ in the optimizer
+
+SETTINGS = [
+    {"curvature": "eigen_corrected", "exponent": 1.0},
+    {"curvature": "eigen_corrected", "exponent": 0.5, "basis_refresh": "qr"},
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["ekfac", "soap_style_qr"])
+def test_the_corrected_metric_trains_a_tiny_vit(settings: dict) -> None:
+    from hf_fop import FOP
+    from tests.helpers import image_data, tiny_vit, train
+
+    images, classes = image_data()
+    vit = tiny_vit()
+    optimizer = FOP(vit, lr=1e-2, curvature_interval=1, inverse_interval=2, **settings)
+    losses = train(vit, optimizer, images, classes, steps=40)
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    bucket = optimizer.curvature.buckets[0]
+    assert bucket.moment_updates == [40] * len(bucket)  # every step, not only curvature steps
+    assert bool(bucket.rotated_second_moment.abs().sum() > 0)
+    stats = optimizer.statistics()
+    assert 0.5 <= stats["eta_min"] <= stats["eta_max"] <= 1.0 and stats["beta_max"] != 0.0
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["ekfac", "soap_style_qr"])
+def test_a_resumed_run_with_the_corrected_metric_equals_the_uninterrupted_one(
+    settings: dict,
+) -> None:
+    import copy
+    import io
+
+    from hf_fop import FOP
+    from tests.helpers import TokenClassifier, token_data, train
+
+    tokens, labels = token_data()
+    config = dict(curvature_interval=2, inverse_interval=3, lr=0.03, **settings)
+    torch.manual_seed(0)
+    model = TokenClassifier()
+    initial = copy.deepcopy(model.state_dict())
+    optimizer = FOP(model, **config)
+    train(model, optimizer, tokens, labels, steps=4)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    uninterrupted = train(model, optimizer, tokens, labels, steps=5)
+
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed_model = TokenClassifier()
+    resumed_model.load_state_dict(initial)
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed_optimizer = FOP(resumed_model, **config)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed = train(resumed_model, resumed_optimizer, tokens, labels, steps=5)
+    assert resumed == uninterrupted
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_non_finite_step_leaves_the_rotated_moment_and_its_count_alone() -> None:
+    from hf_fop import FOP
+    from tests.helpers import TokenClassifier, assert_identical, token_data, train
+
+    tokens, labels = token_data()
+    model = TokenClassifier()
+    optimizer = FOP(model, curvature_interval=1, curvature="eigen_corrected")
+    train(model, optimizer, tokens, labels, steps=2)
+    bucket = optimizer.curvature.buckets[0]
+    moment, counts = bucket.rotated_second_moment.clone(), list(bucket.moment_updates)
+    before = optimizer.state_dict()
+    loss = torch.nn.functional.cross_entropy(model(tokens[:16]), labels[:16])
+    optimizer.zero_grad()
+    loss.backward()
+    model.blocks[1][1].weight.grad[0, 0] = float("nan")
+    optimizer.step()
+    optimizer.statistics()  # reads the step's verdict: the host's counts are put back
+    assert torch.equal(bucket.rotated_second_moment, moment) and bucket.moment_updates == counts
+    assert_identical(optimizer.state_dict(), before)
+
+
+def test_settings_of_the_corrected_metric_are_checked() -> None:
+    from hf_fop import FOPConfig
+
+    with pytest.raises(ValueError, match="method='eigen'"):
+        FOPConfig(curvature="eigen_corrected", method="inverse")
+    with pytest.raises(ValueError, match="exponent"):
+        FOPConfig(curvature="eigen_corrected", exponent=0.0)
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        FOPConfig(curvature="shampoo")

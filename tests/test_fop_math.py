@@ -241,10 +241,11 @@ def test_kl_clip_scale_by_hand() -> None:
 
 def test_running_factors_start_as_the_plain_mean_then_decay_exponentially() -> None:
     from hf_fop.bucket import ShapeBucket
+    from hf_fop.config import FOPConfig
     from hf_fop.layers import make_adapter
 
     layer = make_adapter(torch.nn.Linear(2, 3, bias=False))
-    bucket = ShapeBucket([0], ["layer"], layer, "eigen")
+    bucket = ShapeBucket([0], ["layer"], layer, FOPConfig())
     decay, ok = 0.9, torch.tensor(True)
     estimates = [random_spd(2, dtype=torch.float32) for _ in range(40)]
     for k, estimate in enumerate(estimates):
