@@ -183,6 +183,17 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
     assert 0.5 < rows[(512, "fop")]["kfac_cosine"] < 0.99999
     assert rows[(64, "adamw")]["target"] == rows[(64, "adamw")]["final_mean"] - 0.01
     assert (tmp_path / "drop_in_mnist_mlp.png").stat().st_size > 10_000
+    # The cross-optimizer table: a row per batch, the metric at step 4 and at the end.
+    drop_in.main(
+        ["--peers_summary", str(tmp_path / "drop_in_mnist_mlp.json"), "--output_dir", str(tmp_path)]
+    )
+    peers = (tmp_path / "drop_in_peers.md").read_text()
+    soap = rows[(512, "soap")]
+    assert (
+        f"| mnist_mlp, 512 (12 steps, also step 5) | {rows[(512, 'adamw')]['target']:.3f} |"
+        in peers
+    )
+    assert f"{soap['at_report_step'][0]:.3f} / {soap['final_mean']:.3f}" in peers
 
 
 @pytest.mark.slow
