@@ -3,7 +3,8 @@
 Every adapter gives, for one call of its module, the layer inputs ``a`` as (N, L, in) and the
 output gradients ``d`` as (N, L, out), with N examples and L positions per example (tokens, or
 conv output locations). The bias is folded in as a constant input column, so a layer's gradient
-is one (out x in') matrix, in' = in + 1. A new module type is one new adapter class; nothing else changes.
+is one (out x in') matrix, in' = in + 1. A new module type is one new adapter class that names
+the types it takes (``module_types``): defining the class registers it; nothing else changes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from torch import Tensor, nn
 
 from hf_fop.sharding import full_tensor
 
+# Every adapter class, the most recently defined first (LayerAdapter.__init_subclass__).
+ADAPTERS: list[type[LayerAdapter]] = []
+
 
 class UnsupportedLayerError(ValueError):
     """The module cannot be preconditioned; the message says why (it goes to AdamW)."""
@@ -28,6 +32,20 @@ class LayerAdapter(ABC):
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # The most derived adapter of a type wins: subclasses go first (Conv1D before Linear).
+        ADAPTERS.insert(0, cls)
+
+    @classmethod
+    def module_types(cls) -> tuple[type[nn.Module], ...]:
+        """The module types this adapter takes (an empty tuple: none of its own)."""
+        return ()
+
+    @classmethod
+    def for_module(cls, module: nn.Module, sequence_first: bool = False) -> LayerAdapter:
+        return cls(module)
 
     # Read from the module each time: wrappers (accelerate, PEFT) may swap parameter objects.
     @property
@@ -106,6 +124,14 @@ class LinearAdapter(LayerAdapter):
         super().__init__(module)
         self.sequence_first = sequence_first
 
+    @classmethod
+    def module_types(cls) -> tuple[type[nn.Module], ...]:
+        return (nn.Linear,)
+
+    @classmethod
+    def for_module(cls, module: nn.Module, sequence_first: bool = False) -> LayerAdapter:
+        return cls(module, sequence_first)
+
     def weight_matrix(self, weight: Tensor) -> Tensor:
         return weight
 
@@ -143,6 +169,15 @@ class LinearAdapter(LayerAdapter):
 class Conv1DAdapter(LinearAdapter):
     """transformers' Conv1D (GPT-2): a Linear whose weight is stored transposed (in x out)."""
 
+    @classmethod
+    def module_types(cls) -> tuple[type[nn.Module], ...]:
+        conv1d = _conv1d_type()
+        return () if conv1d is None else (conv1d,)
+
+    @classmethod
+    def for_module(cls, module: nn.Module, sequence_first: bool = False) -> LayerAdapter:
+        return cls(module)
+
     def weight_matrix(self, weight: Tensor) -> Tensor:
         return weight.T
 
@@ -158,6 +193,10 @@ class Conv1DAdapter(LinearAdapter):
 
 class Conv2dAdapter(LayerAdapter):
     """nn.Conv2d with groups=1 and zero padding; patches are unfolded into rows."""
+
+    @classmethod
+    def module_types(cls) -> tuple[type[nn.Module], ...]:
+        return (nn.Conv2d,)
 
     def __init__(self, module: nn.Module) -> None:
         if module.groups != 1:
@@ -226,11 +265,8 @@ def make_adapter(module: nn.Module, sequence_first: bool = False) -> LayerAdapte
     Raises UnsupportedLayerError for a supported type in a configuration that is not (the caller
     sends it to AdamW and reports why).
     """
-    conv1d = _conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
-        return Conv1DAdapter(module)
-    if isinstance(module, nn.Linear):
-        return LinearAdapter(module, sequence_first)
-    if isinstance(module, nn.Conv2d):
-        return Conv2dAdapter(module)
+    for adapter in ADAPTERS:
+        types = adapter.module_types()
+        if types and isinstance(module, types):
+            return adapter.for_module(module, sequence_first)
     return None

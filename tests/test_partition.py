@@ -117,3 +117,22 @@ def test_a_layer_whose_hooks_never_fire_is_named_and_updated_as_by_adamw() -> No
     adamw.step()
     torch.testing.assert_close(model.proj.weight, reference.weight, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(model.proj.bias, reference.bias, rtol=1e-5, atol=1e-7)
+
+
+def test_a_new_adapter_class_is_all_a_new_module_type_needs() -> None:
+    from hf_fop.layers import ADAPTERS, LinearAdapter, make_adapter
+
+    class ScaledLinear(nn.Linear):
+        pass
+
+    class ScaledLinearAdapter(LinearAdapter):
+        @classmethod
+        def module_types(cls) -> tuple[type[nn.Module], ...]:
+            return (ScaledLinear,)
+
+    try:
+        assert type(make_adapter(ScaledLinear(3, 2))) is ScaledLinearAdapter
+        assert type(make_adapter(nn.Linear(3, 2))) is LinearAdapter
+    finally:
+        ADAPTERS.remove(ScaledLinearAdapter)
+    assert type(make_adapter(ScaledLinear(3, 2))) is LinearAdapter
