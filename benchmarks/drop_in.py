@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.optimizers import NAMES, SECOND_ORDER, make_optimizer
+from benchmarks.optimizers import CORRECTED, NAMES, SECOND_ORDER, make_optimizer
 from benchmarks.real_tasks import REAL_TASKS, RealTask
 from benchmarks.step_cost import side_by_side_step_seconds
 from benchmarks.tuning import bracketed_search
@@ -57,6 +57,7 @@ LR_GRID = {
     "kfac": ADAMW_GRID,
     "fop": ADAMW_GRID,
     "fop_nograft": (1e-3, 3e-3, 1e-2),
+    **{name: ADAMW_GRID for name in CORRECTED},
 }
 DEFAULT_DAMPING = FOPConfig().damping
 
@@ -337,8 +338,9 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
             hits = [reached(c, target, higher) for c in entry["curves"]] if target else []
             hits = [h for h in hits if h is not None]
             steps = statistics.mean(h["step"] for h in hits) if hits else None
-            at = [_metric_at(c, result["report_at"]) for c in entry["curves"]]
-            at = [] if result.get("report_at") is None or None in at else at
+            report_at = result.get("report_at")
+            at = [] if report_at is None else [_metric_at(c, report_at) for c in entry["curves"]]
+            at = [] if None in at else at
             rows.append(
                 {
                     "batch": int(batch),

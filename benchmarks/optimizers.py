@@ -11,7 +11,8 @@ Peers are taken as their users run them, never re-implemented:
   compiled kernels cost more than they save. heavyball reads every key of a param group as a
   setting, so nothing here adds keys to its groups; learning rates move through ``lr`` only.
 
-K-FAC and FOP are this project's optimizer with its defaults (``mode="kfac"`` / ``"fop"``).
+K-FAC and FOP are this project's optimizer with its defaults (``mode="kfac"`` / ``"fop"``); the
+``CORRECTED`` names are the same with ``curvature="eigen_corrected"`` (not yet measured).
 """
 
 from __future__ import annotations
@@ -31,8 +32,20 @@ NAMES = {
     "kfac": "K-FAC",
     "fop": "FOP",
     "fop_nograft": "FOP, no graft",
+    # The eigenvalue-corrected metric (FOP's curvature="eigen_corrected"): exponent 1 (EK-FAC)
+    # and 1/2 (SOAP-style), each without and with FOP's correction.
+    "ekfac": "K-FAC, eigen-corrected",
+    "fop_ekfac": "FOP, eigen-corrected",
+    "kfac_sqrt": "K-FAC, eigen-corrected ^1/2",
+    "fop_sqrt": "FOP, eigen-corrected ^1/2",
 }
-SECOND_ORDER = ("kfac", "fop", "fop_nograft")
+CORRECTED = {
+    "ekfac": ("kfac", 1.0),
+    "fop_ekfac": ("fop", 1.0),
+    "kfac_sqrt": ("kfac", 0.5),
+    "fop_sqrt": ("fop", 0.5),
+}
+SECOND_ORDER = ("kfac", "fop", "fop_nograft", *CORRECTED)
 WEIGHT_DECAY = 0.01
 
 
@@ -116,4 +129,9 @@ def make_optimizer(
         return FOP(model, lr=lr, graft="none", adamw_lr=1e-3, **settings)
     if name in ("kfac", "fop"):
         return FOP(model, mode=name, lr=lr, **settings)
+    if name in CORRECTED:
+        mode, exponent = CORRECTED[name]
+        return FOP(
+            model, mode=mode, lr=lr, curvature="eigen_corrected", exponent=exponent, **settings
+        )
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(NAMES)}")
