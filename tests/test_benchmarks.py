@@ -183,6 +183,12 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
     assert 0.5 < rows[(512, "fop")]["kfac_cosine"] < 0.99999
     assert rows[(64, "adamw")]["target"] == rows[(64, "adamw")]["final_mean"] - 0.01
     assert (tmp_path / "drop_in_mnist_mlp.png").stat().st_size > 10_000
+    # Without an intermediate step the summary has none (and rewrites from the JSON alone).
+    saved = json.loads((tmp_path / "drop_in_mnist_mlp.json").read_text())
+    (tmp_path / "plain.json").write_text(json.dumps({**saved, "report_at": None}))
+    plain = drop_in.main(["--report", str(tmp_path / "plain.json")])
+    assert all(r["at_report_step"] == [] for r in plain["summary"])
+    assert "at step" not in (tmp_path / "plain.md").read_text()
     # The cross-optimizer table: a row per batch, the metric at step 4 and at the end.
     drop_in.main(
         ["--peers_summary", str(tmp_path / "drop_in_mnist_mlp.json"), "--output_dir", str(tmp_path)]
