@@ -284,13 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             entry = per_optimizer.pop(name)  # back in the order asked for
             entry["curves"] = [entry["curves"][seed] for seed in seeds]
             per_optimizer[name] = entry
-        picks = {name: (e["lr"], e["damping"]) for name, e in per_optimizer.items()}
-        costs = side_by_side_step_seconds(task, batch, picks, args.cost_steps)
-        for name, entry in per_optimizer.items():
-            entry["step_seconds"] = costs[name]
-            for curve in [*entry["curves"], entry.get("tuning_seed_curve") or []]:
-                for point in curve:
-                    point["seconds"] = point["step"] * costs[name]
+        measure_step_costs(task, batch, per_optimizer, args.cost_steps)
     return {
         "task": task.name,
         "metric": task.metric,
@@ -306,6 +300,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "extensions": extensions,
         "results": results,
     }
+
+
+def measure_step_costs(
+    task: RealTask, batch: int, per_optimizer: dict[str, Any], steps: int
+) -> None:
+    """Each optimizer's per-step cost at its pick, side by side in this process, and every
+    evaluation's training seconds as its step times that cost."""
+    picks = {name: (e["lr"], e["damping"]) for name, e in per_optimizer.items()}
+    costs = side_by_side_step_seconds(task, batch, picks, steps)
+    for name, entry in per_optimizer.items():
+        entry["step_seconds"] = costs[name]
+        for curve in [*entry["curves"], entry.get("tuning_seed_curve") or []]:
+            for point in curve:
+                point["seconds"] = point["step"] * costs[name]
 
 
 def reached(curve: list[dict[str, float]], target: float, higher_is_better: bool) -> dict | None:
@@ -522,7 +530,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="only write one table of the five optimizers from these JSONs (to --output_dir)",
     )
+    parser.add_argument(
+        "--remeasure_costs",
+        type=Path,
+        default=None,
+        help="only measure the per-step costs of a JSON's picks again (quietly) and rewrite it",
+    )
     args = parser.parse_args(argv)
+    if args.remeasure_costs is not None:
+        torch.set_num_threads(1)
+        result = json.loads(args.remeasure_costs.read_text())
+        task = _task(result["task"], args.quick)
+        for batch, per_optimizer in result["results"].items():
+            measure_step_costs(task, int(batch), per_optimizer, args.cost_steps)
+        result["machine"] += f"; step costs measured again ({args.cost_steps} steps)"
+        write_report(result, args.remeasure_costs.with_suffix(""))
+        return result
     if args.peers_summary is not None:
         results = [json.loads(path.read_text()) for path in args.peers_summary]
         table = peers_table(results)

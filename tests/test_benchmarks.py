@@ -189,6 +189,16 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
     plain = drop_in.main(["--report", str(tmp_path / "plain.json")])
     assert all(r["at_report_step"] == [] for r in plain["summary"])
     assert "at step" not in (tmp_path / "plain.md").read_text()
+    # The step costs measured again, alone: the seconds follow, the metrics stay.
+    again = drop_in.main(
+        ["--remeasure_costs", str(tmp_path / "plain.json"), "--quick", "--cost_steps", "1"]
+    )
+    curve = again["results"]["512"]["soap"]["curves"][0]
+    cost = again["results"]["512"]["soap"]["step_seconds"]
+    assert [p["seconds"] for p in curve] == [4 * cost, 8 * cost, 12 * cost]
+    assert [p["metric"] for p in curve] == [
+        p["metric"] for p in saved["results"]["512"]["soap"]["curves"][0]
+    ]
     # The cross-optimizer table: a row per batch, the metric at step 4 and at the end.
     drop_in.main(
         ["--peers_summary", str(tmp_path / "drop_in_mnist_mlp.json"), "--output_dir", str(tmp_path)]
