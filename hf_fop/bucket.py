@@ -10,12 +10,16 @@ import torch
 from torch import Tensor
 
 from hf_fop.config import FOPConfig
-from hf_fop.curvature import PRECONDITIONERS, KroneckerPreconditioner, running_factor_weight
+from hf_fop.curvature import (
+    PRECONDITIONERS,
+    EigenPreconditioner,
+    KroneckerPreconditioner,
+    running_factor_weight,
+)
 from hf_fop.eigen_corrected import (
     EigenCorrectedPreconditioner,
     corrected_metric,
     power_qr_refresh,
-    rotate,
     update_rotated_second_moment,
 )
 from hf_fop.fop_math import FOPDirection
@@ -174,8 +178,13 @@ class ShapeBucket:
                 None if every else picked, damping, config.damping_mode
             )
             g = g_avg if every else g_avg[ready]
+            # The eigen-corrected metric needs g in the eigenbasis for its second moment; the
+            # direction then starts from that rotation instead of making its own.
+            rotated: dict[str, Tensor] = {}
             if self.rotated_second_moment is not None:
-                preconditioner = self._corrected(preconditioner, g, picked, damping, config, ok)
+                preconditioner, rotated["rotated_avg"] = self._corrected(
+                    preconditioner, g, picked, damping, config, ok
+                )
             if stats.g1 is not None:
                 # A layer without two halves this step has g_diff = 0: its FOP direction is
                 # exactly K-FAC's.
@@ -184,9 +193,9 @@ class ShapeBucket:
                     split = [stats.has_split[row] for row in picked]
                     mask = torch.tensor(split, device=g.device)[:, None, None]
                     g1 = torch.where(mask, g1, g)
-                result = preconditioner.fop(g, 2 * (g1 - g), config.fop_zero_tol)
+                result = preconditioner.fop(g, 2 * (g1 - g), config.fop_zero_tol, **rotated)
             else:
-                result = preconditioner.kfac(g)
+                result = preconditioner.kfac(g, **rotated)
             chosen = result.direction
             if config.graft == "adamw":
                 v = exp_avg_sq if every else exp_avg_sq[picked]
@@ -221,14 +230,16 @@ class ShapeBucket:
         damping: float,
         config: FOPConfig,
         ok: Tensor,
-    ) -> EigenCorrectedPreconditioner:
+    ) -> tuple[EigenCorrectedPreconditioner, Tensor]:
         """The eigen-corrected metric of ``rows`` after this step's gradient ``g`` went into
-        their rotated second moment (only where ``ok``)."""
-        basis_A, basis_G = kronecker.eigvecs_A, kronecker.eigvecs_G  # type: ignore[attr-defined]
+        their rotated second moment (only where ``ok``), and ``g`` in their eigenbasis."""
+        assert isinstance(kronecker, EigenPreconditioner)  # config: method="eigen"
+        basis_A, basis_G = kronecker.eigvecs_A, kronecker.eigvecs_G
         every = len(rows) == len(self)
         moment = self.rotated_second_moment if every else self.rotated_second_moment[rows]
         decay = config.second_moment_decay
-        update_rotated_second_moment(moment, rotate(g, basis_A, basis_G), decay, ok)
+        rotated = kronecker.rotate(g)
+        update_rotated_second_moment(moment, rotated, decay, ok)
         if not every:
             self.rotated_second_moment[rows] = moment
         for row in rows:
@@ -237,7 +248,7 @@ class ShapeBucket:
         metric = corrected_metric(
             moment, updates[:, None, None], decay, config.exponent, damping, config.damping_mode
         )
-        return EigenCorrectedPreconditioner(basis_A, basis_G, metric)
+        return EigenCorrectedPreconditioner(basis_A, basis_G, metric), rotated
 
 
 def statistic_shape(kind: str, in_dim: int, out_dim: int) -> tuple[int, int]:

@@ -114,8 +114,64 @@ def kronecker_damping(mean_A: Tensor, mean_G: Tensor, damping: float, damping_mo
     return damping * torch.clamp(mean_A * mean_G, min=tiny)
 
 
-class EigenPreconditioner(KroneckerPreconditioner):
-    """(A (x) G + lambda I)^-1 through A = Q_A diag(l_A) Q_A^T and G = Q_G diag(l_G) Q_G^T.
+def rotate(matrix: Tensor, basis_A: Tensor, basis_G: Tensor) -> Tensor:
+    """Q_G^T V Q_A: a gradient matrix (out x in) in the Kronecker basis."""
+    return basis_G.mT @ matrix @ basis_A
+
+
+def unrotate(matrix: Tensor, basis_A: Tensor, basis_G: Tensor) -> Tensor:
+    """Q_G V Q_A^T: back from the Kronecker basis."""
+    return basis_G @ matrix @ basis_A.mT
+
+
+class RotatedDiagonalPreconditioner(KroneckerPreconditioner):
+    """F = Q diag(m) Q^T with Q = Q_A (x) Q_G: a metric ``m`` (out x in, > 0) that is diagonal
+    in the Kronecker eigenbasis. Both Fisher products are elementwise there, so the FOP scalars
+    cost no matmuls beyond rotating g_avg and g_diff in and the direction out.
+
+    ``kfac`` and ``fop`` take g_avg already rotated (``rotated_avg``) when the caller needed it
+    anyway (the eigen-corrected metric's second moment), so it is rotated once per step.
+    """
+
+    eigvecs_A: Tensor
+    eigvecs_G: Tensor
+    metric: Tensor
+
+    def rotate(self, matrix: Tensor) -> Tensor:
+        return rotate(matrix, self.eigvecs_A, self.eigvecs_G)
+
+    def unrotate(self, matrix: Tensor) -> Tensor:
+        return unrotate(matrix, self.eigvecs_A, self.eigvecs_G)
+
+    def fisher(self, matrix: Tensor) -> Tensor:
+        return self.unrotate(self.rotate(matrix) * self.metric)
+
+    def inverse_fisher(self, matrix: Tensor) -> Tensor:
+        return self.unrotate(self.rotate(matrix) / self.metric)
+
+    def kfac(self, g_avg: Tensor, rotated_avg: Tensor | None = None) -> FOPDirection:
+        rotated = self.rotate(g_avg) if rotated_avg is None else rotated_avg
+        result = kfac_direction(rotated, lambda m: m / self.metric)
+        return result._replace(direction=self.unrotate(result.direction))
+
+    def fop(
+        self, g_avg: Tensor, g_diff: Tensor, zero_tol: float, rotated_avg: Tensor | None = None
+    ) -> FOPDirection:
+        # Rotations preserve inner products, so every FOP scalar is computed in the eigenbasis.
+        metric = self.metric
+        result = fop_direction(
+            self.rotate(g_avg) if rotated_avg is None else rotated_avg,
+            self.rotate(g_diff),
+            fisher=lambda m: m * metric,
+            inverse_fisher=lambda m: m / metric,
+            zero_tol=zero_tol,
+        )
+        return result._replace(direction=self.unrotate(result.direction))
+
+
+class EigenPreconditioner(RotatedDiagonalPreconditioner):
+    """(A (x) G + lambda I)^-1 through A = Q_A diag(l_A) Q_A^T and G = Q_G diag(l_G) Q_G^T: the
+    metric in the eigenbasis is l_G,i * l_A,j + lambda.
 
     Every tensor may carry leading batch dimensions: a stack of layers of one shape is then
     preconditioned by the same few batched matmuls.
@@ -138,7 +194,7 @@ class EigenPreconditioner(KroneckerPreconditioner):
             eigvals_A.mean(-1), eigvals_G.mean(-1), damping, damping_mode
         )[..., None, None]
         # Kronecker eigenvalues of the damped Fisher, laid out like the rotated gradient (out x in).
-        self.kronecker_eigvals = eigvals_G[..., :, None] * eigvals_A[..., None, :] + self.damping
+        self.metric = eigvals_G[..., :, None] * eigvals_A[..., None, :] + self.damping
 
     @classmethod
     def from_factors(
@@ -160,30 +216,6 @@ class EigenPreconditioner(KroneckerPreconditioner):
             "eigvals_G": (out_dim,),
             "eigvecs_G": (out_dim, out_dim),
         }
-
-    def rotate(self, matrix: Tensor) -> Tensor:
-        return self.eigvecs_G.mT @ matrix @ self.eigvecs_A
-
-    def unrotate(self, matrix: Tensor) -> Tensor:
-        return self.eigvecs_G @ matrix @ self.eigvecs_A.mT
-
-    def fisher(self, matrix: Tensor) -> Tensor:
-        return self.unrotate(self.rotate(matrix) * self.kronecker_eigvals)
-
-    def inverse_fisher(self, matrix: Tensor) -> Tensor:
-        return self.unrotate(self.rotate(matrix) / self.kronecker_eigvals)
-
-    def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection:
-        # Rotations preserve inner products, so every FOP scalar is computed in the eigenbasis.
-        eigvals = self.kronecker_eigvals
-        result = fop_direction(
-            self.rotate(g_avg),
-            self.rotate(g_diff),
-            fisher=lambda m: m * eigvals,
-            inverse_fisher=lambda m: m / eigvals,
-            zero_tol=zero_tol,
-        )
-        return result._replace(direction=self.unrotate(result.direction))
 
 
 class InversePreconditioner(KroneckerPreconditioner):

@@ -23,18 +23,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hf_fop.curvature import KroneckerPreconditioner
-from hf_fop.fop_math import FOPDirection, fop_direction
+from hf_fop.curvature import RotatedDiagonalPreconditioner, rotate, unrotate
 
-
-def rotate(matrix: Tensor, basis_A: Tensor, basis_G: Tensor) -> Tensor:
-    """Q_G^T V Q_A: a gradient matrix (out x in) in the Kronecker basis."""
-    return basis_G.mT @ matrix @ basis_A
-
-
-def unrotate(matrix: Tensor, basis_A: Tensor, basis_G: Tensor) -> Tensor:
-    """Q_G V Q_A^T: back from the Kronecker basis."""
-    return basis_G @ matrix @ basis_A.mT
+__all__ = [
+    "EigenCorrectedPreconditioner",
+    "corrected_metric",
+    "power_qr_refresh",
+    "rotate",
+    "unrotate",
+    "update_rotated_second_moment",
+]
 
 
 def update_rotated_second_moment(
@@ -70,7 +68,7 @@ def corrected_metric(
     return powered + damping * mean
 
 
-class EigenCorrectedPreconditioner(KroneckerPreconditioner):
+class EigenCorrectedPreconditioner(RotatedDiagonalPreconditioner):
     """M^-1 V = Q_G ((Q_G^T V Q_A) / m) Q_A^T for the metric m of ``corrected_metric``.
 
     Tensors may carry leading batch dimensions (a stack of layers of one shape).
@@ -80,28 +78,6 @@ class EigenCorrectedPreconditioner(KroneckerPreconditioner):
 
     def __init__(self, eigvecs_A: Tensor, eigvecs_G: Tensor, metric: Tensor) -> None:
         self.eigvecs_A, self.eigvecs_G, self.metric = eigvecs_A, eigvecs_G, metric
-
-    def fisher(self, matrix: Tensor) -> Tensor:
-        rotated = rotate(matrix, self.eigvecs_A, self.eigvecs_G)
-        return unrotate(rotated * self.metric, self.eigvecs_A, self.eigvecs_G)
-
-    def inverse_fisher(self, matrix: Tensor) -> Tensor:
-        rotated = rotate(matrix, self.eigvecs_A, self.eigvecs_G)
-        return unrotate(rotated / self.metric, self.eigvecs_A, self.eigvecs_G)
-
-    def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection:
-        # The rotations are orthogonal: every inner product, so every FOP scalar, is the same
-        # in the rotated basis, where M and M^-1 are elementwise.
-        metric = self.metric
-        result = fop_direction(
-            rotate(g_avg, self.eigvecs_A, self.eigvecs_G),
-            rotate(g_diff, self.eigvecs_A, self.eigvecs_G),
-            fisher=lambda m: m * metric,
-            inverse_fisher=lambda m: m / metric,
-            zero_tol=zero_tol,
-        )
-        direction = unrotate(result.direction, self.eigvecs_A, self.eigvecs_G)
-        return result._replace(direction=direction)
 
 
 def power_qr_refresh(factor: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
