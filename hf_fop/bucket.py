@@ -18,6 +18,7 @@ from hf_fop.curvature import (
 )
 from hf_fop.eigen_corrected import (
     EigenCorrectedPreconditioner,
+    carry_second_moment,
     corrected_metric,
     power_qr_refresh,
     update_rotated_second_moment,
@@ -123,6 +124,22 @@ class ShapeBucket:
                     ok, value, self.decomposition[key][rows]
                 )
         self.mark_ready(rows)
+
+    def moment_bases(self, rows: list[int]) -> tuple[Tensor, Tensor] | None:
+        """The eigenbases the rotated second moment of ``rows`` is expressed in (copies), to
+        carry it into the bases a refresh brings; None when there is nothing to carry."""
+        if self.rotated_second_moment is None or not any(self.ready[row] for row in rows):
+            return None
+        return self.decomposition["eigvecs_A"][rows], self.decomposition["eigvecs_G"][rows]
+
+    def carry_moment(self, rows: list[int], old: tuple[Tensor, Tensor], ok: Tensor) -> None:
+        """Express the rotated second moment of ``rows`` in their refreshed bases (rows
+        without a decomposition before hold zeros, which stay zeros)."""
+        assert self.rotated_second_moment is not None
+        new_A, new_G = self.decomposition["eigvecs_A"][rows], self.decomposition["eigvecs_G"][rows]
+        moment = self.rotated_second_moment[rows]
+        carried = carry_second_moment(moment, *old, new_A, new_G)
+        self.rotated_second_moment[rows] = torch.where(ok, carried, moment)
 
     def mark_ready(self, rows: list[int]) -> None:
         for row in rows:

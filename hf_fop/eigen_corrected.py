@@ -13,6 +13,7 @@ as the Kronecker metric's damping is relative to its mean eigenvalue). The metri
 the rotated basis, so FOP's scalars (projection with M, beta and eta with M^-1) stay elementwise
 there and cost no matmuls beyond the rotations.
 
+When the basis is refreshed, the moment is carried into the new one (``carry_second_moment``).
 The basis itself may be refreshed by one power-iteration step and a QR factorisation, warm
 started from the previous basis (SOAP's refresh): one matmul and one QR per factor instead of a
 full ``eigh``.
@@ -27,6 +28,7 @@ from hf_fop.curvature import RotatedDiagonalPreconditioner, rotate, unrotate
 
 __all__ = [
     "EigenCorrectedPreconditioner",
+    "carry_second_moment",
     "corrected_metric",
     "power_qr_refresh",
     "rotate",
@@ -43,6 +45,24 @@ def update_rotated_second_moment(
     if ok is None:
         return second_moment.copy_(updated)
     return torch.where(ok, updated, second_moment, out=second_moment)
+
+
+def carry_second_moment(
+    second_moment: Tensor, old_A: Tensor, old_G: Tensor, new_A: Tensor, new_G: Tensor
+) -> Tensor:
+    """The rotated second moment carried into a refreshed basis: (R_G o R_G) s (R_A o R_A)^T
+    with R = Q_new^T Q_old (o: elementwise).
+
+    A coordinate of the new basis is a mix of the old ones, g'_ij = sum_kl R_G,ik r_kl R_A,jl,
+    so its expected square is the same mix of the old expected squares where those coordinates
+    are uncorrelated (what a diagonal metric assumes anyway). It is exact for the reordering and
+    sign flips a refresh brings, and it spreads the moment evenly over a cluster of nearly equal
+    eigenvalues, whose eigenvectors ``eigh`` returns in an arbitrary rotation. Without it, every
+    refresh would pair each coordinate's history with another direction.
+    """
+    mix_A = (new_A.mT @ old_A).square_()
+    mix_G = (new_G.mT @ old_G).square_()
+    return mix_G @ second_moment @ mix_A.mT
 
 
 def corrected_metric(

@@ -136,7 +136,12 @@ class ModelCurvature:
             key=lambda item: item[0].indices[item[1]],  # layer order: the same owners everywhere
         )
         if due:
+            rows = {id(b): (b, [r for c, r in due if c is b]) for b, _ in due}.values()
+            old_bases = [(b, r, b.moment_bases(r)) for b, r in rows]
             self.distributor.decompose(due, damping, config.damping_mode, ok)
+            for bucket, bucket_rows, bases in old_bases:
+                if bases is not None:
+                    bucket.carry_moment(bucket_rows, bases, ok)
         return bool(due)
 
     def host_counters(self, group: dict[str, Any] | None) -> Callable[[], None]:

@@ -8,6 +8,7 @@ import torch
 from hf_fop.curvature import EigenPreconditioner
 from hf_fop.eigen_corrected import (
     EigenCorrectedPreconditioner,
+    carry_second_moment,
     corrected_metric,
     power_qr_refresh,
     rotate,
@@ -215,3 +216,28 @@ def test_settings_of_the_corrected_metric_are_checked() -> None:
         FOPConfig(curvature="eigen_corrected", exponent=0.0)
     with pytest.raises(ValueError, match="curvature must be one of"):
         FOPConfig(curvature="shampoo")
+
+
+def test_carried_moment_is_the_variance_of_independent_coordinates_in_the_new_basis() -> None:
+    old_A, old_G, new_A, new_G = _basis(IN), _basis(OUT), _basis(IN), _basis(OUT)
+    moment = torch.rand(OUT, IN, dtype=torch.float64)
+    # Dense reference: vec(g') = M vec(r) with M = R_A (x) R_G (column-major vec); for
+    # independent coordinates of variances s, Var(g') = (M o M) vec(s).
+    mix = torch.kron(new_A.T @ old_A, new_G.T @ old_G)
+    expected = unvec(mix.square() @ vec(moment), OUT)
+    torch.testing.assert_close(carry_second_moment(moment, old_A, old_G, new_A, new_G), expected)
+
+
+def test_carried_moment_follows_a_reordered_and_sign_flipped_basis_exactly() -> None:
+    old_A, old_G = _basis(IN), _basis(OUT)
+    order_A, order_G = torch.randperm(IN), torch.randperm(OUT)
+    flip_A = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    new_A, new_G = old_A[:, order_A] * flip_A, -old_G[:, order_G]
+    moment = torch.rand(OUT, IN, dtype=torch.float64)
+    carried = carry_second_moment(moment, old_A, old_G, new_A, new_G)
+    torch.testing.assert_close(carried, moment[order_G][:, order_A])
+    # The moment of a gradient stream rotated into the new basis is the carried one.
+    grads = [torch.randn(OUT, IN, dtype=torch.float64) for _ in range(3)]
+    in_old = sum(rotate(g, old_A, old_G).square() for g in grads)
+    in_new = sum(rotate(g, new_A, new_G).square() for g in grads)
+    torch.testing.assert_close(carry_second_moment(in_old, old_A, old_G, new_A, new_G), in_new)
