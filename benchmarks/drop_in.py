@@ -88,11 +88,13 @@ def train_run(
     seed: int,
     eval_every: int,
     damping: float | None = None,
+    **settings: Any,
 ) -> list[dict[str, float]]:
-    """One run: the metric (and FOP's statistics) every ``eval_every`` steps and at the end."""
+    """One run: the metric (and FOP's statistics) every ``eval_every`` steps and at the end
+    (``settings``: more FOP settings, for exploratory runs)."""
     torch.manual_seed(seed)
     model = task.make_model()
-    optimizer = make_optimizer(name, model, lr, damping)
+    optimizer = make_optimizer(name, model, lr, damping, **settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     generator = torch.Generator().manual_seed(seed)
     curve: list[dict[str, float]] = []

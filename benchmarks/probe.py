@@ -15,11 +15,10 @@ import json
 import time
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import hf_fop.curvature
-from benchmarks.drop_in import _task, warmup_cosine
-from benchmarks.optimizers import make_optimizer
+from benchmarks.drop_in import _task, train_run
 
 
 def identity_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
@@ -42,22 +41,11 @@ def main() -> None:
     torch.set_num_threads(1)
     task = _task(args.task, False)
     settings = json.loads(args.settings)
-    torch.manual_seed(0)
-    model = task.make_model()
-    optimizer = make_optimizer(args.optimizer, model, args.lr, **settings)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
-    generator = torch.Generator().manual_seed(0)
-    start, metrics = time.perf_counter(), []
-    for step in range(1, args.steps + 1):
-        loss = task.sample(args.batch, generator)(model)
-        optimizer.zero_grad()
-        loss.backward()
-        if task.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), task.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        if step % (args.steps // 2) == 0:
-            metrics.append(round(task.evaluate(model), 4))
+    start = time.perf_counter()
+    curve = train_run(
+        task, args.optimizer, args.lr, args.batch, args.steps, 0, args.steps // 2, **settings
+    )
+    metrics = [round(point["metric"], 4) for point in curve]
     print(json.dumps({**vars(args), "metrics": metrics, "s": round(time.perf_counter() - start)}))
 
 
