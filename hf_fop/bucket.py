@@ -24,7 +24,7 @@ from hf_fop.eigen_corrected import (
     update_rotated_second_moment,
 )
 from hf_fop.fop_math import FOPDirection
-from hf_fop.grafting import adam_direction, adam_step_norm, graft
+from hf_fop.grafting import adam_direction, graft
 from hf_fop.layers import LayerAdapter
 
 # The per-layer FOP scalars a step reports besides its direction.
@@ -64,13 +64,8 @@ class ShapeBucket:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def preconditioner(
-        self, rows: list[int] | None, damping: float, damping_mode: str
-    ) -> KroneckerPreconditioner:
-        """The damped preconditioner of ``rows`` (None: every layer, cached between refreshes)."""
-        if rows is not None:
-            sliced = {key: value[rows] for key, value in self.decomposition.items()}
-            return self.method.from_state(sliced, damping, damping_mode)
+    def preconditioner(self, damping: float, damping_mode: str) -> KroneckerPreconditioner:
+        """The damped preconditioner of every layer, cached between refreshes."""
         if self._cache is None or self._cache[0] != (damping, damping_mode):
             built = self.method.from_state(self.decomposition, damping, damping_mode)
             self._cache = ((damping, damping_mode), built)
@@ -172,100 +167,124 @@ class ShapeBucket:
         the bucket with a gradient; None when no layer has one.
 
         ``damping`` and ``beta2`` are the FOP group's; ``step`` is 1-based (the bias
-        corrections of the grafting norm). Layers without a
-        decomposition yet take AdamW's direction. Where ``ok`` (the step's finiteness flag) is
-        false the moments stay as they were and the directions are zeros, so nothing
-        downstream sees a NaN.
+        corrections of the grafting norm). Every row is computed in one batch and row masks
+        choose: a layer without a decomposition yet takes AdamW's direction, one without a
+        gradient changes no moment and gets a zero direction. Where ``ok`` (the step's
+        finiteness flag) is false the moments stay as they were and the directions are zeros,
+        so nothing downstream sees a NaN.
         """
-        rows = [row for row, grad in enumerate(grads) if grad is not None]
-        if not rows:
+        present = [grad is not None for grad in grads]
+        if not any(present):
             return None
-        g_avg = torch.stack([grads[row] for row in rows]).float()
-        ready = [j for j, row in enumerate(rows) if self.ready[row]]
-        waiting = [j for j, row in enumerate(rows) if not self.ready[row]]
-        direction = torch.empty_like(g_avg)
-        zeros = g_avg.new_zeros(len(rows))
-        scalars = FOPDirection(direction, zeros, zeros + 1, zeros.clone(), zeros + 1)
-        needs_adam = config.graft == "adamw" or bool(waiting)
-        exp_avg_sq = self.second_moment() if needs_adam else None
-        if ready:
-            every = len(ready) == len(self)
-            picked = [rows[j] for j in ready]
-            preconditioner = self.preconditioner(
-                None if every else picked, damping, config.damping_mode
+        like = next(grad for grad in grads if grad is not None)
+        g_avg = torch.stack([like.new_zeros(like.shape) if g is None else g for g in grads]).float()
+        ready = [has and done for has, done in zip(present, self.ready)]
+        waiting = [has and not done for has, done in zip(present, self.ready)]
+        updating = _row_flag(ok, present)  # where moments may change
+        adam = None
+        if config.graft == "adamw" or any(waiting):
+            adam = adam_direction(
+                g_avg, self.second_moment(), beta2, config.adamw_eps, step, updating
             )
-            g = g_avg if every else g_avg[ready]
-            # The eigen-corrected metric needs g in the eigenbasis for its second moment; the
-            # direction then starts from that rotation instead of making its own.
-            rotated: dict[str, Tensor] = {}
-            if self.rotated_second_moment is not None:
-                preconditioner, rotated["rotated_avg"] = self._corrected(
-                    preconditioner, g, picked, damping, config, ok
-                )
-            if stats.g1 is not None:
-                # A layer without two halves this step has g_diff = 0: its FOP direction is
-                # exactly K-FAC's.
-                g1 = stats.g1 if every else stats.g1[picked]
-                if not all(stats.has_split[row] for row in picked):
-                    split = [stats.has_split[row] for row in picked]
-                    mask = torch.tensor(split, device=g.device)[:, None, None]
-                    g1 = torch.where(mask, g1, g)
-                result = preconditioner.fop(g, 2 * (g1 - g), config.fop_zero_tol, **rotated)
-            else:
-                result = preconditioner.kfac(g, **rotated)
-            chosen = result.direction
+        if any(ready):
+            result = self._preconditioned(stats, g_avg, ready, damping, config, ok)
             if config.graft == "adamw":
-                v = exp_avg_sq if every else exp_avg_sq[picked]
-                chosen = graft(chosen, adam_step_norm(g, v, beta2, config.adamw_eps, step, ok))
-                if not every:
-                    exp_avg_sq[picked] = v
-            if every:
-                direction = chosen
-                scalars = result._replace(direction=direction)
-            else:
-                direction[ready] = chosen
-                for name in SCALARS:
-                    getattr(scalars, name)[ready] = getattr(result, name)
-        if waiting:
-            picked = [rows[j] for j in waiting]
-            v = exp_avg_sq[picked]
-            direction[waiting] = adam_direction(
-                g_avg[waiting], v, beta2, config.adamw_eps, step, ok
-            )
-            exp_avg_sq[picked] = v
-        direction = torch.where(ok, direction, 0.0)
-        waiting_rows = [rows[j] for j in waiting]
+                assert adam is not None
+                result = result._replace(direction=graft(result.direction, _norm(adam)))
+            if any(waiting):
+                result = _choose(_row_flag(None, ready), result, _adam_result(adam))
+        else:
+            assert adam is not None
+            result = _adam_result(adam)
+        direction = torch.where(updating, result.direction, 0.0)
+        waiting_rows = [row for row, wait in enumerate(waiting) if wait]
+        rows = [row for row, has in enumerate(present) if has]
         return BucketStep(
-            self, rows, direction, g_avg, scalars._replace(direction=direction), waiting_rows
+            self, rows, direction, g_avg, result._replace(direction=direction), waiting_rows
         )
+
+    def _preconditioned(
+        self,
+        stats: BucketStatistics,
+        g_avg: Tensor,
+        ready: list[bool],
+        damping: float,
+        config: FOPConfig,
+        ok: Tensor,
+    ) -> FOPDirection:
+        """FOP's (or K-FAC's) direction of every row; meaningful in the ``ready`` rows."""
+        preconditioner = self.preconditioner(damping, config.damping_mode)
+        # The eigen-corrected metric needs g in the eigenbasis for its second moment; the
+        # direction then starts from that rotation instead of making its own.
+        rotated: dict[str, Tensor] = {}
+        if self.rotated_second_moment is not None:
+            preconditioner, rotated["rotated_avg"] = self._corrected(
+                preconditioner, g_avg, ready, damping, config, ok
+            )
+        if stats.g1 is None:
+            return preconditioner.kfac(g_avg, **rotated)
+        # A layer without two halves this step has g_diff = 0: its FOP direction is exactly
+        # K-FAC's.
+        g1 = stats.g1
+        if not all(stats.has_split):
+            g1 = torch.where(_row_flag(None, stats.has_split), g1, g_avg)
+        return preconditioner.fop(g_avg, 2 * (g1 - g_avg), config.fop_zero_tol, **rotated)
 
     def _corrected(
         self,
         kronecker: KroneckerPreconditioner,
         g: Tensor,
-        rows: list[int],
+        ready: list[bool],
         damping: float,
         config: FOPConfig,
         ok: Tensor,
     ) -> tuple[EigenCorrectedPreconditioner, Tensor]:
-        """The eigen-corrected metric of ``rows`` after this step's gradient ``g`` went into
-        their rotated second moment (only where ``ok``), and ``g`` in their eigenbasis."""
+        """The eigen-corrected metric after this step's gradient ``g`` went into the rotated
+        second moment of the ``ready`` rows (only where ``ok``), and ``g`` in the eigenbasis."""
         assert isinstance(kronecker, EigenPreconditioner)  # config: method="eigen"
-        basis_A, basis_G = kronecker.eigvecs_A, kronecker.eigvecs_G
-        every = len(rows) == len(self)
-        moment = self.rotated_second_moment if every else self.rotated_second_moment[rows]
+        assert self.rotated_second_moment is not None
         decay = config.second_moment_decay
         rotated = kronecker.rotate(g)
-        update_rotated_second_moment(moment, rotated, decay, ok)
-        if not every:
-            self.rotated_second_moment[rows] = moment
-        for row in rows:
-            self.moment_updates[row] += 1
-        updates = torch.tensor([self.moment_updates[r] for r in rows], device=g.device)
+        moment = self.rotated_second_moment
+        update_rotated_second_moment(moment, rotated, decay, _row_flag(ok, ready))
+        self.moment_updates = [done + has for done, has in zip(self.moment_updates, ready)]
+        # Rows without a moment yet divide by one (their metric is never used).
+        updates = torch.tensor([max(n, 1) for n in self.moment_updates], device=g.device)
         metric = corrected_metric(
             moment, updates[:, None, None], decay, config.exponent, damping, config.damping_mode
         )
-        return EigenCorrectedPreconditioner(basis_A, basis_G, metric), rotated
+        return EigenCorrectedPreconditioner(
+            kronecker.eigvecs_A, kronecker.eigvecs_G, metric
+        ), rotated
+
+
+def _row_flag(ok: Tensor | None, rows: list[bool]) -> Tensor:
+    """``ok`` and the host's per-row flags ``rows``, shaped to mask a (layers, out, in) stack
+    (``ok`` itself when every row is set)."""
+    if ok is not None and all(rows):
+        return ok
+    mask = torch.tensor(rows, device=ok.device if ok is not None else None)[:, None, None]
+    return mask if ok is None else ok & mask
+
+
+def _norm(matrices: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(matrices, dim=(-2, -1), keepdim=True)
+
+
+def _adam_result(adam: Tensor) -> FOPDirection:
+    """AdamW's direction with the FOP scalars of a plain gradient step (beta 0, eta 1)."""
+    zeros = adam.new_zeros(len(adam))
+    return FOPDirection(adam, zeros, zeros + 1, zeros.clone(), zeros + 1)
+
+
+def _choose(mask: Tensor, chosen: FOPDirection, other: FOPDirection) -> FOPDirection:
+    """``chosen`` in the rows of ``mask`` (layers, 1, 1), ``other`` elsewhere."""
+    direction = torch.where(mask, chosen.direction, other.direction)
+    rows = mask.flatten()
+    scalars = {
+        name: torch.where(rows, getattr(chosen, name), getattr(other, name)) for name in SCALARS
+    }
+    return FOPDirection(direction, **scalars)
 
 
 def statistic_shape(kind: str, in_dim: int, out_dim: int) -> tuple[int, int]:
@@ -316,15 +335,24 @@ class BucketStep:
 
     bucket: ShapeBucket
     rows: list[int]  # rows of the bucket that have gradients, in order
-    direction: Tensor  # (len(rows), out, in)
-    g_avg: Tensor
+    direction: Tensor  # (layers, out, in); zeros in the rows without a gradient
+    g_avg: Tensor  # (layers, out, in); zeros likewise
     scalars: FOPDirection  # direction unused; beta, eta, rho, kfac_cosine per row
     waiting: list[int]  # rows that took AdamW's direction: no decomposition yet
+
+    def directions(self) -> list[tuple[int, Tensor]]:
+        """(layer index, direction) of every row with a gradient."""
+        return [(self.bucket.indices[row], self.direction[row]) for row in self.rows]
+
+    def scalar(self, name: str) -> Tensor:
+        """One FOP scalar of the rows with a gradient."""
+        values = getattr(self.scalars, name)
+        return values if len(self.rows) == len(values) else values[self.rows]
 
 
 def step_statistics(steps: list[BucketStep]) -> dict[str, Tensor]:
     """Per-layer FOP scalars of a step, one tensor each (kept on the device until read)."""
-    stacked = {name: torch.cat([getattr(s.scalars, name) for s in steps]) for name in SCALARS}
+    stacked = {name: torch.cat([s.scalar(name) for s in steps]) for name in SCALARS}
     return {**stacked, "rho_abs": stacked["rho"].abs()}
 
 

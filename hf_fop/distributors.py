@@ -109,11 +109,7 @@ class ReplicatedDistributor:
         """(layer index, direction) for every layer with a gradient, the per-layer FOP
         statistics, and sum_l <n_l, g_l> (the KL clip's quadratic term)."""
         vg = _direction_dot_gradient(steps)
-        pairs = [
-            (s.bucket.indices[row], matrix)
-            for s in steps
-            for row, matrix in zip(s.rows, s.direction)
-        ]
+        pairs = [pair for s in steps for pair in s.directions()]
         return pairs, step_statistics(steps) if steps else {}, vg
 
 
@@ -149,9 +145,9 @@ class ShardedDistributor(ReplicatedDistributor):
         direction (zeros elsewhere), the statistics and the sum."""
         vg = _direction_dot_gradient(steps)
         computed = {
-            s.bucket.indices[row]: (matrix, [getattr(s.scalars, k)[j] for k in SCALARS])
+            index: (matrix, [s.scalar(k)[j] for k in SCALARS])
             for s in steps
-            for j, (row, matrix) in enumerate(zip(s.rows, s.direction))
+            for j, (index, matrix) in enumerate(s.directions())
         }
         like = self.layers[0].weight
         tensors, owned, present = [], [], []
