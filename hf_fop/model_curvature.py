@@ -24,7 +24,7 @@ from hf_fop.bucket import BucketStatistics, BucketStep, ShapeBucket
 from hf_fop.capture import CurvatureCapture
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
-from hf_fop.distributors import Directions, Distributor, make_distributor
+from hf_fop.distributors import Distributor, make_distributor
 from hf_fop.layers import LayerAdapter
 from hf_fop.sharding import is_sharded
 
@@ -210,13 +210,6 @@ class ModelCurvature:
     def full_gradients(self) -> list[Tensor | None]:
         """Every preconditioned layer's gradient matrix, whole (gathered under FSDP2)."""
         return [layer.grad_matrix() for layer in self.layers]
-
-    def layer_directions(
-        self, steps: list[BucketStep], gradients: list[Tensor | None]
-    ) -> tuple[Directions, dict[str, Tensor], Tensor]:
-        """(layer index, direction) for every layer with a gradient, on every rank; the
-        per-layer FOP statistics; sum_l <n_l, g_l> (the KL clip's quadratic term)."""
-        return self.distributor.share_directions(steps, gradients)
 
     def _report_waiting(self, index: int) -> None:
         """Say why a targeted layer gets gradients but has no curvature (once)."""

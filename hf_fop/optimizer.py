@@ -2,8 +2,7 @@
 
 ``step()`` is a short pipeline (the equations are in fop_math.py, the curvature in
 model_curvature.py, one layer shape's step in bucket.py, what each rank holds and shares in
-distributors.py, steps 1 and 3-5 for the preconditioned layers in preconditioned_step.py, the
-update rules in update_rules.py):
+distributors.py, the update rules in update_rules.py):
 1. gather what the hooks saw (factor estimates on curvature steps, g1 in FOP mode), averaged
    across ranks in one all-reduce, and undo a loss scale;
 2. a device flag: is every gradient and statistic finite? Every update below is masked by it,
@@ -26,19 +25,36 @@ import torch
 from torch import Tensor, nn
 
 from hf_fop import checkpoint
+from hf_fop.bucket import BucketStatistics
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
+from hf_fop.fop_math import kl_clip_scale
 from hf_fop.layers import LayerAdapter
-from hf_fop.mixed_precision import report_skipped_step, step_verdict, unscale_and_check
+from hf_fop.mixed_precision import (
+    loss_scale,
+    report_skipped_step,
+    step_verdict,
+    unscale_and_check,
+    unscale_statistics,
+    unscaled_ratio,
+)
 from hf_fop.model_curvature import ModelCurvature, float_statistics
 from hf_fop.param_groups import adamw_defaults, local_grads, param_groups, param_indices
 from hf_fop.partition import partition_model, unwrap_model
 from hf_fop.pending_verdict import DecidedAtFirstUse, PendingVerdict
-from hf_fop.preconditioned_step import gather_statistics, preconditioned_update
 from hf_fop.sharding import follow_sharded_parameters, is_sharded
-from hf_fop.update_rules import adamw_step, take_empty_step
+from hf_fop.update_rules import (
+    adamw_step,
+    grafted_step,
+    heavy_ball_step,
+    parameter_updates,
+    take_empty_step,
+)
 
 logger = logging.getLogger("hf_fop")
+
+# An unannounced loss scale is looked for during the first steps only.
+UNSCALED_CHECK_STEPS = 10
 
 
 class FOP(torch.optim.Optimizer):
@@ -200,6 +216,8 @@ class FOP(torch.optim.Optimizer):
         self.capture.collect_first_half = self.config.mode == "fop"
 
     def _step(self) -> None:
+        """Steps 1-5 of the module docstring, on a batch that reached the model."""
+        group = self.fop_group
         # GradScaler.step sets these: S while p.grad is still scaled, and its overflow flag.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -207,26 +225,72 @@ class FOP(torch.optim.Optimizer):
         overflow = unscale_and_check(grads, grad_scale)
         if overflow is not None:
             self.curvature.distributor.agree_overflow(overflow)
-        group = self.fop_group
-        statistics, gradients, unscaled = [], [], None
-        if group is not None:
-            statistics, gradients, unscaled = gather_statistics(
-                self.curvature, group, self.config, grad_scale, self.grad_scaler
-            )
+        statistics, gradients, unscaled = self._gather(group, grad_scale)
         tensors = [t for s in statistics for t in s.tensors()]
         verdict = step_verdict(tensors, overflow, found_inf, grads[0].device, unscaled)
         ok = verdict[0].bool()
         undo = partial(self._undo, self.curvature.host_counters(group), self._last_stats)
         if group is not None:
-            update = preconditioned_update(
-                self.curvature, group, self.state, self.config, statistics, gradients, ok
-            )
-            self._last_stats = {**self._last_stats, **update}
-        skip = (~ok).to(torch.float32)
+            self._precondition(group, statistics, gradients, ok)
         for adamw_group in self.param_groups:
             if adamw_group["kind"] == "adamw":
-                adamw_step(adamw_group, self.state, skip)
+                adamw_step(adamw_group, self.state, ok)
         self._verdict.record(verdict, undo)
+
+    def _gather(
+        self, group: dict[str, Any] | None, grad_scale: Tensor | None
+    ) -> tuple[list[BucketStatistics], list[Tensor | None], Tensor | None]:
+        """Step 1: the buckets' statistics (factor estimates on curvature steps, g1 in FOP
+        mode) averaged across ranks, every layer's full gradient matrix, both free of any loss
+        scale, and during the first steps without a known scale the ``unscaled_ratio`` that
+        tells an unannounced one."""
+        if group is None:
+            return [], [], None
+        refresh = group["step"] % self.config.curvature_interval == 0
+        statistics = self.curvature.gather(refresh, self.config.mode == "fop")
+        gradients = self.curvature.full_gradients()
+        scale = loss_scale(grad_scale, self.grad_scaler)
+        if isinstance(scale, Tensor) or scale != 1.0:
+            unscale_statistics(statistics, scale)
+        elif group["step"] < UNSCALED_CHECK_STEPS:
+            pairs = self.curvature.scaled_pairs(statistics, gradients)
+            return statistics, gradients, unscaled_ratio(*pairs)
+        return statistics, gradients, None
+
+    def _precondition(
+        self,
+        group: dict[str, Any],
+        statistics: list[BucketStatistics],
+        gradients: list[Tensor | None],
+        ok: Tensor,
+    ) -> None:
+        """Steps 3-5 for the FOP group: refresh, each bucket's directions, shared across
+        ranks, the KL clip, the updates. Where the device flag ``ok`` is false nothing on the
+        device changes (the host's counts are put back once the flag is read)."""
+        lr, damping = group["lr"], group["damping"]
+        refreshed = self.curvature.refresh(statistics, group["step"], damping, ok)
+        step = group["step"] + 1  # 1-based, for the bias corrections
+        steps = self.curvature.directions(
+            statistics, damping, group["betas"][1], step, gradients, ok
+        )
+        pairs, layer_statistics, vg = self.curvature.distributor.share_directions(steps, gradients)
+        scale = None
+        if pairs and group["kl_clip"] is not None:
+            scale = kl_clip_scale(torch.where(ok, vg, 0.0), lr, group["kl_clip"])
+        params, targets, directions = parameter_updates(self.layers, pairs, scale)
+        if self.config.graft == "adamw":
+            grafted_step(params, targets, directions, self.state, group, step, ok)
+        else:
+            heavy_ball_step(params, targets, directions, self.state, group, ok)
+        group["step"] = step
+        folded = any(any(s.has_factors) for s in statistics if s.A is not None)
+        report: dict[str, Tensor | float] = {}
+        if pairs:
+            report = {**layer_statistics, "kl_scale": torch.ones(()) if scale is None else scale}
+        report.update(
+            damping=damping, curvature_refreshed=float(folded), inverse_refreshed=float(refreshed)
+        )
+        self._last_stats = {**self._last_stats, **report}
 
     def _undo(self, restore: Callable[[], None], stats: dict[str, Any], flags: list[float]) -> None:
         """Put the host's bookkeeping back as it was before a step the device skipped."""

@@ -94,16 +94,21 @@ def _fused(tensors: list[Tensor]) -> bool:
     )
 
 
-def _skip_on_host(skip: Tensor | None) -> bool:
-    """Where no fused kernel takes the flag: read it (a host synchronisation)."""
-    return skip is not None and bool(skip)
+def _found_inf(ok: Tensor | None, fused: bool) -> tuple[bool, Tensor | None]:
+    """(skip now, the ``found_inf`` flag a fused kernel takes) for the device flag ``ok``:
+    where no fused kernel takes the flag, it is read (a host synchronisation)."""
+    if ok is None:
+        return False, None
+    if fused:
+        return False, (~ok).to(torch.float32)
+    return not bool(ok), None
 
 
 def adamw_step(
-    group: dict[str, Any], state: dict[Tensor, dict[str, Any]], skip: Tensor | None = None
+    group: dict[str, Any], state: dict[Tensor, dict[str, Any]], ok: Tensor | None = None
 ) -> None:
     """One AdamW step for the parameters of ``group`` that have gradients; none at all, on the
-    device, where the flag ``skip`` is set (torch's fused kernel reads it there)."""
+    device, where the flag ``ok`` is false (torch's fused kernel reads it there)."""
     params = [p for p in group["params"] if p.grad is not None]
     if not params:
         return
@@ -122,7 +127,8 @@ def adamw_step(
         )
     ]
     fused = _fused([t for tensors in locals_ for t in tensors])
-    if not fused and _skip_on_host(skip):
+    skip, found_inf = _found_inf(ok, fused)
+    if skip:
         return
     beta1, beta2 = group["betas"]
     adamw(
@@ -137,7 +143,7 @@ def adamw_step(
         eps=group["eps"],
         maximize=False,
         fused=fused or None,
-        found_inf=skip if fused else None,
+        found_inf=found_inf,
     )
 
 
@@ -147,10 +153,10 @@ def heavy_ball_step(
     directions: list[Tensor],
     state: dict[Tensor, dict[str, Any]],
     group: dict[str, Any],
-    skip: Tensor | None = None,
+    ok: Tensor | None = None,
 ) -> None:
     """p -= lr * buf, buf = momentum * buf + (d + weight_decay * p): torch's SGD on ``d``, with
-    the FOP group's lr, momentum (``betas[0]``) and weight decay; nothing where ``skip`` is set.
+    the FOP group's lr, momentum (``betas[0]``) and weight decay; nothing where ``ok`` is false.
 
     ``targets`` are the tensors updated (each parameter, or its local shard under FSDP2);
     the state stays keyed by the parameters, shaped like them."""
@@ -160,7 +166,8 @@ def heavy_ball_step(
     directions = [d.to(t.dtype).contiguous() for t, d in zip(targets, directions)]
     buffers = _moments(params, state, "none") if momentum else [None] * len(params)
     fused = _fused([*targets, *directions, *(b for b in buffers if b is not None)])
-    if not fused and _skip_on_host(skip):
+    skip, found_inf = _found_inf(ok, fused)
+    if skip:
         return
     sgd(
         targets,
@@ -173,7 +180,7 @@ def heavy_ball_step(
         nesterov=False,
         maximize=False,
         fused=fused or None,
-        found_inf=skip if fused else None,
+        found_inf=found_inf,
     )
 
 
