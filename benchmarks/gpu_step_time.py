@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.optimizers import make_optimizer
 from benchmarks.report import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,20 +43,12 @@ def vit_small(num_labels: int = 10) -> torch.nn.Module:
     return ViTForImageClassification(config)
 
 
-def make_optimizer(name: str, model: torch.nn.Module, interval: int = 5) -> torch.optim.Optimizer:
+def gpu_optimizer(name: str, model: torch.nn.Module, interval: int = 5) -> torch.optim.Optimizer:
     """AdamW, or K-FAC / FOP at their defaults and AdamW's rate (the drop-in setting)."""
-    from hf_fop import FOP
-
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    return FOP(
-        model,
-        mode=name,
-        lr=1e-3,
-        weight_decay=0.05,
-        curvature_interval=interval,
-        inverse_interval=interval,
+    every = (
+        {} if name == "adamw" else {"curvature_interval": interval, "inverse_interval": interval}
     )
+    return make_optimizer(name, model, 1e-3, weight_decay=0.05, **every)
 
 
 def generated_batch(
@@ -99,7 +92,7 @@ def fixed_batch_run(name: str, batch: int, interval: int) -> tuple[Any, ...]:
     generator = torch.Generator(device=device).manual_seed(0)
     patterns = torch.randn(10, 3, 224, 224, device=device, generator=generator)
     model = vit_small().to(device)
-    optimizer = make_optimizer(name, model, interval)
+    optimizer = gpu_optimizer(name, model, interval)
     images, labels = generated_batch(patterns, batch, generator)
     return model, optimizer, images, labels
 
@@ -152,7 +145,7 @@ def time_to_target(name: str, batch: int, max_steps: int, target: float) -> dict
     patterns = torch.randn(10, 3, 224, 224, device=device, generator=generator)
     torch.manual_seed(1)
     model = vit_small().to(device)
-    optimizer = make_optimizer(name, model)
+    optimizer = gpu_optimizer(name, model)
     held_out = generated_batch(patterns, 512, generator)
     seconds = 0.0
     for index in range(1, max_steps + 1):

@@ -94,37 +94,49 @@ def muon_weights(model: nn.Module) -> list[nn.Parameter]:
     ]
 
 
-def make_muon(model: nn.Module, lr: float) -> OptimizerPair:
+def make_muon(model: nn.Module, lr: float, weight_decay: float = WEIGHT_DECAY) -> OptimizerPair:
     hidden = muon_weights(model)
     taken = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     muon = torch.optim.Muon(
-        hidden, lr=lr, weight_decay=WEIGHT_DECAY, nesterov=True, adjust_lr_fn="match_rms_adamw"
+        hidden, lr=lr, weight_decay=weight_decay, nesterov=True, adjust_lr_fn="match_rms_adamw"
     )
-    return OptimizerPair(muon, torch.optim.AdamW(rest, lr=lr, weight_decay=WEIGHT_DECAY))
+    return OptimizerPair(muon, torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay))
 
 
-def make_soap(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def make_soap(
+    model: nn.Module, lr: float, weight_decay: float = WEIGHT_DECAY
+) -> torch.optim.Optimizer:
     import heavyball
     import heavyball.utils
 
     heavyball.utils.compile_mode = None  # eager on the CPU
-    return heavyball.SOAP(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+    return heavyball.SOAP(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
 def make_optimizer(
-    name: str, model: nn.Module, lr: float, damping: float | None = None, **fop_settings: Any
+    name: str,
+    model: nn.Module,
+    lr: float,
+    damping: float | None = None,
+    weight_decay: float = WEIGHT_DECAY,
+    **fop_settings: Any,
 ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` at ``lr`` (K-FAC/FOP: ``damping`` and other settings too)."""
-    settings = dict(fop_settings) if damping is None else {**fop_settings, "damping": damping}
+    """The optimizer ``name`` at ``lr`` (K-FAC/FOP: ``damping`` and other settings too).
+
+    ``weight_decay`` is the decoupled decay of AdamW, Muon and SOAP, and that of FOP's
+    preconditioned layers (FOP's AdamW side keeps its default, which is the same 0.01)."""
+    settings = {**fop_settings, "weight_decay": weight_decay}
+    if damping is not None:
+        settings["damping"] = damping
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     if name == "muon":
-        return make_muon(model, lr)
+        return make_muon(model, lr, weight_decay)
     if name == "soap":
-        return make_soap(model, lr)
+        return make_soap(model, lr, weight_decay)
     if name == "fop_nograft":
         return FOP(model, lr=lr, graft="none", adamw_lr=1e-3, **settings)
     if name in ("kfac", "fop"):

@@ -201,12 +201,14 @@ class CurvatureCapture:
         layer = self.layers[index]
         d = layer.output_grad_rows(grad_output)  # (N, L, out)
         first_half = self.first_half_of(index, forward, d.shape[0])
+        needs_input = first_half or (self.collect_factors and d.shape[0] > 0)
+        x = layer.input_positions(layer_input) if needs_input else None  # (N, L, in)
         first_grad = None
         if first_half:
-            x = layer.input_positions(layer_input).float()  # (N, L, in)
+            assert x is not None
             d1 = d[:first_half].float().flatten(0, 1)
-            first_grad = weight_gradient(d1, x[:first_half].flatten(0, 1), layer.has_bias)
-        self.add(index, layer_input, grad_output, first_grad)
+            first_grad = weight_gradient(d1, x[:first_half].float().flatten(0, 1), layer.has_bias)
+        self.add(index, x, d, first_grad)
 
     def first_half_of(self, index: int, forward: int, examples: int) -> int | None:
         """Count a call's ``examples`` (once per micro-batch, however often the layer ran) and
@@ -223,17 +225,16 @@ class CurvatureCapture:
         return first_half if self.collect_first_half else None
 
     @torch.no_grad()
-    def add(
-        self, index: int, layer_input: Tensor, grad_output: Tensor, first_grad: Tensor | None
-    ) -> None:
-        """Add a counted call's factor sums (on curvature steps) and its part of g1
+    def add(self, index: int, x: Tensor | None, d: Tensor, first_grad: Tensor | None) -> None:
+        """Add a counted call's factor sums (on curvature steps; from its input positions ``x``,
+        (N, L, in), and output-gradient rows ``d``, (N, L, out)) and its part of g1
         (``first_grad``: the fp32 out x in' gradient of its first-half examples, None if none)."""
         layer, stats = self.layers[index], self.stats[index]
-        d = layer.output_grad_rows(grad_output)  # (N, L, out)
         if d.shape[0] == 0:
             return
         if self.collect_factors:
-            x_rows = layer.input_positions(layer_input).float().flatten(0, 1)
+            assert x is not None
+            x_rows = x.float().flatten(0, 1)
             d_rows = d.float().flatten(0, 1)
             # On the CPU reading a flag costs nothing: select; elsewhere weight (no host sync).
             x_rows, weights = active_rows(x_rows, d_rows, select=x_rows.device.type == "cpu")

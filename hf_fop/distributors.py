@@ -20,7 +20,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hf_fop.bucket import SCALARS, BucketStatistics, BucketStep, ShapeBucket, step_statistics
+from hf_fop.bucket import (
+    SCALARS,
+    BucketStatistics,
+    BucketStep,
+    ShapeBucket,
+    statistic_shape,
+    step_statistics,
+)
 from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
 from hf_fop.fop_math import inner
 from hf_fop.layers import LayerAdapter
@@ -178,10 +185,6 @@ def make_distributor(layers: Sequence[LayerAdapter], communicator: Communicator)
     if any(is_sharded(layer.weight) for layer in layers):
         return ShardedDistributor(layers, communicator)
     return ReplicatedDistributor(layers, communicator)
-
-
-def statistic_shape(kind: str, in_dim: int, out_dim: int) -> tuple[int, int]:
-    return {"A": (in_dim, in_dim), "G": (out_dim, out_dim), "g1": (out_dim, in_dim)}[kind]
 
 
 def _direction_dot_gradient(steps: list[BucketStep]) -> Tensor:

@@ -101,7 +101,9 @@ def _layer_backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         adapter, x_rows, d_rows, has_bias, first_half
     )
     if recorder is not None:
-        recorder.add(ctx.index, layer_input, grad_output, g1)
+        # The factors read the input in its own precision (x may be autocast's).
+        positions = x_rows if x is layer_input else adapter.input_positions(layer_input)
+        recorder.add(ctx.index, positions, d_rows, g1)
     grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None:
         grad_bias = grad_bias.to(ctx.bias_dtype)
