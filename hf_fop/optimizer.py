@@ -89,7 +89,6 @@ class FOP(torch.optim.Optimizer):
         super().__init__(param_groups(partition, config), adamw_defaults(config))
         self.config = config
         self.partition = partition
-        self.layer_names = [name for name, _ in partition.layers]
         self.communicator = communicator or Communicator()
         # The torch.amp.GradScaler scaling the loss, if any (see mixed_precision.py).
         self.grad_scaler = grad_scaler
@@ -110,6 +109,11 @@ class FOP(torch.optim.Optimizer):
     @property
     def layers(self) -> list[LayerAdapter]:
         return self.curvature.layers
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The preconditioned layers' names, in the order of ``layers``."""
+        return self.curvature.names
 
     @property
     def capture(self) -> Any:
