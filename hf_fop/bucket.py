@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hf_fop.blocks import BlockLayout, pad_matrix, unpad_matrix
 from hf_fop.config import FOPConfig
 from hf_fop.curvature import (
     PRECONDITIONERS,
@@ -39,13 +40,14 @@ class ShapeBucket:
     ) -> None:
         self.indices, self.names = indices, names
         self.in_dim, self.out_dim = layer.in_dim, layer.out_dim
+        self.layout_A, self.layout_G = factor_layouts(layer, config.block_size)
         self.method = PRECONDITIONERS[config.method]
         self.basis_refresh = config.basis_refresh
         count, device = len(indices), layer.weight.device
-        self.A = torch.zeros(count, self.in_dim, self.in_dim, device=device)
-        self.G = torch.zeros(count, self.out_dim, self.out_dim, device=device)
+        self.A = torch.zeros(count, *self.layout_A.factor_shape, device=device)
+        self.G = torch.zeros(count, *self.layout_G.factor_shape, device=device)
         self.factor_updates = [0] * count
-        shapes = self.method.state_shapes(self.in_dim, self.out_dim)
+        shapes = self.method.state_shapes(self.layout_A, self.layout_G)
         self.decomposition = {
             key: torch.zeros(count, *shape, device=device) for key, shape in shapes.items()
         }
@@ -57,7 +59,7 @@ class ShapeBucket:
         self.moment_updates = [0] * count
         if config.curvature == "eigen_corrected":
             self.rotated_second_moment = torch.zeros(
-                count, self.out_dim, self.in_dim, device=device
+                count, self.layout_G.padded, self.layout_A.padded, device=device
             )
         self._cache: tuple[tuple[float, str], KroneckerPreconditioner] | None = None
 
@@ -104,13 +106,14 @@ class ShapeBucket:
             eigvals_A, eigvecs_A = power_qr_refresh(A, old["eigvecs_A"])
             eigvals_G, eigvecs_G = power_qr_refresh(G, old["eigvecs_G"])
             computed = {
-                "eigvals_A": eigvals_A,
+                "eigvals_A": eigvals_A.flatten(-2) if self.layout_A.blocked else eigvals_A,
                 "eigvecs_A": eigvecs_A,
-                "eigvals_G": eigvals_G,
+                "eigvals_G": eigvals_G.flatten(-2) if self.layout_G.blocked else eigvals_G,
                 "eigvecs_G": eigvecs_G,
             }
         else:  # the first decomposition is always a full one
-            computed = self.method.from_factors(A, G, damping, damping_mode).state()
+            layouts = (self.layout_A, self.layout_G)
+            computed = self.method.from_factors(A, G, damping, damping_mode, layouts).state()
         for key, value in computed.items():
             if everything:
                 self.decomposition[key] = torch.where(ok, value, self.decomposition[key])
@@ -214,6 +217,7 @@ class ShapeBucket:
     ) -> FOPDirection:
         """FOP's (or K-FAC's) direction of every row; meaningful in the ``ready`` rows."""
         preconditioner = self.preconditioner(damping, config.damping_mode)
+        g_avg = self._padded(g_avg)
         # The eigen-corrected metric needs g in the eigenbasis for its second moment; the
         # direction then starts from that rotation instead of making its own.
         rotated: dict[str, Tensor] = {}
@@ -222,13 +226,23 @@ class ShapeBucket:
                 preconditioner, g_avg, ready, damping, config, ok
             )
         if stats.g1 is None:
-            return preconditioner.kfac(g_avg, **rotated)
-        # A layer without two halves this step has g_diff = 0: its FOP direction is exactly
-        # K-FAC's.
-        g1 = stats.g1
-        if not all(stats.has_split):
-            g1 = torch.where(_row_flag(None, stats.has_split), g1, g_avg)
-        return preconditioner.fop(g_avg, 2 * (g1 - g_avg), config.fop_zero_tol, **rotated)
+            result = preconditioner.kfac(g_avg, **rotated)
+        else:
+            # A layer without two halves this step has g_diff = 0: its FOP direction is exactly
+            # K-FAC's.
+            g1 = self._padded(stats.g1)
+            if not all(stats.has_split):
+                g1 = torch.where(_row_flag(None, stats.has_split), g1, g_avg)
+            result = preconditioner.fop(g_avg, 2 * (g1 - g_avg), config.fop_zero_tol, **rotated)
+        return result._replace(direction=unpad_matrix(result.direction, *self._layouts_out_in))
+
+    @property
+    def _layouts_out_in(self) -> tuple[BlockLayout, BlockLayout]:
+        return self.layout_G, self.layout_A
+
+    def _padded(self, matrices: Tensor) -> Tensor:
+        """Gradient matrices with the zero coordinates of padded factor sides (blocks.py)."""
+        return pad_matrix(matrices, *self._layouts_out_in)
 
     def _corrected(
         self,
@@ -287,8 +301,21 @@ def _choose(mask: Tensor, chosen: FOPDirection, other: FOPDirection) -> FOPDirec
     return FOPDirection(direction, **scalars)
 
 
-def statistic_shape(kind: str, in_dim: int, out_dim: int) -> tuple[int, int]:
-    return {"A": (in_dim, in_dim), "G": (out_dim, out_dim), "g1": (out_dim, in_dim)}[kind]
+def factor_layouts(layer: LayerAdapter, block_size: int | None) -> tuple[BlockLayout, BlockLayout]:
+    """How the layer's A and G sides are blocked (blocks.py)."""
+    return BlockLayout.for_side(layer.in_dim, block_size), BlockLayout.for_side(
+        layer.out_dim, block_size
+    )
+
+
+def statistic_shape(kind: str, layout_A: BlockLayout, layout_G: BlockLayout) -> tuple[int, ...]:
+    """The shape of one layer's statistic of ``kind`` ("A", "G" or "g1")."""
+    shapes = {
+        "A": layout_A.factor_shape,
+        "G": layout_G.factor_shape,
+        "g1": (layout_G.dim, layout_A.dim),
+    }
+    return shapes[kind]
 
 
 @dataclass
@@ -312,7 +339,7 @@ class BucketStatistics:
         """The bucket's rows of every layer's statistics (``per_kind``: kind -> per layer)."""
         gathered = {kind: [values[i] for i in bucket.indices] for kind, values in per_kind.items()}
         stacked = {
-            kind: _stack(values, statistic_shape(kind, bucket.in_dim, bucket.out_dim), like)
+            kind: _stack(values, statistic_shape(kind, bucket.layout_A, bucket.layout_G), like)
             for kind, values in gathered.items()
         }
         absent = [False] * len(bucket)

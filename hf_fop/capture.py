@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from torch.fx.node import has_side_effect
 from torch.utils.hooks import RemovableHandle
 
+from hf_fop.blocks import BlockLayout
+from hf_fop.factor_sums import active_rows, output_second_moment, second_moment, weight_gradient
 from hf_fop.layer_backward import LayerBackward, ModuleOutput
 from hf_fop.layers import LayerAdapter, LinearAdapter
 
@@ -90,8 +92,18 @@ class CurvatureCapture:
     away with the optimizer; a model carries one live capture at a time.
     """
 
-    def __init__(self, root: nn.Module, layers: Sequence[LayerAdapter]) -> None:
+    def __init__(
+        self, root: nn.Module, layers: Sequence[LayerAdapter], block_size: int | None = None
+    ) -> None:
         self.layers = list(layers)
+        # How each layer's factors are blocked (blocks.py).
+        self.layouts = [
+            (
+                BlockLayout.for_side(x.in_dim, block_size),
+                BlockLayout.for_side(x.out_dim, block_size),
+            )
+            for x in self.layers
+        ]
         self.collect_factors: Any = True
         self.collect_first_half = True
         self._accumulation_steps: int | None = None
@@ -238,9 +250,11 @@ class CurvatureCapture:
             d_rows = d.float().flatten(0, 1)
             # On the CPU reading a flag costs nothing: select; elsewhere weight (no host sync).
             x_rows, weights = active_rows(x_rows, d_rows, select=x_rows.device.type == "cpu")
-            stats.A_sum = _accumulate(stats.A_sum, second_moment(x_rows, layer.has_bias, weights))
+            layout_A, layout_G = self.layouts[index]
+            A_sum = second_moment(x_rows, layer.has_bias, weights, layout_A)
+            stats.A_sum = _accumulate(stats.A_sum, A_sum)
             stats.A_rows = stats.A_rows + (x_rows.shape[0] if weights is None else weights.sum())
-            stats.G_sum = _accumulate(stats.G_sum, d_rows.T @ d_rows)
+            stats.G_sum = _accumulate(stats.G_sum, output_second_moment(d_rows, layout_G))
         if not self.collect_first_half:
             return
         if first_grad is not None:
@@ -357,43 +371,6 @@ def _release(handles: list[RemovableHandle], key: int) -> None:
         handle.remove()
     handles.clear()
     _CAPTURES_BY_KEY.pop(key, None)
-
-
-def active_rows(x_rows: Tensor, d_rows: Tensor, select: bool) -> tuple[Tensor, Tensor | None]:
-    """The rows of ``x_rows`` that enter A, and their 0/1 weights (None: every row, weight 1).
-
-    Positions that take no part in the loss (padding, ignored labels) have an output gradient
-    of exactly zero; they must not dilute A (G and the gradients are unaffected by them). A
-    layer whose output gradient is zero everywhere (LoRA's A before B has moved) keeps every
-    row: no row says more. ``select=False`` weights the rows, so the backward pass never waits
-    for an accelerator; ``select=True`` selects them (a host sync), which copies nothing when
-    every row is active, the common case."""
-    active = d_rows.abs().amax(dim=1) > 0  # 6x faster than ne(0).any(1) on CPU
-    if not select:
-        return x_rows, (active | ~active.any()).to(x_rows.dtype)
-    if bool(active.any()) and not bool(active.all()):
-        return x_rows[active], None
-    return x_rows, None
-
-
-def second_moment(x_rows: Tensor, bias: bool, weights: Tensor | None = None) -> Tensor:
-    """sum over rows of w a a^T with a = [x, 1] (w: 0/1 row weights, default 1), built blockwise
-    (no copy of the activations with the bias column)."""
-    weighted = x_rows if weights is None else x_rows * weights[:, None]
-    xx = weighted.T @ x_rows
-    if not bias:
-        return xx
-    column = weighted.sum(0)
-    count = (
-        x_rows.new_tensor([float(x_rows.shape[0])]) if weights is None else weights.sum().reshape(1)
-    )
-    return torch.cat([torch.cat([xx, column[:, None]], 1), torch.cat([column, count])[None]], 0)
-
-
-def weight_gradient(d_rows: Tensor, x_rows: Tensor, bias: bool) -> Tensor:
-    """sum over rows of d a^T with a = [x, 1]: the (out x in') gradient matrix."""
-    grad = d_rows.T @ x_rows
-    return torch.cat([grad, d_rows.sum(0)[:, None]], 1) if bias else grad
 
 
 def _accumulate(total: Tensor | None, value: Tensor) -> Tensor:

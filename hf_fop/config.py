@@ -78,7 +78,11 @@ class FOPConfig:
     # module names, or an explicit list of module names.
     targets: str | Sequence[str] = "auto"
     skip: Sequence[str] = ()
-    # Layers with a Kronecker factor larger than this (vocabulary-sized heads) go to AdamW.
+    # A factor side longer than this is split into equal diagonal blocks no larger than it
+    # (hf_fop/blocks.py): memory and refresh cost grow linearly with the side instead of as its
+    # square and cube. None: whole factors. Needs method="eigen".
+    block_size: int | None = None
+    # Layers with a Kronecker factor (or, blocked, a factor block) larger than this go to AdamW.
     max_factor_dim: int = 8192
     # Micro-batches per optimizer step; g1 is the gradient of the first half of the step's
     # examples. None learns it from the micro-batches of the previous step.
@@ -153,6 +157,15 @@ class FOPConfig:
             f"factor_decay must be in [0, 1), got {self.factor_decay}",
         )
         _check(self.max_factor_dim >= 1, f"max_factor_dim must be >= 1, got {self.max_factor_dim}")
+        _check(
+            self.block_size is None or (isinstance(self.block_size, int) and self.block_size >= 2),
+            f"block_size must be an integer >= 2, or None for whole factors, got {self.block_size!r}",
+        )
+        _check(
+            self.block_size is None or self.method == "eigen",
+            "block_size (block-diagonal factors) works in the Kronecker eigenbasis: use "
+            f"method='eigen' (got method={self.method!r})",
+        )
         betas = self.adamw_betas
         _check(
             len(betas) == 2 and all(0 <= b < 1 for b in betas),

@@ -24,6 +24,7 @@ import logging
 import torch
 from torch import Tensor
 
+from hf_fop.blocks import BlockLayout, left_multiply, right_multiply
 from hf_fop.fop_math import FOPDirection, fop_direction, kfac_direction
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,15 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
+def factor_eigh(factor: Tensor, layout: BlockLayout | None = None) -> tuple[Tensor, Tensor]:
+    """``symmetric_eigh`` of a factor stack, block by block where ``layout`` is blocked; the
+    eigenvalues then come flat, (..., count * size), laid out like the padded side."""
+    eigenvalues, eigenvectors = symmetric_eigh(factor)
+    if layout is not None and layout.blocked:
+        eigenvalues = eigenvalues.flatten(-2)
+    return eigenvalues, eigenvectors
+
+
 class KroneckerPreconditioner:
     """Damped Fisher products of a stack of layers, and the K-FAC and FOP steps built from them.
 
@@ -115,13 +125,14 @@ def kronecker_damping(mean_A: Tensor, mean_G: Tensor, damping: float, damping_mo
 
 
 def rotate(matrix: Tensor, basis_A: Tensor, basis_G: Tensor) -> Tensor:
-    """Q_G^T V Q_A: a gradient matrix (out x in) in the Kronecker basis."""
-    return basis_G.mT @ matrix @ basis_A
+    """Q_G^T V Q_A: a gradient matrix (out x in) in the Kronecker basis (either basis may be
+    block-diagonal, (..., count, size, size): blocks.py)."""
+    return left_multiply(basis_G.mT, right_multiply(matrix, basis_A))
 
 
 def unrotate(matrix: Tensor, basis_A: Tensor, basis_G: Tensor) -> Tensor:
     """Q_G V Q_A^T: back from the Kronecker basis."""
-    return basis_G @ matrix @ basis_A.mT
+    return left_multiply(basis_G, right_multiply(matrix, basis_A.mT))
 
 
 class RotatedDiagonalPreconditioner(KroneckerPreconditioner):
@@ -198,9 +209,16 @@ class EigenPreconditioner(RotatedDiagonalPreconditioner):
 
     @classmethod
     def from_factors(
-        cls, A: Tensor, G: Tensor, damping: float, damping_mode: str = "relative"
+        cls,
+        A: Tensor,
+        G: Tensor,
+        damping: float,
+        damping_mode: str = "relative",
+        layouts: tuple[BlockLayout, BlockLayout] | None = None,
     ) -> EigenPreconditioner:
-        return cls(*symmetric_eigh(A), *symmetric_eigh(G), damping, damping_mode)
+        """``layouts``: (A's, G's) where a factor may be block-diagonal (blocks.py)."""
+        layout_A, layout_G = layouts or (None, None)
+        return cls(*factor_eigh(A, layout_A), *factor_eigh(G, layout_G), damping, damping_mode)
 
     @classmethod
     def from_state(
@@ -209,12 +227,12 @@ class EigenPreconditioner(RotatedDiagonalPreconditioner):
         return cls(*(state[key] for key in cls.STATE_KEYS), damping, damping_mode)
 
     @staticmethod
-    def state_shapes(in_dim: int, out_dim: int) -> dict[str, tuple[int, ...]]:
+    def state_shapes(layout_A: BlockLayout, layout_G: BlockLayout) -> dict[str, tuple[int, ...]]:
         return {
-            "eigvals_A": (in_dim,),
-            "eigvecs_A": (in_dim, in_dim),
-            "eigvals_G": (out_dim,),
-            "eigvecs_G": (out_dim, out_dim),
+            "eigvals_A": (layout_A.padded,),
+            "eigvecs_A": layout_A.factor_shape,
+            "eigvals_G": (layout_G.padded,),
+            "eigvecs_G": layout_G.factor_shape,
         }
 
 
@@ -229,8 +247,15 @@ class InversePreconditioner(KroneckerPreconditioner):
 
     @classmethod
     def from_factors(
-        cls, A: Tensor, G: Tensor, damping: float, damping_mode: str = "relative"
+        cls,
+        A: Tensor,
+        G: Tensor,
+        damping: float,
+        damping_mode: str = "relative",
+        layouts: tuple[BlockLayout, BlockLayout] | None = None,
     ) -> InversePreconditioner:
+        if layouts is not None and any(layout.blocked for layout in layouts):
+            raise ValueError("block-diagonal factors need method='eigen'")
         A_damped, G_damped = split_damping(A, G, damping, damping_mode)
         return cls(A_damped, G_damped, _spd_inverse(A_damped), _spd_inverse(G_damped))
 
@@ -241,7 +266,8 @@ class InversePreconditioner(KroneckerPreconditioner):
         return cls(*(state[key] for key in cls.STATE_KEYS))
 
     @staticmethod
-    def state_shapes(in_dim: int, out_dim: int) -> dict[str, tuple[int, ...]]:
+    def state_shapes(layout_A: BlockLayout, layout_G: BlockLayout) -> dict[str, tuple[int, ...]]:
+        in_dim, out_dim = layout_A.dim, layout_G.dim
         return {
             "A_damped": (in_dim, in_dim),
             "G_damped": (out_dim, out_dim),

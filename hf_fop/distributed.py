@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hf_fop.blocks import BlockLayout
+
 
 def assign_layers(costs: Sequence[float], world_size: int) -> list[int]:
     """Owner rank of each layer: largest first, each to the least-loaded rank (LPT scheduling)."""
@@ -29,9 +31,11 @@ def assign_layers(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
-def decomposition_cost(in_dim: int, out_dim: int) -> float:
-    """Work of decomposing a layer's two factors: eigh and inverse are cubic."""
-    return float(in_dim) ** 3 + float(out_dim) ** 3
+def decomposition_cost(in_dim: int, out_dim: int, block_size: int | None = None) -> float:
+    """Work of decomposing a layer's two factors: eigh and inverse are cubic (in each block,
+    where the factors are blocked)."""
+    sides = (BlockLayout.for_side(dim, block_size) for dim in (in_dim, out_dim))
+    return sum(layout.count * float(layout.size) ** 3 for layout in sides)
 
 
 class Communicator:

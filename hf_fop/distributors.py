@@ -25,6 +25,7 @@ from hf_fop.bucket import (
     BucketStatistics,
     BucketStep,
     ShapeBucket,
+    factor_layouts,
     statistic_shape,
     step_statistics,
 )
@@ -42,9 +43,16 @@ class ReplicatedDistributor:
 
     sharded = False
 
-    def __init__(self, layers: Sequence[LayerAdapter], communicator: Communicator) -> None:
+    def __init__(
+        self,
+        layers: Sequence[LayerAdapter],
+        communicator: Communicator,
+        block_size: int | None = None,
+    ) -> None:
         self.layers = list(layers)
         self.communicator = communicator
+        self.block_size = block_size
+        self.layouts = [factor_layouts(layer, block_size) for layer in self.layers]
         self.owners = self._owners()
         # Layer indices this rank decomposed at the last refresh (for inspection and tests).
         self.decomposed_by_rank: list[int] = []
@@ -67,10 +75,10 @@ class ReplicatedDistributor:
         one), averaged across ranks in one all-reduce and stacked per bucket this rank holds."""
         tensors: list[Tensor | None] = []
         shapes: list[tuple[int, ...]] = []
-        for layer, stats in zip(self.layers, per_layer):
+        for layouts, stats in zip(self.layouts, per_layer):
             for kind in kinds:
                 tensors.append(stats[kind])
-                shapes.append(statistic_shape(kind, layer.in_dim, layer.out_dim))
+                shapes.append(statistic_shape(kind, *layouts))
         like = torch.zeros((), device=self.layers[0].weight.device)
         averaged = self.communicator.average_partial(tensors, shapes, like)
         per_kind = {kind: averaged[k :: len(kinds)] for k, kind in enumerate(kinds)}
@@ -90,7 +98,7 @@ class ReplicatedDistributor:
     ) -> None:
         """Decompose the (bucket, row) pairs due, in layer order: each rank its share by cost,
         then one collective gives every rank all of them."""
-        costs = [decomposition_cost(b.in_dim, b.out_dim) for b, _ in due]
+        costs = [decomposition_cost(b.in_dim, b.out_dim, self.block_size) for b, _ in due]
         owners = assign_layers(costs, self.communicator.world_size)
         rank = self.communicator.rank
         self.decomposed_by_rank = [b.indices[r] for (b, r), o in zip(due, owners) if o == rank]
@@ -126,7 +134,10 @@ class ShardedDistributor(ReplicatedDistributor):
     sharded = True
 
     def _owners(self) -> list[int]:
-        costs = [decomposition_cost(layer.in_dim, layer.out_dim) for layer in self.layers]
+        costs = [
+            decomposition_cost(layer.in_dim, layer.out_dim, self.block_size)
+            for layer in self.layers
+        ]
         return assign_layers(costs, self.communicator.world_size)
 
     def agree_overflow(self, overflow: Tensor) -> None:
@@ -180,11 +191,13 @@ class ShardedDistributor(ReplicatedDistributor):
 Distributor = ReplicatedDistributor
 
 
-def make_distributor(layers: Sequence[LayerAdapter], communicator: Communicator) -> Distributor:
+def make_distributor(
+    layers: Sequence[LayerAdapter], communicator: Communicator, block_size: int | None = None
+) -> Distributor:
     """The distributor for how ``layers`` are held now (sharded by FSDP2 or not)."""
     if any(is_sharded(layer.weight) for layer in layers):
-        return ShardedDistributor(layers, communicator)
-    return ReplicatedDistributor(layers, communicator)
+        return ShardedDistributor(layers, communicator, block_size)
+    return ReplicatedDistributor(layers, communicator, block_size)
 
 
 def _direction_dot_gradient(steps: list[BucketStep]) -> Tensor:

@@ -60,9 +60,9 @@ def carry_second_moment(
     eigenvalues, whose eigenvectors ``eigh`` returns in an arbitrary rotation. Without it, every
     refresh would pair each coordinate's history with another direction.
     """
-    mix_A = (new_A.mT @ old_A).square_()
+    mix_A = (new_A.mT @ old_A).square_()  # block by block where the bases are blocked
     mix_G = (new_G.mT @ old_G).square_()
-    return mix_G @ second_moment @ mix_A.mT
+    return unrotate(second_moment, mix_A, mix_G)
 
 
 def corrected_metric(

@@ -48,12 +48,14 @@ class ModelCurvature:
         self.communicator = communicator
         self.names = [name for name, _ in layers]
         self.layers = [layer for _, layer in layers]
-        self.capture = CurvatureCapture(model, self.layers)
+        self.capture = CurvatureCapture(model, self.layers, config.block_size)
         self._build_buckets()
         self._warned: set[str] = set()
 
     def _build_buckets(self) -> None:
-        self.distributor: Distributor = make_distributor(self.layers, self.communicator)
+        self.distributor: Distributor = make_distributor(
+            self.layers, self.communicator, self.config.block_size
+        )
         groups: dict[tuple[int, int, torch.device], list[int]] = {}
         for index, layer in enumerate(self.layers):
             if self.distributor.holds(index):
@@ -313,12 +315,13 @@ class ModelCurvature:
                 "the default) or one file per rank, not a full state dict gathered on rank 0."
             )
         for bucket in self.buckets:
+            layouts = (bucket.layout_A, bucket.layout_G)
             expected = {
-                "A": (bucket.in_dim,) * 2,
-                "G": (bucket.out_dim,) * 2,
+                "A": bucket.layout_A.factor_shape,
+                "G": bucket.layout_G.factor_shape,
                 "graft_exp_avg_sq": (bucket.out_dim, bucket.in_dim),
-                "rotated_second_moment": (bucket.out_dim, bucket.in_dim),
-                **bucket.method.state_shapes(bucket.in_dim, bucket.out_dim),
+                "rotated_second_moment": (bucket.layout_G.padded, bucket.layout_A.padded),
+                **bucket.method.state_shapes(*layouts),
             }
             for name in bucket.names:
                 for key, value in saved[name].items():

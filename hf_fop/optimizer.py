@@ -85,7 +85,9 @@ class FOP(torch.optim.Optimizer):
     ) -> None:
         config = (config or FOPConfig()).replace(**settings)
         model = unwrap_model(model)
-        partition = partition_model(model, config.targets, config.skip, config.max_factor_dim)
+        partition = partition_model(
+            model, config.targets, config.skip, config.max_factor_dim, config.block_size
+        )
         super().__init__(param_groups(partition, config), adamw_defaults(config))
         self.config = config
         self.partition = partition

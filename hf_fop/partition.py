@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from hf_fop.blocks import BlockLayout
 from hf_fop.layers import LayerAdapter, UnsupportedLayerError, make_adapter
 
 
@@ -110,8 +111,11 @@ def partition_model(
     targets: str | Sequence[str] = "auto",
     skip: Sequence[str] = (),
     max_factor_dim: int = 8192,
+    block_size: int | None = None,
 ) -> Partition:
-    """Split ``model``'s trainable parameters: chosen layers to FOP, everything else to AdamW."""
+    """Split ``model``'s trainable parameters: chosen layers to FOP, everything else to AdamW.
+
+    With ``block_size``, ``max_factor_dim`` bounds the factor blocks, not the whole sides."""
     # Each module is adapted once: (adapter, None), or (None, why) for a supported type in a
     # configuration that is not (reported, not dropped); other module types are no candidates.
     sequence_first, uncalled = _layouts(model)
@@ -128,7 +132,7 @@ def partition_model(
         if name not in chosen:
             continue
         _, adapter, unsupported = adapted[name]
-        reason = _exclusion_reason(name, module, adapter, skip, max_factor_dim, owners)
+        reason = _exclusion_reason(name, module, adapter, skip, max_factor_dim, block_size, owners)
         if reason is not None or adapter is None:
             partition.excluded[name] = reason or unsupported
             continue
@@ -248,6 +252,7 @@ def _exclusion_reason(
     adapter: LayerAdapter | None,
     skip: Sequence[str],
     max_factor_dim: int,
+    block_size: int | None,
     owners: Counter,
 ) -> str | None:
     if any(re.search(pattern, name) for pattern in skip):
@@ -260,8 +265,13 @@ def _exclusion_reason(
         return "frozen bias"
     if owners[id(weight)] > 1:
         return "tied weight"
-    if adapter is not None and max(adapter.in_dim, adapter.out_dim) > max_factor_dim:
-        return f"factor larger than max_factor_dim={max_factor_dim}"
+    if adapter is not None:
+        sides = (
+            BlockLayout.for_side(d, block_size).size for d in (adapter.in_dim, adapter.out_dim)
+        )
+        if max(sides) > max_factor_dim:
+            blocks = " (block)" if block_size is not None else ""
+            return f"factor{blocks} larger than max_factor_dim={max_factor_dim}"
     return None
 
 

@@ -36,3 +36,10 @@ def dense_fop(
     n_comb = F_inv @ comb
     eta = ((u @ n_comb) / (comb @ n_comb)).item()
     return unvec(eta * n_comb, rows), beta, eta
+
+
+def block_diagonal(blocks: Tensor) -> Tensor:
+    """The dense (..., k * b, k * b) matrix of a block-diagonal (..., k, b, b) stack."""
+    if blocks.dim() == 3:
+        return torch.block_diag(*blocks)
+    return torch.stack([block_diagonal(b) for b in blocks])

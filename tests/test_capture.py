@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from hf_fop import FOP
-from hf_fop.capture import active_rows, second_moment
+from hf_fop.factor_sums import active_rows, second_moment
 
 
 class Net(nn.Module):

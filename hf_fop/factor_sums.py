@@ -1,0 +1,62 @@
+"""One layer call's contribution to its Kronecker factors and gradient matrix (pure functions).
+
+The capture's hooks (capture.py) call these with the call's input positions x and output
+gradient rows d, as the layer's adapter lays them out (rows of (N * L, in) and (N * L, out)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hf_fop.blocks import BlockLayout, block_gram
+
+
+def active_rows(x_rows: Tensor, d_rows: Tensor, select: bool) -> tuple[Tensor, Tensor | None]:
+    """The rows of ``x_rows`` that enter A, and their 0/1 weights (None: every row, weight 1).
+
+    Positions that take no part in the loss (padding, ignored labels) have an output gradient
+    of exactly zero; they must not dilute A (G and the gradients are unaffected by them). A
+    layer whose output gradient is zero everywhere (LoRA's A before B has moved) keeps every
+    row: no row says more. ``select=False`` weights the rows, so the backward pass never waits
+    for an accelerator; ``select=True`` selects them (a host sync), which copies nothing when
+    every row is active, the common case."""
+    active = d_rows.abs().amax(dim=1) > 0  # 6x faster than ne(0).any(1) on CPU
+    if not select:
+        return x_rows, (active | ~active.any()).to(x_rows.dtype)
+    if bool(active.any()) and not bool(active.all()):
+        return x_rows[active], None
+    return x_rows, None
+
+
+def second_moment(
+    x_rows: Tensor, bias: bool, weights: Tensor | None = None, layout: BlockLayout | None = None
+) -> Tensor:
+    """sum over rows of w a a^T with a = [x, 1] (w: 0/1 row weights, default 1), built blockwise
+    (no copy of the activations with the bias column); only its diagonal blocks where
+    ``layout`` is blocked."""
+    if layout is not None and layout.blocked:
+        rows = torch.cat([x_rows, x_rows.new_ones(x_rows.shape[0], 1)], 1) if bias else x_rows
+        return block_gram(rows, layout, weights)
+    weighted = x_rows if weights is None else x_rows * weights[:, None]
+    xx = weighted.T @ x_rows
+    if not bias:
+        return xx
+    column = weighted.sum(0)
+    count = (
+        x_rows.new_tensor([float(x_rows.shape[0])]) if weights is None else weights.sum().reshape(1)
+    )
+    return torch.cat([torch.cat([xx, column[:, None]], 1), torch.cat([column, count])[None]], 0)
+
+
+def weight_gradient(d_rows: Tensor, x_rows: Tensor, bias: bool) -> Tensor:
+    """sum over rows of d a^T with a = [x, 1]: the (out x in') gradient matrix."""
+    grad = d_rows.T @ x_rows
+    return torch.cat([grad, d_rows.sum(0)[:, None]], 1) if bias else grad
+
+
+def output_second_moment(d_rows: Tensor, layout: BlockLayout | None = None) -> Tensor:
+    """sum over rows of d d^T (only its diagonal blocks where ``layout`` is blocked)."""
+    if layout is not None and layout.blocked:
+        return block_gram(d_rows, layout)
+    return d_rows.T @ d_rows
