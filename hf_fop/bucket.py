@@ -114,9 +114,12 @@ class ShapeBucket:
         else:  # the first decomposition is always a full one
             layouts = (self.layout_A, self.layout_G)
             computed = self.method.from_factors(A, G, damping, damping_mode, layouts).state()
+        # Written into the bucket's own tensors: their layout (eigh returns column-major
+        # eigenvectors) stays that of a loaded checkpoint, so a resumed run multiplies in the
+        # same order and continues bit for bit.
         for key, value in computed.items():
             if everything:
-                self.decomposition[key] = torch.where(ok, value, self.decomposition[key])
+                torch.where(ok, value, self.decomposition[key], out=self.decomposition[key])
             else:
                 self.decomposition[key][rows] = torch.where(
                     ok, value, self.decomposition[key][rows]
