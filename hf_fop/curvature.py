@@ -162,7 +162,8 @@ class RotatedDiagonalPreconditioner(KroneckerPreconditioner):
 
     def kfac(self, g_avg: Tensor, rotated_avg: Tensor | None = None) -> FOPDirection:
         rotated = self.rotate(g_avg) if rotated_avg is None else rotated_avg
-        result = kfac_direction(rotated, lambda m: m / self.metric)
+        metric = self.metric
+        result = kfac_direction(rotated, lambda m: m / metric)
         return result._replace(direction=self.unrotate(result.direction))
 
     def fop(
@@ -204,8 +205,12 @@ class EigenPreconditioner(RotatedDiagonalPreconditioner):
         self.damping = kronecker_damping(
             eigvals_A.mean(-1), eigvals_G.mean(-1), damping, damping_mode
         )[..., None, None]
-        # Kronecker eigenvalues of the damped Fisher, laid out like the rotated gradient (out x in).
-        self.metric = eigvals_G[..., :, None] * eigvals_A[..., None, :] + self.damping
+
+    @property
+    def metric(self) -> Tensor:  # type: ignore[override]
+        """Kronecker eigenvalues of the damped Fisher, laid out like the rotated gradient (out x
+        in). Computed where used, not kept: it would be as large as the layer's weights."""
+        return self.eigvals_G[..., :, None] * self.eigvals_A[..., None, :] + self.damping
 
     @classmethod
     def from_factors(
