@@ -4,6 +4,7 @@ correction) for PyTorch and the Hugging Face stack."""
 from hf_fop.config import FOPConfig
 from hf_fop.optimizer import FOP
 from hf_fop.partition import Partition, UnsupportedWrapperError, partition_model
+from hf_fop.plan import Plan, plan
 
 __all__ = [
     "FOP",
@@ -12,9 +13,11 @@ __all__ = [
     "FOPTrainer",
     "FOPTrainingArguments",
     "Partition",
+    "Plan",
     "UnsupportedWrapperError",
     "enable",
     "partition_model",
+    "plan",
 ]
 
 _INTEGRATION = ("FOPFactory", "FOPTrainer", "FOPTrainingArguments", "enable")

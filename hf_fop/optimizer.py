@@ -42,6 +42,7 @@ from hf_fop.model_curvature import ModelCurvature, float_statistics
 from hf_fop.param_groups import adamw_defaults, local_grads, param_groups, param_indices
 from hf_fop.partition import partition_model, unwrap_model
 from hf_fop.pending_verdict import DecidedAtFirstUse, PendingVerdict
+from hf_fop.plan import plan_partition
 from hf_fop.sharding import follow_sharded_parameters, is_sharded
 from hf_fop.update_rules import (
     adamw_step,
@@ -105,6 +106,13 @@ class FOP(torch.optim.Optimizer):
         self._verdict = PendingVerdict()
         self._arm_capture()
         logger.info(partition.summary())
+        totals = plan_partition(model, partition, config)
+        logger.info(
+            "FOP's optimizer state: %.3g GB (AdamW's would be %.3g GB); one refresh: %.3g Gflop",
+            totals.state_bytes / 1e9,
+            totals.adamw_state_bytes / 1e9,
+            totals.refresh_flops / 1e9,
+        )
 
     # ----------------------------------------------------------------------------------- public
 
