@@ -267,3 +267,29 @@ def device_ahead() -> Iterator[None]:
     FOP reads a step's flags when the next step starts, never inside the step that made them."""
     with mock.patch.object(PendingVerdict, "known", lambda self: not self.pending):
         yield
+
+
+# The decoder families users fine-tune, from configs (no hub): RMSNorm, SwiGLU, grouped-query
+# attention (k/v narrower than q), rotary positions, tied embeddings; Qwen2 has q/k/v biases.
+DECODERS = ("llama", "qwen2", "mistral")
+
+
+def tiny_decoder(family: str = "llama", vocab_size: int = 24):
+    import transformers
+
+    config_class, model_class = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+    }[family]
+    config = getattr(transformers, config_class)(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    return getattr(transformers, model_class)(config)

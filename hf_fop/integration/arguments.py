@@ -91,6 +91,12 @@ class FOPTrainingArguments(TrainingArguments):
     fop_skip: str | None = field(
         default=None, metadata={"help": "Comma-separated regexes of modules to leave to AdamW."}
     )
+    fop_block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Split factor sides longer than this into diagonal blocks (default: whole)."
+        },
+    )
     fop_max_factor_dim: int | None = field(
         default=None,
         metadata={"help": "Layers with a larger factor (vocab heads) use AdamW (default 8192)."},
