@@ -6,6 +6,9 @@
   batch 1437 is the full training set.
 - ``wikitext_gpt``: a GPT-2 (4 layers, width 128, context 128, BPE vocabulary 4096) on
   WikiText-2; the metric is validation perplexity.
+- ``wikitext_llama``: the same with a Llama-style decoder (RMSNorm, SwiGLU of width 384,
+  grouped-query attention with 2 key/value heads for 4 query heads, rotary positions, tied
+  embeddings).
 
 Each task draws its training batches from a seeded generator, so a run is a function of
 (task, optimizer, learning rate, batch, seed) alone.
@@ -93,9 +96,41 @@ def _classification(
     return RealTask(name, make_model, sample, evaluate, "accuracy", len(x_train))
 
 
-def _wikitext_gpt(quick: bool) -> RealTask:
-    from hf_fop_trainer.shipped import wikitext2_tokens
+def _gpt2(vocab: int, context: int) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=context,
+        n_embd=128,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _llama(vocab: int, context: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _wikitext(name: str, build: Callable[[int, int], nn.Module], quick: bool) -> RealTask:
+    from hf_fop_trainer.shipped import wikitext2_tokens
 
     context, vocab = 128, 4096
     tokens = wikitext2_tokens(vocab)
@@ -108,16 +143,7 @@ def _wikitext_gpt(quick: bool) -> RealTask:
     valid_windows = torch.stack([valid[s : s + context] for s in starts])
 
     def make_model() -> nn.Module:
-        config = GPT2Config(
-            vocab_size=vocab,
-            n_positions=context,
-            n_embd=128,
-            n_layer=4,
-            n_head=4,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        return GPT2LMHeadModel(config)
+        return build(vocab, context)
 
     def sample(batch: int, generator: torch.Generator) -> Callable[[nn.Module], Tensor]:
         starts = torch.randint(len(train) - context, (batch,), generator=generator)
@@ -131,14 +157,13 @@ def _wikitext_gpt(quick: bool) -> RealTask:
         model.train()
         return math.exp(torch.stack(losses).mean().item())
 
-    return RealTask(
-        "wikitext_gpt", make_model, sample, evaluate, "perplexity", len(train), max_grad_norm=1.0
-    )
+    return RealTask(name, make_model, sample, evaluate, "perplexity", len(train), max_grad_norm=1.0)
 
 
 REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
     "mnist_vit": lambda quick: _classification("mnist_vit", _vit, _mnist_tensors(quick)),
     "mnist_mlp": lambda quick: _classification("mnist_mlp", _mlp, _mnist_tensors(quick)),
     "digits_vit": lambda quick: _classification("digits_vit", digits_vit, digits_tensors()),
-    "wikitext_gpt": _wikitext_gpt,
+    "wikitext_gpt": lambda quick: _wikitext("wikitext_gpt", _gpt2, quick),
+    "wikitext_llama": lambda quick: _wikitext("wikitext_llama", _llama, quick),
 }
