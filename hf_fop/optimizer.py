@@ -106,13 +106,9 @@ class FOP(torch.optim.Optimizer):
         self._verdict = PendingVerdict()
         self._arm_capture()
         logger.info(partition.summary())
-        totals = plan_partition(model, partition, config)
-        logger.info(
-            "FOP's optimizer state: %.3g GB (AdamW's would be %.3g GB); one refresh: %.3g Gflop",
-            totals.state_bytes / 1e9,
-            totals.adamw_state_bytes / 1e9,
-            totals.refresh_flops / 1e9,
-        )
+        # What this optimizer holds and costs (hf_fop.plan), for logs and for the user.
+        self.plan = plan_partition(model, partition, config)
+        logger.info(self.plan.totals())
 
     # ----------------------------------------------------------------------------------- public
 

@@ -102,6 +102,15 @@ class Plan:
             work[owner] += layer.refresh_flops
         return max(work)
 
+    def totals(self) -> str:
+        """One line: the optimizer state against AdamW's, and the work of one refresh."""
+        ratio = self.state_bytes / max(self.adamw_state_bytes, 1)
+        return (
+            f"optimizer state: {_bytes(self.state_bytes)} (AdamW: "
+            f"{_bytes(self.adamw_state_bytes)}, {ratio:.2f}x); one refresh: "
+            f"{_flops(self.refresh_flops)}"
+        )
+
     def __str__(self) -> str:
         lines = [
             f"FOP plan: {len(self.layers)} preconditioned layers ({self.fop_params:,} "
@@ -118,11 +127,7 @@ class Plan:
         for reason in sorted(set(self.excluded.values())):
             names = [name for name, why in self.excluded.items() if why == reason]
             lines.append(f"not preconditioned ({reason}): {len(names)} layers, e.g. {names[0]}")
-        ratio = self.state_bytes / max(self.adamw_state_bytes, 1)
-        lines.append(
-            f"optimizer state: {_bytes(self.state_bytes)} (AdamW: {_bytes(self.adamw_state_bytes)}, "
-            f"{ratio:.2f}x); one refresh: {_flops(self.refresh_flops)}"
-        )
+        lines.append(self.totals())
         if self.world_size > 1:
             kind = "FSDP2" if self.sharded else "DDP"
             lines.append(

@@ -52,6 +52,7 @@ def test_planned_state_bytes_are_what_fop_allocates(model_name: str, settings: d
     optimizer = FOP(model, **settings)
     _one_step(model, optimizer)
     assert planned.state_bytes == _allocated_bytes(optimizer)
+    assert optimizer.plan.state_bytes == planned.state_bytes  # what FOP logs when built
     assert len(planned.layers) == len(optimizer.layers)
     adamw = torch.optim.AdamW(model.parameters())
     _one_step(model, adamw)

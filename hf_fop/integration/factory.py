@@ -58,5 +58,5 @@ class FOPFactory:
             )
         optimizer = FOP(unwrap_for_fop(model), **settings)
         # Stock scripts hide INFO logs: say at WARNING level that FOP is on and what it takes.
-        logger.warning("hf-fop: %s", optimizer.partition.summary())
+        logger.warning("hf-fop: %s\n  %s", optimizer.partition.summary(), optimizer.plan.totals())
         return optimizer
