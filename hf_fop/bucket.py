@@ -24,6 +24,7 @@ from hf_fop.eigen_corrected import (
     power_qr_refresh,
     update_rotated_second_moment,
 )
+from hf_fop.factor_sums import gradient_factors
 from hf_fop.fop_math import FOPDirection
 from hf_fop.grafting import adam_direction, graft
 from hf_fop.layers import LayerAdapter
@@ -146,6 +147,19 @@ class ShapeBucket:
         for row in rows:
             self.ready[row] = True
         self._cache = None
+
+    def gradient_statistics(
+        self, grads: list[Tensor | None], stats: BucketStatistics
+    ) -> BucketStatistics:
+        """``stats`` with the factor estimates of ``factor_source="gradient"``: g^T g and
+        g g^T of each layer's gradient matrix (rows without a gradient take none)."""
+        present = [grad is not None for grad in grads]
+        if not any(present):
+            return stats
+        like = next(grad for grad in grads if grad is not None)
+        g = torch.stack([like.new_zeros(like.shape) if x is None else x for x in grads]).float()
+        A, G = gradient_factors(g, self.layout_A, self.layout_G)
+        return BucketStatistics(A, G, present, stats.g1, stats.has_split)
 
     def second_moment(self) -> Tensor:
         """AdamW's second moment of each layer's gradient matrix (created at first use)."""

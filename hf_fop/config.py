@@ -14,6 +14,7 @@ DampingMode = Literal["relative", "absolute"]
 Graft = Literal["adamw", "none"]
 Curvature = Literal["kronecker", "eigen_corrected"]
 BasisRefresh = Literal["eigh", "qr"]
+FactorSource = Literal["activations", "gradient"]
 
 MODES: tuple[str, ...] = ("fop", "kfac")
 METHODS: tuple[str, ...] = ("eigen", "inverse")
@@ -21,6 +22,7 @@ DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
 GRAFTS: tuple[str, ...] = ("adamw", "none")
 CURVATURES: tuple[str, ...] = ("kronecker", "eigen_corrected")
 BASIS_REFRESHES: tuple[str, ...] = ("eigh", "qr")
+FACTOR_SOURCES: tuple[str, ...] = ("activations", "gradient")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class FOPConfig:
     # How the eigenbasis is refreshed after the first (always full) decomposition: "eigh", or
     # "qr": one power-iteration step and a QR, warm-started from the previous basis.
     basis_refresh: BasisRefresh = "eigh"
+    # What the Kronecker factors estimate: "activations" is K-FAC's, A = E[a a^T] over the layer
+    # inputs and G = E[d d^T] over the output gradients (from the hooks); "gradient" is
+    # Shampoo's and SOAP's, E[g^T g] and E[g g^T] of the layer's averaged gradient matrix.
+    factor_source: FactorSource = "activations"
     # Collect A and G every `curvature_interval` steps; refresh their decomposition every
     # `inverse_interval` steps. Step 0 always does both.
     curvature_interval: int = 5
@@ -130,6 +136,10 @@ class FOPConfig:
         _check(
             self.basis_refresh in BASIS_REFRESHES,
             f"basis_refresh must be one of {BASIS_REFRESHES}, got {self.basis_refresh!r}",
+        )
+        _check(
+            self.factor_source in FACTOR_SOURCES,
+            f"factor_source must be one of {FACTOR_SOURCES}, got {self.factor_source!r}",
         )
         _check(
             self.method == "eigen" or (self.curvature, self.basis_refresh) == ("kronecker", "eigh"),

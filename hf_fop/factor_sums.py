@@ -60,3 +60,17 @@ def output_second_moment(d_rows: Tensor, layout: BlockLayout | None = None) -> T
     if layout is not None and layout.blocked:
         return block_gram(d_rows, layout)
     return d_rows.T @ d_rows
+
+
+def gradient_factors(
+    grads: Tensor, layout_A: BlockLayout, layout_G: BlockLayout
+) -> tuple[Tensor, Tensor]:
+    """Shampoo's factors of a stack of gradient matrices (layers, out, in): (g^T g, g g^T),
+    each only its diagonal blocks where its side is blocked."""
+
+    def gram(rows: Tensor, layout: BlockLayout) -> Tensor:  # rows: (layers, n, side)
+        if not layout.blocked:
+            return rows.mT @ rows
+        return torch.stack([block_gram(r, layout) for r in rows])
+
+    return gram(grads, layout_A), gram(grads.mT, layout_G)

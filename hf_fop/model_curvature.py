@@ -118,12 +118,25 @@ class ModelCurvature:
     # ----------------------------------------------------------------------------- refresh
 
     def refresh(
-        self, statistics: list[BucketStatistics], step: int, damping: float, ok: Tensor
+        self,
+        statistics: list[BucketStatistics],
+        step: int,
+        damping: float,
+        ok: Tensor,
+        gradients: list[Tensor | None] | None = None,
     ) -> bool:
         """Fold the estimates into the running factors and decompose what is due, on the
         device only where ``ok`` (the step's finiteness flag) is true. Returns whether any
-        decomposition was refreshed."""
+        decomposition was refreshed. With ``factor_source="gradient"`` the estimates come from
+        ``gradients`` (every layer's full gradient matrix) on curvature steps."""
         config = self.config
+        from_gradients = config.factor_source == "gradient" and gradients is not None
+        if from_gradients and step % config.curvature_interval == 0:
+            assert gradients is not None
+            statistics = [
+                bucket.gradient_statistics([gradients[i] for i in bucket.indices], stats)
+                for bucket, stats in zip(self.buckets, statistics)
+            ]
         for bucket, stats in zip(self.buckets, statistics):
             if stats.A is not None and any(stats.has_factors):
                 bucket.fold(stats.A, stats.G, stats.has_factors, config.factor_decay, ok)

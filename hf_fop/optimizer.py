@@ -222,7 +222,8 @@ class FOP(torch.optim.Optimizer):
         due: bool | DecidedAtFirstUse = step % interval == 0
         if self._verdict.pending:  # the last step may yet be found skipped, and repeated
             due = DecidedAtFirstUse(self._verdict, bool(due), (step - 1) % interval == 0)
-        self.capture.collect_factors = due
+        # factor_source="gradient": the factors come from the gradients, not from the hooks.
+        self.capture.collect_factors = due if self.config.factor_source == "activations" else False
         self.capture.collect_first_half = self.config.mode == "fop"
 
     def _step(self) -> None:
@@ -278,7 +279,7 @@ class FOP(torch.optim.Optimizer):
         ranks, the KL clip, the updates. Where the device flag ``ok`` is false nothing on the
         device changes (the host's counts are put back once the flag is read)."""
         lr, damping = group["lr"], group["damping"]
-        refreshed = self.curvature.refresh(statistics, group["step"], damping, ok)
+        refreshed = self.curvature.refresh(statistics, group["step"], damping, ok, gradients)
         step = group["step"] + 1  # 1-based, for the bias corrections
         steps = self.curvature.directions(
             statistics, damping, group["betas"][1], step, gradients, ok

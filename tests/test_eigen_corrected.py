@@ -241,3 +241,31 @@ def test_carried_moment_follows_a_reordered_and_sign_flipped_basis_exactly() -> 
     in_old = sum(rotate(g, old_A, old_G).square() for g in grads)
     in_new = sum(rotate(g, new_A, new_G).square() for g in grads)
     torch.testing.assert_close(carry_second_moment(in_old, old_A, old_G, new_A, new_G), in_new)
+
+
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_gradient_factors_are_shampoos_statistics_of_the_gradient_matrix(
+    block_size: int | None,
+) -> None:
+    from hf_fop import FOP
+    from hf_fop.blocks import BlockLayout, pad_matrix
+    from tests.dense import block_diagonal
+    from tests.helpers import TokenClassifier, token_data, train
+
+    tokens, labels = token_data()
+    torch.manual_seed(0)
+    model = TokenClassifier()
+    optimizer = FOP(model, factor_source="gradient", block_size=block_size, curvature_interval=1)
+    train(model, optimizer, tokens, labels, steps=1)  # the first estimate has weight 1
+    assert all(stats.A_sum is None for stats in optimizer.capture.stats)  # no hook work
+    for name, layer in zip(optimizer.layer_names, optimizer.layers):
+        g = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+        state = optimizer.curvature.layer_state(name)
+        for key, whole in (("A", g.T @ g), ("G", g @ g.T)):
+            layout = BlockLayout.for_side(whole.shape[0], block_size)
+            want = pad_matrix(whole, layout, layout)
+            got = state[key]
+            if layout.blocked:
+                want = want * block_diagonal(torch.ones(layout.factor_shape)).bool()
+                got = block_diagonal(got)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
