@@ -58,6 +58,10 @@ class ShapeBucket:
         # curvature="eigen_corrected": the rotated gradient's second moment and its count.
         self.rotated_second_moment: Tensor | None = None
         self.moment_updates = [0] * count
+        # momentum_placement="before": the moving average of each layer's gradient matrix.
+        self.gradient_exp_avg: Tensor | None = None
+        if config.momentum_placement == "before":
+            self.gradient_exp_avg = torch.zeros(count, self.out_dim, self.in_dim, device=device)
         if config.curvature == "eigen_corrected":
             self.rotated_second_moment = torch.zeros(
                 count, self.layout_G.padded, self.layout_A.padded, device=device
@@ -178,7 +182,7 @@ class ShapeBucket:
         stats: BucketStatistics,
         grads: list[Tensor | None],
         damping: float,
-        beta2: float,
+        betas: tuple[float, float],
         config: FOPConfig,
         step: int,
         ok: Tensor,
@@ -193,6 +197,7 @@ class ShapeBucket:
         finiteness flag) is false the moments stay as they were and the directions are zeros,
         so nothing downstream sees a NaN.
         """
+        beta1, beta2 = betas
         present = [grad is not None for grad in grads]
         if not any(present):
             return None
@@ -201,13 +206,13 @@ class ShapeBucket:
         ready = [has and done for has, done in zip(present, self.ready)]
         waiting = [has and not done for has, done in zip(present, self.ready)]
         updating = _row_flag(ok, present)  # where moments may change
+        averaged = self._averaged_gradient(g_avg, beta1, step, updating)
         adam = None
         if config.graft == "adamw" or any(waiting):
-            adam = adam_direction(
-                g_avg, self.second_moment(), beta2, config.adamw_eps, step, updating
-            )
+            v = self.second_moment()
+            adam = adam_direction(g_avg, v, beta2, config.adamw_eps, step, updating, averaged)
         if any(ready):
-            result = self._preconditioned(stats, g_avg, ready, damping, config, ok)
+            result = self._preconditioned(stats, g_avg, ready, damping, config, ok, averaged)
             if config.graft == "adamw":
                 assert adam is not None
                 result = result._replace(direction=graft(result.direction, _norm(adam)))
@@ -223,6 +228,17 @@ class ShapeBucket:
             self, rows, direction, g_avg, result._replace(direction=direction), waiting_rows
         )
 
+    def _averaged_gradient(
+        self, g_avg: Tensor, beta1: float, step: int, updating: Tensor
+    ) -> Tensor | None:
+        """momentum_placement="before": the bias-corrected moving average of the gradient
+        (updated where ``updating``), which the preconditioner then acts on; else None."""
+        if self.gradient_exp_avg is None:
+            return None
+        average = self.gradient_exp_avg
+        torch.where(updating, average.lerp(g_avg, 1 - beta1), average, out=average)
+        return average / (1 - beta1**step)
+
     def _preconditioned(
         self,
         stats: BucketStatistics,
@@ -231,8 +247,11 @@ class ShapeBucket:
         damping: float,
         config: FOPConfig,
         ok: Tensor,
+        averaged: Tensor | None = None,
     ) -> FOPDirection:
-        """FOP's (or K-FAC's) direction of every row; meaningful in the ``ready`` rows."""
+        """FOP's (or K-FAC's) direction of every row; meaningful in the ``ready`` rows. With
+        ``averaged`` (momentum before the preconditioner) it is that of the averaged gradient,
+        FOP's correction still from this step's two halves."""
         preconditioner = self.preconditioner(damping, config.damping_mode)
         g_avg = self._padded(g_avg)
         # The eigen-corrected metric needs g in the eigenbasis for its second moment; the
@@ -242,15 +261,18 @@ class ShapeBucket:
             preconditioner, rotated["rotated_avg"] = self._corrected(
                 preconditioner, g_avg, ready, damping, config, ok
             )
+        base = g_avg
+        if averaged is not None:
+            base, rotated = self._padded(averaged), {}
         if stats.g1 is None:
-            result = preconditioner.kfac(g_avg, **rotated)
+            result = preconditioner.kfac(base, **rotated)
         else:
             # A layer without two halves this step has g_diff = 0: its FOP direction is exactly
             # K-FAC's.
             g1 = self._padded(stats.g1)
             if not all(stats.has_split):
                 g1 = torch.where(_row_flag(None, stats.has_split), g1, g_avg)
-            result = preconditioner.fop(g_avg, 2 * (g1 - g_avg), config.fop_zero_tol, **rotated)
+            result = preconditioner.fop(base, 2 * (g1 - g_avg), config.fop_zero_tol, **rotated)
         return result._replace(direction=unpad_matrix(result.direction, *self._layouts_out_in))
 
     @property

@@ -14,9 +14,16 @@ from torch import Tensor
 
 
 def adam_direction(
-    grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int, ok: Tensor | None = None
+    grad: Tensor,
+    exp_avg_sq: Tensor,
+    beta2: float,
+    eps: float,
+    step: int,
+    ok: Tensor | None = None,
+    numerator: Tensor | None = None,
 ) -> Tensor:
-    """g / (sqrt(v_hat) + eps): AdamW's step for this layer before momentum and the rate.
+    """g / (sqrt(v_hat) + eps): AdamW's step for this layer before momentum and the rate
+    (``numerator`` / (sqrt(v_hat) + eps) where given: m_hat makes it AdamW's whole step).
 
     Updates the second-moment average ``exp_avg_sq`` in place (v = beta2 v + (1 - beta2) g^2;
     v_hat = v / (1 - beta2^step)), exactly as AdamW would; only where the device flag ``ok``
@@ -28,7 +35,7 @@ def adam_direction(
     else:
         torch.where(ok, updated, exp_avg_sq, out=exp_avg_sq)
     denominator = (updated / (1 - beta2**step)).sqrt_().add_(eps)
-    return grad / denominator
+    return (grad if numerator is None else numerator) / denominator
 
 
 def adam_step_norm(

@@ -191,7 +191,7 @@ class ModelCurvature:
         self,
         statistics: list[BucketStatistics],
         damping: float,
-        beta2: float,
+        betas: tuple[float, float],
         step: int,
         gradients: list[Tensor | None],
         ok: Tensor,
@@ -201,7 +201,7 @@ class ModelCurvature:
         out = []
         for bucket, stats in zip(self.buckets, statistics):
             grads = [gradients[i] for i in bucket.indices]
-            bucket_step = bucket.step(stats, grads, damping, beta2, self.config, step, ok)
+            bucket_step = bucket.step(stats, grads, damping, betas, self.config, step, ok)
             if bucket_step is not None:
                 for row in bucket_step.waiting:
                     self._report_waiting(bucket.indices[row])
@@ -279,6 +279,8 @@ class ModelCurvature:
                 if bucket.rotated_second_moment is not None:
                     state["rotated_second_moment"] = bucket.rotated_second_moment[row]
                     state["moment_updates"] = torch.tensor(bucket.moment_updates[row])
+                if bucket.gradient_exp_avg is not None:
+                    state["gradient_exp_avg"] = bucket.gradient_exp_avg[row]
                 return state
         raise KeyError(f"no preconditioned layer named {name!r}")
 
@@ -334,6 +336,7 @@ class ModelCurvature:
                 "G": bucket.layout_G.factor_shape,
                 "graft_exp_avg_sq": (bucket.out_dim, bucket.in_dim),
                 "rotated_second_moment": (bucket.layout_G.padded, bucket.layout_A.padded),
+                "gradient_exp_avg": (bucket.out_dim, bucket.in_dim),
                 **bucket.method.state_shapes(*layouts),
             }
             for name in bucket.names:
@@ -353,6 +356,8 @@ def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
     targets = {"A": bucket.A, "G": bucket.G, **bucket.decomposition}
     if "graft_exp_avg_sq" in state:
         targets["graft_exp_avg_sq"] = bucket.second_moment()
+    if bucket.gradient_exp_avg is not None:
+        targets["gradient_exp_avg"] = bucket.gradient_exp_avg
     if bucket.rotated_second_moment is not None:
         targets["rotated_second_moment"] = bucket.rotated_second_moment
         bucket.moment_updates[row] = int(state.get("moment_updates", 0))

@@ -281,16 +281,16 @@ class FOP(torch.optim.Optimizer):
         lr, damping = group["lr"], group["damping"]
         refreshed = self.curvature.refresh(statistics, group["step"], damping, ok, gradients)
         step = group["step"] + 1  # 1-based, for the bias corrections
-        steps = self.curvature.directions(
-            statistics, damping, group["betas"][1], step, gradients, ok
-        )
+        steps = self.curvature.directions(statistics, damping, group["betas"], step, gradients, ok)
         pairs, layer_statistics, vg = self.curvature.distributor.share_directions(steps, gradients)
         scale = None
         if pairs and group["kl_clip"] is not None:
             scale = kl_clip_scale(torch.where(ok, vg, 0.0), lr, group["kl_clip"])
         params, targets, directions = parameter_updates(self.layers, pairs, scale)
         if self.config.graft == "adamw":
-            grafted_step(params, targets, directions, self.state, group, step, ok)
+            # Momentum before the preconditioner was taken in the bucket: none here.
+            momentum = 0.0 if self.config.momentum_placement == "before" else None
+            grafted_step(params, targets, directions, self.state, group, step, ok, momentum)
         else:
             heavy_ball_step(params, targets, directions, self.state, group, ok)
         group["step"] = step

@@ -204,8 +204,10 @@ def _layer_plan(
         numel += layout_G.dim * layout_A.dim  # AdamW's second moment, for the step size
     if config.curvature == "eigen_corrected":
         numel += layout_G.padded * layout_A.padded
+    if config.momentum_placement == "before":
+        numel += layout_G.dim * layout_A.dim  # the gradient's moving average
     moment_bytes = 0
-    if config.momentum:
+    if config.momentum and config.momentum_placement == "after":
         # graft="adamw": an fp32 moving average; "none": SGD's buffer, like the parameter.
         moment_bytes = sum(
             p.numel() * (FP32 if config.graft == "adamw" else p.element_size()) for p in params

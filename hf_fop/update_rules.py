@@ -192,15 +192,18 @@ def grafted_step(
     group: dict[str, Any],
     step: int,
     ok: Tensor,
+    momentum: float | None = None,
 ) -> None:
     """AdamW's momentum and decoupled weight decay on AdamW-sized directions (fp32 moments),
-    with the FOP group's settings; ``step`` is 1-based (the bias correction). Where the device
-    flag ``ok`` is false nothing changes (the directions are zeros then).
+    with the FOP group's settings (``momentum``, when given, instead of its own); ``step`` is
+    1-based (the bias correction). Where the device flag ``ok`` is false nothing changes (the
+    directions are zeros then).
 
     ``targets`` are the tensors updated (see ``heavy_ball_step``)."""
     if not targets:
         return
-    lr, momentum, weight_decay = group["lr"], group["betas"][0], group["weight_decay"]
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    momentum = group["betas"][0] if momentum is None else momentum
     if weight_decay:
         torch._foreach_mul_(targets, torch.where(ok, 1 - lr * weight_decay, 1.0))
     if not momentum:  # the directions are zeros where not ok

@@ -148,12 +148,20 @@ def test_blocks_that_cover_every_side_change_nothing() -> None:
     assert _trained(64, 6)[0] == losses  # every side (17, 32, 33, 16) fits in one block
 
 
-@pytest.mark.parametrize("curvature", ["kronecker", "eigen_corrected"])
-def test_a_blocked_run_resumes_exactly(curvature: str) -> None:
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"curvature": "kronecker"},
+        {"curvature": "eigen_corrected"},
+        {"curvature": "eigen_corrected", "momentum_placement": "before"},
+    ],
+    ids=["kronecker", "eigen-corrected", "eigen-corrected-momentum-before"],
+)
+def test_a_blocked_run_resumes_exactly(settings: dict) -> None:
     tokens, labels = token_data()
     torch.manual_seed(0)
     model = TokenClassifier()
-    optimizer = FOP(model, block_size=7, inverse_interval=2, curvature=curvature)
+    optimizer = FOP(model, block_size=7, inverse_interval=2, **settings)
     train(model, optimizer, tokens, labels, steps=3)
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
@@ -163,10 +171,10 @@ def test_a_blocked_run_resumes_exactly(curvature: str) -> None:
     uninterrupted = train(model, optimizer, tokens, labels, steps=3)
     resumed_model = TokenClassifier()
     resumed_model.load_state_dict(weights)
-    resumed = FOP(resumed_model, block_size=7, inverse_interval=2, curvature=curvature)
+    resumed = FOP(resumed_model, block_size=7, inverse_interval=2, **settings)
     resumed.load_state_dict(saved)
     assert train(resumed_model, resumed, tokens, labels, steps=3) == uninterrupted
-    whole = FOP(TokenClassifier(), inverse_interval=2, curvature=curvature)
+    whole = FOP(TokenClassifier(), inverse_interval=2, **settings)
     with pytest.raises(ValueError, match="shape"):
         whole.load_state_dict(saved)  # a blocked checkpoint needs the same block_size
 

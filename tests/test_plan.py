@@ -17,7 +17,13 @@ def _allocated_bytes(optimizer: FOP) -> int:
     for bucket in optimizer.curvature.buckets:
         tensors += [bucket.A, bucket.G, *bucket.decomposition.values()]
         tensors += [
-            t for t in (bucket.graft_exp_avg_sq, bucket.rotated_second_moment) if t is not None
+            t
+            for t in (
+                bucket.graft_exp_avg_sq,
+                bucket.rotated_second_moment,
+                bucket.gradient_exp_avg,
+            )
+            if t is not None
         ]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
@@ -41,8 +47,9 @@ def _one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         {"curvature": "eigen_corrected", "block_size": 7},
         {"graft": "none", "damping_mode": "absolute"},
         {"momentum": 0.0, "method": "inverse"},
+        {"momentum_placement": "before", "factor_source": "gradient"},
     ],
-    ids=["defaults", "blocked", "eigen-corrected-padded", "no-graft", "inverse"],
+    ids=["defaults", "blocked", "eigen-corrected-padded", "no-graft", "inverse", "momentum-before"],
 )
 @pytest.mark.parametrize("model_name", ["token-classifier", "llama"])
 def test_planned_state_bytes_are_what_fop_allocates(model_name: str, settings: dict) -> None:
