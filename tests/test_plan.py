@@ -69,19 +69,9 @@ def test_planned_state_bytes_are_what_fop_allocates(model_name: str, settings: d
 
 
 def test_the_plan_of_a_meta_device_decoder_allocates_nothing_and_reads_well() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from benchmarks.plan_shapes import SHAPES, meta_llama
 
-    config = LlamaConfig(
-        vocab_size=128_256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    model = meta_llama(SHAPES["Llama-3.2-1B"])
     whole = hf_fop.plan(model)
     blocked = hf_fop.plan(model, block_size=1024, world_size=8, sharded=True)
     assert all(p.is_meta for p in model.parameters())
