@@ -1,7 +1,7 @@
-"""One exploratory run with any optimizer settings, seed 0 (not a tuned comparison):
+"""One exploratory run with any optimizer settings, seed 0 unless given (not a tuned comparison):
 
     python -m benchmarks.probe --task wikitext_gpt --optimizer kfac_sqrt --lr 3e-3 \
-        --steps 250 --batch 16 --settings '{"damping": 0.01}' [--identity_bases]
+        --steps 250 --batch 16 --settings '{"damping": 0.01}' [--identity_bases] [--seed 1]
 
 Prints the metric at half the budget and at the end, as one JSON line. ``--identity_bases``
 replaces every eigendecomposition by identity bases: the eigen-corrected path at exponent 1/2
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--settings", default="{}", help="FOP settings as JSON")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--identity_bases", action="store_true")
     args = parser.parse_args()
     if args.identity_bases:
@@ -43,7 +44,14 @@ def main() -> None:
     settings = json.loads(args.settings)
     start = time.perf_counter()
     curve = train_run(
-        task, args.optimizer, args.lr, args.batch, args.steps, 0, args.steps // 2, **settings
+        task,
+        args.optimizer,
+        args.lr,
+        args.batch,
+        args.steps,
+        args.seed,
+        args.steps // 2,
+        **settings,
     )
     metrics = [round(point["metric"], 4) for point in curve]
     print(json.dumps({**vars(args), "metrics": metrics, "s": round(time.perf_counter() - start)}))

@@ -4,12 +4,16 @@ calls, and a bucket turns its layers' gradients into directions on its own."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from hf_fop.blocks import BlockLayout, pad_matrix, unpad_matrix
+from hf_fop.bucket_data import (
+    SCALARS,
+    BucketStatistics,
+    BucketStep,
+    factor_layouts,
+)
 from hf_fop.config import FOPConfig
 from hf_fop.curvature import (
     PRECONDITIONERS,
@@ -28,9 +32,6 @@ from hf_fop.factor_sums import gradient_factors
 from hf_fop.fop_math import FOPDirection
 from hf_fop.grafting import adam_direction, graft
 from hf_fop.layers import LayerAdapter
-
-# The per-layer FOP scalars a step reports besides its direction.
-SCALARS = ("beta", "eta", "rho", "kfac_cosine")
 
 
 class ShapeBucket:
@@ -157,13 +158,11 @@ class ShapeBucket:
     ) -> BucketStatistics:
         """``stats`` with the factor estimates of ``factor_source="gradient"``: g^T g and
         g g^T of each layer's gradient matrix (rows without a gradient take none)."""
-        present = [grad is not None for grad in grads]
-        if not any(present):
+        g = _stacked_gradients(grads)
+        if g is None:
             return stats
-        like = next(grad for grad in grads if grad is not None)
-        g = torch.stack([like.new_zeros(like.shape) if x is None else x for x in grads]).float()
         A, G = gradient_factors(g, self.layout_A, self.layout_G)
-        return BucketStatistics(A, G, present, stats.g1, stats.has_split)
+        return BucketStatistics(A, G, [x is not None for x in grads], stats.g1, stats.has_split)
 
     def second_moment(self) -> Tensor:
         """AdamW's second moment of each layer's gradient matrix (created at first use)."""
@@ -198,14 +197,13 @@ class ShapeBucket:
         so nothing downstream sees a NaN.
         """
         beta1, beta2 = betas
-        present = [grad is not None for grad in grads]
-        if not any(present):
+        g_avg = _stacked_gradients(grads)
+        if g_avg is None:
             return None
-        like = next(grad for grad in grads if grad is not None)
-        g_avg = torch.stack([like.new_zeros(like.shape) if g is None else g for g in grads]).float()
+        present = [grad is not None for grad in grads]
         ready = [has and done for has, done in zip(present, self.ready)]
         waiting = [has and not done for has, done in zip(present, self.ready)]
-        updating = _row_flag(ok, present)  # where moments may change
+        updating = _row_flag(present, g_avg, ok)  # where moments may change
         averaged = self._averaged_gradient(g_avg, beta1, step, updating)
         adam = None
         if config.graft == "adamw" or any(waiting):
@@ -217,7 +215,7 @@ class ShapeBucket:
                 assert adam is not None
                 result = result._replace(direction=graft(result.direction, _norm(adam)))
             if any(waiting):
-                result = _choose(_row_flag(None, ready), result, _adam_result(adam))
+                result = _choose(_row_flag(ready, g_avg), result, _adam_result(adam))
         else:
             assert adam is not None
             result = _adam_result(adam)
@@ -271,7 +269,7 @@ class ShapeBucket:
             # K-FAC's.
             g1 = self._padded(stats.g1)
             if not all(stats.has_split):
-                g1 = torch.where(_row_flag(None, stats.has_split), g1, g_avg)
+                g1 = torch.where(_row_flag(stats.has_split, g_avg), g1, g_avg)
             result = preconditioner.fop(base, 2 * (g1 - g_avg), config.fop_zero_tol, **rotated)
         return result._replace(direction=unpad_matrix(result.direction, *self._layouts_out_in))
 
@@ -299,7 +297,7 @@ class ShapeBucket:
         decay = config.second_moment_decay
         rotated = kronecker.rotate(g)
         moment = self.rotated_second_moment
-        update_rotated_second_moment(moment, rotated, decay, _row_flag(ok, ready))
+        update_rotated_second_moment(moment, rotated, decay, _row_flag(ready, g, ok))
         self.moment_updates = [done + has for done, has in zip(self.moment_updates, ready)]
         # Rows without a moment yet divide by one (their metric is never used).
         updates = torch.tensor([max(n, 1) for n in self.moment_updates], device=g.device)
@@ -311,13 +309,22 @@ class ShapeBucket:
         ), rotated
 
 
-def _row_flag(ok: Tensor | None, rows: list[bool]) -> Tensor:
-    """``ok`` and the host's per-row flags ``rows``, shaped to mask a (layers, out, in) stack
-    (``ok`` itself when every row is set)."""
+def _row_flag(rows: list[bool], like: Tensor, ok: Tensor | None = None) -> Tensor:
+    """The host's per-row flags ``rows`` (and the device flag ``ok``), shaped to mask a
+    (layers, out, in) stack on the device of ``like`` (``ok`` itself when every row is set)."""
     if ok is not None and all(rows):
         return ok
-    mask = torch.tensor(rows, device=ok.device if ok is not None else None)[:, None, None]
+    mask = torch.tensor(rows, device=like.device)[:, None, None]
     return mask if ok is None else ok & mask
+
+
+def _stacked_gradients(grads: list[Tensor | None]) -> Tensor | None:
+    """The layers' gradient matrices as one fp32 stack, zeros for a layer without one (None
+    when no layer has one)."""
+    like = next((grad for grad in grads if grad is not None), None)
+    if like is None:
+        return None
+    return torch.stack([like.new_zeros(like.shape) if g is None else g for g in grads]).float()
 
 
 def _norm(matrices: Tensor) -> Tensor:
@@ -338,89 +345,3 @@ def _choose(mask: Tensor, chosen: FOPDirection, other: FOPDirection) -> FOPDirec
         name: torch.where(rows, getattr(chosen, name), getattr(other, name)) for name in SCALARS
     }
     return FOPDirection(direction, **scalars)
-
-
-def factor_layouts(layer: LayerAdapter, block_size: int | None) -> tuple[BlockLayout, BlockLayout]:
-    """How the layer's A and G sides are blocked (blocks.py)."""
-    return BlockLayout.for_side(layer.in_dim, block_size), BlockLayout.for_side(
-        layer.out_dim, block_size
-    )
-
-
-def statistic_shape(kind: str, layout_A: BlockLayout, layout_G: BlockLayout) -> tuple[int, ...]:
-    """The shape of one layer's statistic of ``kind`` ("A", "G" or "g1")."""
-    shapes = {
-        "A": layout_A.factor_shape,
-        "G": layout_G.factor_shape,
-        "g1": (layout_G.dim, layout_A.dim),
-    }
-    return shapes[kind]
-
-
-@dataclass
-class BucketStatistics:
-    """One step's averaged statistics of a bucket (zeros in the rows a layer lacks)."""
-
-    A: Tensor | None
-    G: Tensor | None
-    has_factors: list[bool]
-    g1: Tensor | None
-    has_split: list[bool]
-
-    @classmethod
-    def empty(cls, bucket: ShapeBucket) -> BucketStatistics:
-        return cls(None, None, [False] * len(bucket), None, [False] * len(bucket))
-
-    @classmethod
-    def stacked(
-        cls, bucket: ShapeBucket, per_kind: dict[str, list[Tensor | None]], like: Tensor
-    ) -> BucketStatistics:
-        """The bucket's rows of every layer's statistics (``per_kind``: kind -> per layer)."""
-        gathered = {kind: [values[i] for i in bucket.indices] for kind, values in per_kind.items()}
-        stacked = {
-            kind: _stack(values, statistic_shape(kind, bucket.layout_A, bucket.layout_G), like)
-            for kind, values in gathered.items()
-        }
-        absent = [False] * len(bucket)
-        present = {kind: [t is not None for t in values] for kind, values in gathered.items()}
-        return cls(
-            stacked.get("A"),
-            stacked.get("G"),
-            present.get("A", absent),
-            stacked.get("g1"),
-            present.get("g1", absent),
-        )
-
-    def tensors(self) -> list[Tensor]:
-        return [t for t in (self.A, self.G, self.g1) if t is not None]
-
-
-@dataclass
-class BucketStep:
-    """The directions a bucket's layers take this step (before the learning rate)."""
-
-    bucket: ShapeBucket
-    rows: list[int]  # rows of the bucket that have gradients, in order
-    direction: Tensor  # (layers, out, in); zeros in the rows without a gradient
-    g_avg: Tensor  # (layers, out, in); zeros likewise
-    scalars: FOPDirection  # direction unused; beta, eta, rho, kfac_cosine per row
-    waiting: list[int]  # rows that took AdamW's direction: no decomposition yet
-
-    def directions(self) -> list[tuple[int, Tensor]]:
-        """(layer index, direction) of every row with a gradient."""
-        return [(self.bucket.indices[row], self.direction[row]) for row in self.rows]
-
-    def scalar(self, name: str) -> Tensor:
-        """One FOP scalar of the rows with a gradient."""
-        values = getattr(self.scalars, name)
-        return values if len(self.rows) == len(values) else values[self.rows]
-
-
-def step_statistics(steps: list[BucketStep]) -> dict[str, Tensor]:
-    """Per-layer FOP scalars of a step, one tensor each (kept on the device until read)."""
-    stacked = {name: torch.cat([s.scalar(name) for s in steps]) for name in SCALARS}
-    return {**stacked, "rho_abs": stacked["rho"].abs()}
-
-
-def _stack(tensors: list[Tensor | None], shape: tuple[int, ...], like: Tensor) -> Tensor:
-    return torch.stack([t if t is not None else like.new_zeros(shape) for t in tensors])

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hf_fop.bucket import (
+from hf_fop.bucket import ShapeBucket
+from hf_fop.bucket_data import (
     SCALARS,
     BucketStatistics,
     BucketStep,
-    ShapeBucket,
     factor_layouts,
     statistic_shape,
     step_statistics,

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hf_fop.bucket import BucketStatistics, BucketStep, ShapeBucket
+from hf_fop.bucket import ShapeBucket
+from hf_fop.bucket_data import BucketStatistics, BucketStep
 from hf_fop.capture import CurvatureCapture
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from hf_fop import checkpoint
-from hf_fop.bucket import BucketStatistics
+from hf_fop.bucket_data import BucketStatistics
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
 from hf_fop.fop_math import kl_clip_scale

@@ -1,0 +1,106 @@
+"""What a bucket's step takes and gives: one step's averaged statistics of a bucket's layers,
+the directions it computes, and the layout of a layer's factors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from hf_fop.blocks import BlockLayout
+from hf_fop.fop_math import FOPDirection
+from hf_fop.layers import LayerAdapter
+
+if TYPE_CHECKING:
+    from hf_fop.bucket import ShapeBucket
+
+# The per-layer FOP scalars a step reports besides its direction.
+SCALARS = ("beta", "eta", "rho", "kfac_cosine")
+
+
+def factor_layouts(layer: LayerAdapter, block_size: int | None) -> tuple[BlockLayout, BlockLayout]:
+    """How the layer's A and G sides are blocked (blocks.py)."""
+    return BlockLayout.for_side(layer.in_dim, block_size), BlockLayout.for_side(
+        layer.out_dim, block_size
+    )
+
+
+def statistic_shape(kind: str, layout_A: BlockLayout, layout_G: BlockLayout) -> tuple[int, ...]:
+    """The shape of one layer's statistic of ``kind`` ("A", "G" or "g1")."""
+    shapes = {
+        "A": layout_A.factor_shape,
+        "G": layout_G.factor_shape,
+        "g1": (layout_G.dim, layout_A.dim),
+    }
+    return shapes[kind]
+
+
+@dataclass
+class BucketStatistics:
+    """One step's averaged statistics of a bucket (zeros in the rows a layer lacks)."""
+
+    A: Tensor | None
+    G: Tensor | None
+    has_factors: list[bool]
+    g1: Tensor | None
+    has_split: list[bool]
+
+    @classmethod
+    def empty(cls, bucket: ShapeBucket) -> BucketStatistics:
+        return cls(None, None, [False] * len(bucket), None, [False] * len(bucket))
+
+    @classmethod
+    def stacked(
+        cls, bucket: ShapeBucket, per_kind: dict[str, list[Tensor | None]], like: Tensor
+    ) -> BucketStatistics:
+        """The bucket's rows of every layer's statistics (``per_kind``: kind -> per layer)."""
+        gathered = {kind: [values[i] for i in bucket.indices] for kind, values in per_kind.items()}
+        stacked = {
+            kind: _stack(values, statistic_shape(kind, bucket.layout_A, bucket.layout_G), like)
+            for kind, values in gathered.items()
+        }
+        absent = [False] * len(bucket)
+        present = {kind: [t is not None for t in values] for kind, values in gathered.items()}
+        return cls(
+            stacked.get("A"),
+            stacked.get("G"),
+            present.get("A", absent),
+            stacked.get("g1"),
+            present.get("g1", absent),
+        )
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.A, self.G, self.g1) if t is not None]
+
+
+@dataclass
+class BucketStep:
+    """The directions a bucket's layers take this step (before the learning rate)."""
+
+    bucket: ShapeBucket
+    rows: list[int]  # rows of the bucket that have gradients, in order
+    direction: Tensor  # (layers, out, in); zeros in the rows without a gradient
+    g_avg: Tensor  # (layers, out, in); zeros likewise
+    scalars: FOPDirection  # direction unused; beta, eta, rho, kfac_cosine per row
+    waiting: list[int]  # rows that took AdamW's direction: no decomposition yet
+
+    def directions(self) -> list[tuple[int, Tensor]]:
+        """(layer index, direction) of every row with a gradient."""
+        return [(self.bucket.indices[row], self.direction[row]) for row in self.rows]
+
+    def scalar(self, name: str) -> Tensor:
+        """One FOP scalar of the rows with a gradient."""
+        values = getattr(self.scalars, name)
+        return values if len(self.rows) == len(values) else values[self.rows]
+
+
+def step_statistics(steps: list[BucketStep]) -> dict[str, Tensor]:
+    """Per-layer FOP scalars of a step, one tensor each (kept on the device until read)."""
+    stacked = {name: torch.cat([s.scalar(name) for s in steps]) for name in SCALARS}
+    return {**stacked, "rho_abs": stacked["rho"].abs()}
+
+
+def _stack(tensors: list[Tensor | None], shape: tuple[int, ...], like: Tensor) -> Tensor:
+    return torch.stack([t if t is not None else like.new_zeros(shape) for t in tensors])
