@@ -162,7 +162,8 @@ class FOP(torch.optim.Optimizer):
         self._verdict.settle()  # the last step's flag: waits, if at all, for that step only
         self._follow_sharding()
         if self.curvature.is_empty_step(local_grads(self.param_groups)):
-            take_empty_step(self.param_groups, self.state, self.config.graft)
+            after = self.config.momentum_placement == "after"
+            take_empty_step(self.param_groups, self.state, self.config.graft, after)
         else:
             self._step()
         self.curvature.reset()

@@ -38,38 +38,48 @@ FOP_MOMENTS: dict[str, tuple[str, torch.dtype | None]] = {
 }
 
 
-def initial_state(group: dict[str, Any], param: Tensor, graft: str) -> dict[str, Tensor]:
+def initial_state(
+    group: dict[str, Any], param: Tensor, graft: str, momentum_after: bool = True
+) -> dict[str, Tensor]:
     """The state a parameter of ``group`` gets at its first step: zeros shaped (and, under
-    FSDP2, sharded) like the parameter. Starting from it is the same as starting without it."""
+    FSDP2, sharded) like the parameter. Starting from it is the same as starting without it.
+    ``momentum_after=False``: the FOP group's momentum lives in its buckets (taken before the
+    preconditioner), so its parameters keep none."""
     if group["kind"] == "adamw":
         return {  # the step count on the parameter's device, as torch's fused AdamW keeps it
             "step": torch.zeros((), dtype=torch.float32, device=param.device),
             "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
         }
-    if not group["betas"][0]:
+    if not group["betas"][0] or not momentum_after:
         return {}
     key, dtype = FOP_MOMENTS[graft]
     return {key: torch.zeros_like(param, dtype=dtype)}
 
 
 def initialise_state(
-    groups: list[dict[str, Any]], state: dict[Tensor, dict[str, Any]], graft: str
+    groups: list[dict[str, Any]],
+    state: dict[Tensor, dict[str, Any]],
+    graft: str,
+    momentum_after: bool = True,
 ) -> None:
     """What the first step creates, for every trainable parameter that lacks it."""
     for group in groups:
         for param in group["params"]:
             if param.requires_grad and not state.get(param):
-                state[param].update(initial_state(group, param, graft))
+                state[param].update(initial_state(group, param, graft, momentum_after))
 
 
 def take_empty_step(
-    groups: list[dict[str, Any]], state: dict[Tensor, dict[str, Any]], graft: str
+    groups: list[dict[str, Any]],
+    state: dict[Tensor, dict[str, Any]],
+    graft: str,
+    momentum_after: bool = True,
 ) -> None:
     """A step whose batch reached nothing changes nothing but creates what the first step
     creates, as torch's optimizers do on zero gradients: torch.distributed.checkpoint runs such
     a step at lr 0 to build the state it loads into (quietly, then)."""
-    initialise_state(groups, state, graft)
+    initialise_state(groups, state, graft, momentum_after)
     if any(float(g["lr"]) != 0 for g in groups):
         logger.warning("FOP skipped a step: its batch was empty (nothing changed)")
 

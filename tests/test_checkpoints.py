@@ -74,6 +74,20 @@ def test_curvature_is_nested_in_each_weights_state_and_the_layers_are_named() ->
     assert "curvature" not in optimizer.state[optimizer.layers[0].weight]
 
 
+def test_with_momentum_before_a_fresh_optimizer_offers_dcp_what_a_trained_one_has() -> None:
+    settings = {**SETTINGS, "momentum_placement": "before"}
+    torch.manual_seed(0)
+    model = TokenClassifier()
+    fresh = FOP(model, **settings)
+    tokens, labels = token_data()
+    trained_model = TokenClassifier()
+    trained = FOP(trained_model, **settings)
+    train(trained_model, trained, tokens, labels, steps=1)
+    assert _layout(get_optimizer_state_dict(model, fresh)) == _layout(
+        get_optimizer_state_dict(trained_model, trained)
+    )
+
+
 def test_a_fresh_optimizer_offers_every_tensor_of_a_trained_one_to_dcp() -> None:
     # torch.distributed.checkpoint loads in place into a fresh optimizer's state_dict (after a
     # step at lr 0 on zero gradients), so whatever is missing there would silently not load.
