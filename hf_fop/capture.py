@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.fx.node import has_side_effect
 from torch.utils.hooks import RemovableHandle
 
-from hf_fop.blocks import BlockLayout
+from hf_fop.bucket_data import factor_layouts
 from hf_fop.factor_sums import active_rows, output_second_moment, second_moment, weight_gradient
 from hf_fop.layer_backward import LayerBackward, ModuleOutput
 from hf_fop.layers import LayerAdapter, LinearAdapter
@@ -97,13 +97,7 @@ class CurvatureCapture:
     ) -> None:
         self.layers = list(layers)
         # How each layer's factors are blocked (blocks.py).
-        self.layouts = [
-            (
-                BlockLayout.for_side(x.in_dim, block_size),
-                BlockLayout.for_side(x.out_dim, block_size),
-            )
-            for x in self.layers
-        ]
+        self.layouts = [factor_layouts(layer, block_size) for layer in self.layers]
         self.collect_factors: Any = True
         self.collect_first_half = True
         self._accumulation_steps: int | None = None

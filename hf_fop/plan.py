@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from hf_fop.blocks import BlockLayout
+from hf_fop.bucket_data import factor_layouts
 from hf_fop.config import FOPConfig
 from hf_fop.curvature import PRECONDITIONERS
 from hf_fop.distributed import assign_layers, decomposition_cost
@@ -165,14 +166,14 @@ def plan_partition(
     sharded: bool = False,
 ) -> Plan:
     """``plan`` for a partition already made (FOP logs its own)."""
-    layers = []
+    layers, costs = [], []
     for name, adapter in partition.layers:
-        layout_A = BlockLayout.for_side(adapter.in_dim, config.block_size)
-        layout_G = BlockLayout.for_side(adapter.out_dim, config.block_size)
-        layers.append(_layer_plan(name, adapter.params, layout_A, layout_G, config))
+        # The cost the distributors balance ranks by: d^3 summed over the decomposed blocks.
+        costs.append(decomposition_cost(adapter.in_dim, adapter.out_dim, config.block_size))
+        layouts = factor_layouts(adapter, config.block_size)
+        layers.append(_layer_plan(name, adapter.params, *layouts, config, costs[-1]))
     adamw_side = [p for _, p in partition.adamw_decay + partition.adamw_no_decay]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    costs = [decomposition_cost(x.layout_A.dim, x.layout_G.dim, config.block_size) for x in layers]
     return Plan(
         layers=layers,
         excluded=dict(partition.excluded),
@@ -196,6 +197,7 @@ def _layer_plan(
     layout_A: BlockLayout,
     layout_G: BlockLayout,
     config: FOPConfig,
+    decomposition_cost: float,
 ) -> LayerPlan:
     shapes = PRECONDITIONERS[config.method].state_shapes(layout_A, layout_G)
     numel = layout_A.factor_numel + layout_G.factor_numel
@@ -212,10 +214,7 @@ def _layer_plan(
         moment_bytes = sum(
             p.numel() * (FP32 if config.graft == "adamw" else p.element_size()) for p in params
         )
-    flops = sum(
-        EIGH_FLOPS_PER_CUBE * layout.count * float(layout.size) ** 3
-        for layout in (layout_A, layout_G)
-    )
+    flops = EIGH_FLOPS_PER_CUBE * decomposition_cost
     return LayerPlan(
         name, layout_G.dim, layout_A.dim, layout_A, layout_G, numel * FP32, moment_bytes, flops
     )
