@@ -281,12 +281,9 @@ def test_identity_bases_with_momentum_before_the_preconditioner_are_adam(
     import copy
 
     import hf_fop.curvature
+    from benchmarks.probe import identity_eigh
     from hf_fop import FOP
     from tests.helpers import image_data, tiny_gpt2, tiny_vit
-
-    def identity_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        eye = torch.eye(matrix.shape[-1]).expand(matrix.shape).clone()
-        return torch.ones(matrix.shape[:-1]), eye
 
     monkeypatch.setattr(hf_fop.curvature, "symmetric_eigh", identity_eigh)
     torch.manual_seed(0)
