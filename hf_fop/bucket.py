@@ -19,6 +19,7 @@ from hf_fop.curvature import (
     PRECONDITIONERS,
     EigenPreconditioner,
     KroneckerPreconditioner,
+    flat_eigenvalues,
     running_factor_weight,
 )
 from hf_fop.eigen_corrected import (
@@ -112,9 +113,9 @@ class ShapeBucket:
             eigvals_A, eigvecs_A = power_qr_refresh(A, old["eigvecs_A"])
             eigvals_G, eigvecs_G = power_qr_refresh(G, old["eigvecs_G"])
             computed = {
-                "eigvals_A": eigvals_A.flatten(-2) if self.layout_A.blocked else eigvals_A,
+                "eigvals_A": flat_eigenvalues(eigvals_A, self.layout_A),
                 "eigvecs_A": eigvecs_A,
-                "eigvals_G": eigvals_G.flatten(-2) if self.layout_G.blocked else eigvals_G,
+                "eigvals_G": flat_eigenvalues(eigvals_G, self.layout_G),
                 "eigvecs_G": eigvecs_G,
             }
         else:  # the first decomposition is always a full one

@@ -86,9 +86,13 @@ def factor_eigh(factor: Tensor, layout: BlockLayout | None = None) -> tuple[Tens
     """``symmetric_eigh`` of a factor stack, block by block where ``layout`` is blocked; the
     eigenvalues then come flat, (..., count * size), laid out like the padded side."""
     eigenvalues, eigenvectors = symmetric_eigh(factor)
-    if layout is not None and layout.blocked:
-        eigenvalues = eigenvalues.flatten(-2)
-    return eigenvalues, eigenvectors
+    return flat_eigenvalues(eigenvalues, layout), eigenvectors
+
+
+def flat_eigenvalues(eigenvalues: Tensor, layout: BlockLayout | None) -> Tensor:
+    """Per-block eigenvalues (..., count, size) of a blocked side as one (..., count * size)
+    row, laid out like the padded side; whole sides' are that already."""
+    return eigenvalues.flatten(-2) if layout is not None and layout.blocked else eigenvalues
 
 
 class KroneckerPreconditioner:
