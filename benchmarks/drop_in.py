@@ -41,11 +41,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.optimizers import CORRECTED, NAMES, SECOND_ORDER, make_optimizer
+from benchmarks.optimizers import NAMES, VARIANTS, default_damping, make_optimizer
 from benchmarks.real_tasks import REAL_TASKS, RealTask
 from benchmarks.step_cost import side_by_side_step_seconds
 from benchmarks.tuning import bracketed_search
-from hf_fop import FOP, FOPConfig
+from hf_fop import FOP
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAMW_GRID = (3e-4, 1e-3, 3e-3)
@@ -54,12 +54,10 @@ LR_GRID = {
     "adamw": ADAMW_GRID,
     "muon": (1e-3, 3e-3, 1e-2),
     "soap": (1e-3, 3e-3, 1e-2),
-    "kfac": ADAMW_GRID,
-    "fop": ADAMW_GRID,
+    **{name: ADAMW_GRID for name in VARIANTS},
+    "kfac_nograft": (1e-3, 3e-3, 1e-2),
     "fop_nograft": (1e-3, 3e-3, 1e-2),
-    **{name: ADAMW_GRID for name in CORRECTED},
 }
-DEFAULT_DAMPING = FOPConfig().damping
 
 
 @functools.cache
@@ -126,6 +124,37 @@ def train_run(
     return curve
 
 
+def cached_run(
+    cache: Path | None,
+    task: RealTask,
+    name: str,
+    lr: float,
+    batch: int,
+    steps: int,
+    seed: int,
+    eval_every: int,
+    damping: float | None,
+) -> list[dict[str, float]]:
+    """``train_run``, or its curve from ``cache`` (a JSON-lines file of earlier runs) when the
+    same run is there: a run is a function of its key, so an ablation can grow optimizer by
+    optimizer without training anything twice. The key holds the optimizer's settings, so a
+    changed variant runs again."""
+    settings = VARIANTS[name][1] if name in VARIANTS else {}
+    key = json.dumps(
+        [task.name, name, settings, lr, damping, batch, steps, seed, eval_every], default=str
+    )
+    if cache is not None and cache.exists():
+        for line in cache.read_text().splitlines():
+            record = json.loads(line)
+            if record["key"] == key:
+                return record["curve"]
+    curve = train_run(task, name, lr, batch, steps, seed, eval_every, damping)
+    if cache is not None:
+        with cache.open("a") as file:  # one short append per run: whole lines, any worker
+            file.write(json.dumps({"key": key, "curve": curve}) + "\n")
+    return curve
+
+
 def _worst(task: RealTask) -> float:
     return 0.0 if task.higher_is_better else float("inf")
 
@@ -147,22 +176,26 @@ def tune(
     eval_every: int,
     lr_grid: tuple[float, ...],
     damping_grid: tuple[float, ...],
-    default_damping: float,
+    damping: float | None,
     extensions: int,
+    cache: Path | None = None,
 ) -> dict[str, Any]:
-    """Seed 0: the bracketed learning rate, then (K-FAC, FOP) the bracketed damping at it."""
+    """Seed 0: the bracketed learning rate, then (K-FAC, FOP) the bracketed damping at it
+    (``damping``: where it starts; None: the optimizer's own)."""
     torch.set_num_threads(1)
     task = _task(task_name, quick)
     runs: dict[tuple[float, float | None], list[dict[str, float]]] = {}
 
     def score(lr: float, damping: float | None) -> float:
         if (lr, damping) not in runs:
-            runs[lr, damping] = train_run(task, name, lr, batch, steps, 0, eval_every, damping)
+            runs[lr, damping] = cached_run(
+                cache, task, name, lr, batch, steps, 0, eval_every, damping
+            )
             final = runs[lr, damping][-1]["metric"]
             print(f"[{task.name} b={batch}] {name} lr={lr:g} damping={damping}: {final:.4g}")
         return _score(task, runs[lr, damping])
 
-    damping = default_damping if name in SECOND_ORDER else None
+    damping = default_damping(name) if damping is None else damping
     lr_search = bracketed_search(lambda lr: score(lr, damping), lr_grid, extensions)
     lr = lr_search.best
     damping_interior = None
@@ -194,10 +227,11 @@ def report(
     lr: float,
     damping: float | None,
     seed: int,
+    cache: Path | None = None,
 ) -> list[dict[str, float]]:
     torch.set_num_threads(1)
     task = _task(task_name, quick)
-    curve = train_run(task, name, lr, batch, steps, seed, eval_every, damping)
+    curve = cached_run(cache, task, name, lr, batch, steps, seed, eval_every, damping)
     print(f"[{task.name} b={batch}] {name} seed {seed}: {curve[-1]['metric']:.4g}", flush=True)
     return curve
 
@@ -239,7 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name in optimizers:
                 if args.fixed_lr is not None and name != "sgd":
                     # The drop-in question: AdamW's rate for everyone, no tuning run.
-                    damping = (args.damping or DEFAULT_DAMPING) if name in SECOND_ORDER else None
+                    damping = (args.damping or default_damping(name)) if name in VARIANTS else None
                     pick = {"lr": args.fixed_lr, "damping": damping, "tuning": []}
                     future: Future = Future()
                     future.set_result(pick)
@@ -254,8 +288,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         tune_steps,
                         grid,
                         dampings,
-                        args.damping or DEFAULT_DAMPING,
+                        args.damping,
                         extensions,
+                        args.cache,
                     )
                 pending[future] = ("tune", batch, name)
         while pending:
@@ -276,6 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             entry["lr"],
                             entry["damping"],
                             seed,
+                            args.cache,
                         )
                         pending[job] = ("report", batch, name, seed)
                 else:
@@ -520,6 +556,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--extensions", type=int, default=2, help="grid steps past an edge")
     parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     parser.add_argument("--cost_steps", type=int, default=20, help="steps timed per optimizer")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="JSON lines of finished runs, reused and grown"
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny configuration (the tests)")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument(
@@ -539,6 +578,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="only measure the per-step costs of a JSON's picks again (quietly) and rewrite it",
     )
     args = parser.parse_args(argv)
+    if args.cache is not None and args.quick:
+        raise SystemExit("--cache keeps full runs; leave it out with --quick")
     if args.remeasure_costs is not None:
         torch.set_num_threads(1)
         result = json.loads(args.remeasure_costs.read_text())

@@ -11,8 +11,9 @@ Peers are taken as their users run them, never re-implemented:
   compiled kernels cost more than they save. heavyball reads every key of a param group as a
   setting, so nothing here adds keys to its groups; learning rates move through ``lr`` only.
 
-K-FAC and FOP are this project's optimizer with its defaults (``mode="kfac"`` / ``"fop"``); the
-``CORRECTED`` names are the same with ``curvature="eigen_corrected"`` (not yet measured).
+K-FAC and FOP are this project's optimizer: ``kfac`` / ``fop`` with its defaults, and the
+variants of ``VARIANTS`` (the metric, where the momentum enters, grafting, the factors' source),
+each once without (``kfac...``) and once with (``fop...``) FOP's correction.
 """
 
 from __future__ import annotations
@@ -22,30 +23,62 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_fop import FOP, partition_model
+from hf_fop import FOP, FOPConfig, partition_model
 
-NAMES = {
-    "sgd": "SGD",
-    "adamw": "AdamW",
-    "muon": "Muon",
-    "soap": "SOAP",
-    "kfac": "K-FAC",
-    "fop": "FOP",
-    "fop_nograft": "FOP, no graft",
-    # The eigenvalue-corrected metric (FOP's curvature="eigen_corrected"): exponent 1 (EK-FAC)
-    # and 1/2 (SOAP-style), each without and with FOP's correction.
-    "ekfac": "K-FAC, eigen-corrected",
-    "fop_ekfac": "FOP, eigen-corrected",
-    "kfac_sqrt": "K-FAC, eigen-corrected ^1/2",
-    "fop_sqrt": "FOP, eigen-corrected ^1/2",
+PEER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon", "soap": "SOAP"}
+
+# The preconditioned variants: (label, FOP settings). The "_mb" ones take the momentum before the
+# preconditioner (Adam's and SOAP's order); the eigen-corrected ones (``curvature=
+# "eigen_corrected"``) replace K-FAC's product of eigenvalues by the rotated gradient's second
+# moment to the power 1 (EK-FAC) or 1/2 (SOAP-style), damped by 0.01 of its mean. ``soap``-like
+# rows go all the way to SOAP's recipe inside FOP: Kronecker factors of the gradient matrix
+# (g g^T, g^T g) every step, the basis refreshed every 2 steps by power iteration and QR, Adam's
+# eps as absolute damping, no grafting (the direction is the step), beta2 0.95.
+_EIGEN_CORRECTED = {"curvature": "eigen_corrected", "damping": 0.01}
+_BEFORE = {"momentum_placement": "before"}
+_SOAP_RECIPE = {
+    **_EIGEN_CORRECTED,
+    **_BEFORE,
+    "exponent": 0.5,
+    "damping": 1e-8,
+    "damping_mode": "absolute",
+    "graft": "none",
+    "factor_source": "gradient",
+    "curvature_interval": 1,
+    "inverse_interval": 2,
+    "basis_refresh": "qr",
+    "adamw_betas": (0.9, 0.95),
 }
-CORRECTED = {
-    "ekfac": ("kfac", 1.0),
-    "fop_ekfac": ("fop", 1.0),
-    "kfac_sqrt": ("kfac", 0.5),
-    "fop_sqrt": ("fop", 0.5),
+_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "": ("", {}),
+    "_nograft": (", no graft", {"graft": "none", "adamw_lr": 1e-3}),
+    "_mb": (", momentum before", _BEFORE),
+    # Earlier probes: the eigen-corrected metric with the momentum after the preconditioner.
+    "_ekfac": (", eigen-corrected", {**_EIGEN_CORRECTED, "exponent": 1.0}),
+    "_sqrt": (", eigen-corrected ^1/2", {**_EIGEN_CORRECTED, "exponent": 0.5}),
+    "_ekfac_mb": (", eigen-corrected, momentum before", {**_EIGEN_CORRECTED, **_BEFORE}),
+    "_sqrt_mb": (
+        ", eigen-corrected ^1/2, momentum before",
+        {**_EIGEN_CORRECTED, **_BEFORE, "exponent": 0.5},
+    ),
+    "_soap": (", SOAP's recipe", _SOAP_RECIPE),
 }
-SECOND_ORDER = ("kfac", "fop", "fop_nograft", *CORRECTED)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    f"{mode}{suffix}": (f"{mode_label}{label}", {"mode": mode, **settings})
+    for suffix, (label, settings) in _VARIANTS.items()
+    for mode, mode_label in (("kfac", "K-FAC"), ("fop", "FOP"))
+}
+NAMES = {**PEER_NAMES, **{name: label for name, (label, _) in VARIANTS.items()}}
+SECOND_ORDER = tuple(VARIANTS)
+
+
+def default_damping(name: str) -> float | None:
+    """The damping ``name`` runs with unless told otherwise (None: not a preconditioned one)."""
+    if name not in VARIANTS:
+        return None
+    return VARIANTS[name][1].get("damping", FOPConfig().damping)
+
+
 WEIGHT_DECAY = 0.01
 
 
@@ -137,13 +170,6 @@ def make_optimizer(
         return make_muon(model, lr, weight_decay)
     if name == "soap":
         return make_soap(model, lr, weight_decay)
-    if name == "fop_nograft":
-        return FOP(model, lr=lr, graft="none", adamw_lr=1e-3, **settings)
-    if name in ("kfac", "fop"):
-        return FOP(model, mode=name, lr=lr, **settings)
-    if name in CORRECTED:
-        mode, exponent = CORRECTED[name]
-        return FOP(
-            model, mode=mode, lr=lr, curvature="eigen_corrected", exponent=exponent, **settings
-        )
+    if name in VARIANTS:
+        return FOP(model, lr=lr, **{**VARIANTS[name][1], **settings})
     raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(NAMES)}")

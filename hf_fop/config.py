@@ -46,9 +46,10 @@ class FOPConfig:
     # graft="adamw": Adam's first-moment average (bias-corrected) of the grafted direction;
     # graft="none": heavy-ball momentum as in torch.optim.SGD.
     momentum: float = 0.9
-    # Where that momentum enters (graft="adamw" only): "after" the preconditioner, a moving
-    # average of the grafted directions; "before", as Adam and SOAP do: the preconditioner acts
-    # on the bias-corrected moving average of the gradient, grafted onto AdamW's whole step.
+    # Where that momentum enters: "after" the preconditioner, a moving average of the
+    # (grafted) directions; "before", as Adam and SOAP do: the preconditioner acts on the
+    # bias-corrected moving average of the gradient, and the result is the step (grafted onto
+    # AdamW's whole step, or with graft="none" taken as it is, SOAP's way, times lr).
     momentum_placement: MomentumPlacement = "after"
     # Decoupled (AdamW-style) with graft="adamw"; added to the direction with graft="none".
     weight_decay: float = 0.01
@@ -145,11 +146,6 @@ class FOPConfig:
         _check(
             self.momentum_placement in ("after", "before"),
             f"momentum_placement must be 'after' or 'before', got {self.momentum_placement!r}",
-        )
-        _check(
-            self.momentum_placement == "after" or self.graft == "adamw",
-            "momentum_placement='before' averages the gradient ahead of the preconditioner and "
-            "takes AdamW's step size: use graft='adamw'",
         )
         _check(
             self.factor_source in FACTOR_SOURCES,

@@ -288,10 +288,11 @@ class FOP(torch.optim.Optimizer):
         if pairs and group["kl_clip"] is not None:
             scale = kl_clip_scale(torch.where(ok, vg, 0.0), lr, group["kl_clip"])
         params, targets, directions = parameter_updates(self.layers, pairs, scale)
-        if self.config.graft == "adamw":
-            # Momentum before the preconditioner was taken in the bucket: none here.
-            momentum = 0.0 if self.config.momentum_placement == "before" else None
-            grafted_step(params, targets, directions, self.state, group, step, ok, momentum)
+        if self.config.momentum_placement == "before":
+            # The momentum was taken in the bucket: the direction is the step (decoupled decay).
+            grafted_step(params, targets, directions, self.state, group, step, ok, 0.0)
+        elif self.config.graft == "adamw":
+            grafted_step(params, targets, directions, self.state, group, step, ok)
         else:
             heavy_ball_step(params, targets, directions, self.state, group, ok)
         group["step"] = step

@@ -271,13 +271,15 @@ def test_gradient_factors_are_shampoos_statistics_of_the_gradient_matrix(
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("graft", ["adamw", "none"])
 @pytest.mark.parametrize("model_name", ["vit", "gpt2"])
 def test_identity_bases_with_momentum_before_the_preconditioner_are_adam(
-    model_name: str, monkeypatch: pytest.MonkeyPatch
+    model_name: str, graft: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With every basis the identity, exponent 1/2 and absolute damping (eps), the eigen-corrected
     # metric is Adam's second moment; with momentum before the preconditioner the whole step is
-    # torch's Adam (grafting then changes nothing: its second moment is the same).
+    # torch's Adam: grafted (which then changes nothing: its second moment is the same), or
+    # without grafting, SOAP's way, where the direction itself is the step.
     import copy
 
     import hf_fop.curvature
@@ -298,6 +300,7 @@ def test_identity_bases_with_momentum_before_the_preconditioner_are_adam(
         damping_mode="absolute",
         second_moment_decay=0.999,
         momentum_placement="before",
+        graft=graft,
         weight_decay=0.0,
         adamw_weight_decay=0.0,
         inverse_interval=3,
