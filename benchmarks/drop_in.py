@@ -54,9 +54,11 @@ LR_GRID = {
     "adamw": ADAMW_GRID,
     "muon": (1e-3, 3e-3, 1e-2),
     "soap": (1e-3, 3e-3, 1e-2),
-    **{name: ADAMW_GRID for name in VARIANTS},
-    "kfac_nograft": (1e-3, 3e-3, 1e-2),
-    "fop_nograft": (1e-3, 3e-3, 1e-2),
+    # Grafted variants take AdamW's rate; ungrafted ones (their own step size) SOAP's grid.
+    **{
+        name: ADAMW_GRID if settings.get("graft", "adamw") == "adamw" else (1e-3, 3e-3, 1e-2)
+        for name, (_, settings) in VARIANTS.items()
+    },
 }
 
 

@@ -41,6 +41,16 @@ class BlockLayout:
         count = math.ceil(dim / block_size)
         return cls(dim, count, math.ceil(dim / count))
 
+    @classmethod
+    def diagonal(cls, dim: int) -> BlockLayout:
+        """Blocks of one coordinate: the factor's diagonal alone (an embedding's input side,
+        whose one-hot inputs make A diagonal; its eigenbasis is the identity)."""
+        return cls(dim, dim, 1)
+
+    @property
+    def is_diagonal(self) -> bool:
+        return self.size == 1 and self.count > 1
+
     @property
     def blocked(self) -> bool:
         return self.count > 1
@@ -77,6 +87,9 @@ def unpad_matrix(matrix: Tensor, rows: BlockLayout, cols: BlockLayout) -> Tensor
 def block_gram(rows: Tensor, layout: BlockLayout, weights: Tensor | None = None) -> Tensor:
     """The diagonal blocks of sum_n w_n r_n r_n^T for rows (n, dim): (count, size, size)."""
     padded = F.pad(rows, (0, layout.padded - layout.dim)) if layout.padded > layout.dim else rows
+    if layout.is_diagonal:  # blocks of one: a sum of squares per coordinate
+        squares = padded.square() if weights is None else padded.square() * weights[:, None]
+        return squares.sum(0)[:, None, None]
     split = padded.reshape(rows.shape[0], layout.count, layout.size).transpose(0, 1)  # (k, n, b)
     weighted = split if weights is None else split * weights[None, :, None]
     return weighted.mT @ split
@@ -92,6 +105,8 @@ def left_multiply(factor: Tensor, matrix: Tensor) -> Tensor:
     """blockdiag(factor) @ matrix, for (..., d, d) or block-diagonal (..., k, b, b) factors."""
     if not is_blocked(factor, matrix):
         return factor @ matrix
+    if factor.shape[-1] == 1:  # diagonal: scale the rows
+        return factor[..., 0] * matrix
     count, size = factor.shape[-3], factor.shape[-1]
     split = matrix.reshape(*matrix.shape[:-2], count, size, matrix.shape[-1])
     return (factor @ split).reshape(matrix.shape)
@@ -101,6 +116,8 @@ def right_multiply(matrix: Tensor, factor: Tensor) -> Tensor:
     """matrix @ blockdiag(factor), for (..., d, d) or block-diagonal (..., k, b, b) factors."""
     if not is_blocked(factor, matrix):
         return matrix @ factor
+    if factor.shape[-1] == 1:  # diagonal: scale the columns
+        return matrix * factor[..., 0].mT
     count, size = factor.shape[-3], factor.shape[-1]
     split = matrix.reshape(*matrix.shape[:-1], count, size).transpose(-3, -2)  # (..., k, out, b)
     return (split @ factor).transpose(-3, -2).reshape(matrix.shape)

@@ -46,6 +46,8 @@ class ShapeBucket:
         self.layout_A, self.layout_G = factor_layouts(layer, config.block_size)
         self.method = PRECONDITIONERS[config.method]
         self.basis_refresh = config.basis_refresh
+        # Kronecker factors of the gradient matrix (g^T g, g g^T) instead of the hooks' A and G.
+        self.factors_from_gradient = config.factor_source == "gradient" or not layer.hooked
         count, device = len(indices), layer.weight.device
         self.A = torch.zeros(count, *self.layout_A.factor_shape, device=device)
         self.G = torch.zeros(count, *self.layout_G.factor_shape, device=device)

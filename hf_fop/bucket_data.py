@@ -21,10 +21,13 @@ SCALARS = ("beta", "eta", "rho", "kfac_cosine")
 
 
 def factor_layouts(layer: LayerAdapter, block_size: int | None) -> tuple[BlockLayout, BlockLayout]:
-    """How the layer's A and G sides are blocked (blocks.py)."""
-    return BlockLayout.for_side(layer.in_dim, block_size), BlockLayout.for_side(
-        layer.out_dim, block_size
-    )
+    """How the layer's A and G sides are blocked (blocks.py); a diagonal input side (an
+    embedding's vocabulary) in blocks of one."""
+    if layer.diagonal_input:
+        layout_A = BlockLayout.diagonal(layer.in_dim)
+    else:
+        layout_A = BlockLayout.for_side(layer.in_dim, block_size)
+    return layout_A, BlockLayout.for_side(layer.out_dim, block_size)
 
 
 def statistic_shape(kind: str, layout_A: BlockLayout, layout_G: BlockLayout) -> tuple[int, ...]:

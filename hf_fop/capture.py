@@ -129,6 +129,8 @@ class CurvatureCapture:
             root.register_forward_pre_hook(partial(_count_forward, self._forwards))
         ]
         for index, layer in enumerate(self.layers):
+            if not layer.hooked:
+                continue
             hook = partial(_forward_hook, self_ref, self._key, self._forwards, index)
             # First among the module's forward hooks: later ones (FSDP2's) see the output
             # that carries FOP's backward.

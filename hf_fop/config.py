@@ -90,6 +90,11 @@ class FOPConfig:
     # module names, or an explicit list of module names.
     targets: str | Sequence[str] = "auto"
     skip: Sequence[str] = ()
+    # Precondition every nn.Embedding as well (and so a tied output layer): the vocabulary side
+    # diagonal, the width side a Kronecker factor, both from the gradient matrix (no hooks, no
+    # g1: their FOP direction is K-FAC's). SOAP's lead over block-only preconditioners on
+    # language models comes from there (benchmarks/results/ablation).
+    precondition_embeddings: bool = False
     # A factor side longer than this is split into equal diagonal blocks no larger than it
     # (hf_fop/blocks.py): memory and refresh cost grow linearly with the side instead of as its
     # square and cube. None: whole factors. Needs method="eigen".

@@ -32,10 +32,15 @@ def assign_layers(costs: Sequence[float], world_size: int) -> list[int]:
 
 
 def decomposition_cost(in_dim: int, out_dim: int, block_size: int | None = None) -> float:
-    """Work of decomposing a layer's two factors: eigh and inverse are cubic (in each block,
-    where the factors are blocked)."""
+    """Work of decomposing the two factors of an (out x in) layer blocked by ``block_size``."""
     sides = (BlockLayout.for_side(dim, block_size) for dim in (in_dim, out_dim))
-    return sum(layout.count * float(layout.size) ** 3 for layout in sides)
+    return layouts_cost(*sides)
+
+
+def layouts_cost(*layouts: BlockLayout) -> float:
+    """Work of decomposing factors of these layouts: eigh and inverse are cubic (in each
+    block, where a factor is blocked)."""
+    return sum(layout.count * float(layout.size) ** 3 for layout in layouts)
 
 
 class Communicator:

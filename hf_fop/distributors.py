@@ -29,7 +29,7 @@ from hf_fop.bucket_data import (
     statistic_shape,
     step_statistics,
 )
-from hf_fop.distributed import Communicator, assign_layers, decomposition_cost
+from hf_fop.distributed import Communicator, assign_layers, layouts_cost
 from hf_fop.fop_math import inner
 from hf_fop.layers import LayerAdapter
 from hf_fop.sharding import is_sharded
@@ -51,7 +51,6 @@ class ReplicatedDistributor:
     ) -> None:
         self.layers = list(layers)
         self.communicator = communicator
-        self.block_size = block_size
         self.layouts = [factor_layouts(layer, block_size) for layer in self.layers]
         self.owners = self._owners()
         # Layer indices this rank decomposed at the last refresh (for inspection and tests).
@@ -98,7 +97,7 @@ class ReplicatedDistributor:
     ) -> None:
         """Decompose the (bucket, row) pairs due, in layer order: each rank its share by cost,
         then one collective gives every rank all of them."""
-        costs = [decomposition_cost(b.in_dim, b.out_dim, self.block_size) for b, _ in due]
+        costs = [layouts_cost(b.layout_A, b.layout_G) for b, _ in due]
         owners = assign_layers(costs, self.communicator.world_size)
         rank = self.communicator.rank
         self.decomposed_by_rank = [b.indices[r] for (b, r), o in zip(due, owners) if o == rank]
@@ -134,10 +133,7 @@ class ShardedDistributor(ReplicatedDistributor):
     sharded = True
 
     def _owners(self) -> list[int]:
-        costs = [
-            decomposition_cost(layer.in_dim, layer.out_dim, self.block_size)
-            for layer in self.layers
-        ]
+        costs = [layouts_cost(*layouts) for layouts in self.layouts]
         return assign_layers(costs, self.communicator.world_size)
 
     def agree_overflow(self, overflow: Tensor) -> None:

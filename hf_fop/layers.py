@@ -30,6 +30,13 @@ class UnsupportedLayerError(ValueError):
 class LayerAdapter(ABC):
     """One preconditioned module: shapes, the (a, d) view of a call, and its gradient matrix."""
 
+    # Whether FOP's hooks capture the layer's calls. A layer without hooks takes its Kronecker
+    # factors from its gradient matrix (factor_source="gradient") and has no g1 (its FOP
+    # direction is K-FAC's).
+    hooked = True
+    # Whether the input side's factor is diagonal by construction (one-hot inputs).
+    diagonal_input = False
+
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
@@ -242,6 +249,39 @@ class Conv2dAdapter(LayerAdapter):
         if grad_output.dim() == 3:
             grad_output = grad_output.unsqueeze(0)
         return grad_output.flatten(2).transpose(1, 2)  # (N, H' * W', out)
+
+
+class EmbeddingAdapter(LayerAdapter):
+    """nn.Embedding (with ``precondition_embeddings``), as the linear map of one-hot inputs:
+    out = the embedding width (G's side), in = the vocabulary (A's side). One-hot inputs make A
+    diagonal, so the vocabulary side is kept diagonal however large it is. It has no hooks: a
+    tied output layer adds its share to the same gradient, which the gradient's own factors
+    (g g^T, the diagonal of g^T g) see whole. Not chosen by ``make_adapter`` (embeddings are
+    no ``targets``); the partition takes them when asked."""
+
+    hooked = False
+    diagonal_input = True
+
+    def __init__(self, module: nn.Module) -> None:
+        if getattr(module, "sparse", False):
+            raise UnsupportedLayerError("nn.Embedding with sparse=True (sparse gradients)")
+        super().__init__(module)
+
+    @property
+    def bias(self) -> None:
+        return None
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        return weight.T
+
+    def _unflatten_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.T
+
+    def input_positions(self, inputs: Tensor) -> Tensor:
+        raise NotImplementedError("embeddings are not hooked")
+
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        raise NotImplementedError("embeddings are not hooked")
 
 
 def _as_examples(tensor: Tensor) -> Tensor:

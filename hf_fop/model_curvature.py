@@ -57,10 +57,10 @@ class ModelCurvature:
         self.distributor: Distributor = make_distributor(
             self.layers, self.communicator, self.config.block_size
         )
-        groups: dict[tuple[int, int, torch.device], list[int]] = {}
+        groups: dict[tuple[int, int, torch.device, bool], list[int]] = {}
         for index, layer in enumerate(self.layers):
             if self.distributor.holds(index):
-                key = (layer.in_dim, layer.out_dim, layer.weight.device)
+                key = (layer.in_dim, layer.out_dim, layer.weight.device, layer.hooked)
                 groups.setdefault(key, []).append(index)
         self.buckets = [
             ShapeBucket(
@@ -128,14 +128,15 @@ class ModelCurvature:
     ) -> bool:
         """Fold the estimates into the running factors and decompose what is due, on the
         device only where ``ok`` (the step's finiteness flag) is true. Returns whether any
-        decomposition was refreshed. With ``factor_source="gradient"`` the estimates come from
+        decomposition was refreshed. Buckets whose factors come from the gradient
+        (``factor_source="gradient"``, or layers without hooks) take their estimates from
         ``gradients`` (every layer's full gradient matrix) on curvature steps."""
         config = self.config
-        from_gradients = config.factor_source == "gradient" and gradients is not None
-        if from_gradients and step % config.curvature_interval == 0:
-            assert gradients is not None
+        if gradients is not None and step % config.curvature_interval == 0:
             statistics = [
                 bucket.gradient_statistics([gradients[i] for i in bucket.indices], stats)
+                if bucket.factors_from_gradient
+                else stats
                 for bucket, stats in zip(self.buckets, statistics)
             ]
         for bucket, stats in zip(self.buckets, statistics):
@@ -230,7 +231,7 @@ class ModelCurvature:
     def _report_waiting(self, index: int) -> None:
         """Say why a targeted layer gets gradients but has no curvature (once)."""
         name = self.names[index]
-        if self.capture.stats[index].examples > 0:
+        if not self.layers[index].hooked or self.capture.stats[index].examples > 0:
             self._warn_once(
                 "no-curvature",
                 "a preconditioned layer has no curvature yet (its hooks saw no backward pass "

@@ -40,7 +40,7 @@ from hf_fop.mixed_precision import (
 )
 from hf_fop.model_curvature import ModelCurvature, float_statistics
 from hf_fop.param_groups import adamw_defaults, local_grads, param_groups, param_indices
-from hf_fop.partition import partition_model, unwrap_model
+from hf_fop.partition import configured_partition, unwrap_model
 from hf_fop.pending_verdict import DecidedAtFirstUse, PendingVerdict
 from hf_fop.plan import plan_partition
 from hf_fop.sharding import follow_sharded_parameters, is_sharded
@@ -86,9 +86,7 @@ class FOP(torch.optim.Optimizer):
     ) -> None:
         config = (config or FOPConfig()).replace(**settings)
         model = unwrap_model(model)
-        partition = partition_model(
-            model, config.targets, config.skip, config.max_factor_dim, config.block_size
-        )
+        partition = configured_partition(model, config)
         super().__init__(param_groups(partition, config), adamw_defaults(config))
         self.config = config
         self.partition = partition

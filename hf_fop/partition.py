@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from hf_fop.blocks import BlockLayout
-from hf_fop.layers import LayerAdapter, UnsupportedLayerError, make_adapter
+from hf_fop.config import FOPConfig
+from hf_fop.layers import EmbeddingAdapter, LayerAdapter, UnsupportedLayerError, make_adapter
 
 
 class UnsupportedWrapperError(TypeError):
@@ -112,10 +113,13 @@ def partition_model(
     skip: Sequence[str] = (),
     max_factor_dim: int = 8192,
     block_size: int | None = None,
+    embeddings: bool = False,
 ) -> Partition:
     """Split ``model``'s trainable parameters: chosen layers to FOP, everything else to AdamW.
 
-    With ``block_size``, ``max_factor_dim`` bounds the factor blocks, not the whole sides."""
+    With ``block_size``, ``max_factor_dim`` bounds the factor blocks, not the whole sides.
+    ``embeddings``: every nn.Embedding is preconditioned too (with a tied output layer, which
+    shares its weight), whatever ``targets`` says."""
     # Each module is adapted once: (adapter, None), or (None, why) for a supported type in a
     # configuration that is not (reported, not dropped); other module types are no candidates.
     sequence_first, uncalled = _layouts(model)
@@ -138,6 +142,8 @@ def partition_model(
             continue
         partition.layers.append((name, adapter))
         taken.update(id(p) for p in adapter.params)
+    if embeddings:
+        _take_embeddings(model, partition, taken, skip, max_factor_dim, block_size)
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in taken:
             continue
@@ -146,6 +152,48 @@ def partition_model(
         group.append((name, param))
     _check_selection(partition, targets)
     return partition
+
+
+def configured_partition(model: nn.Module, config: FOPConfig) -> Partition:
+    """``partition_model`` with the settings of ``config``."""
+    return partition_model(
+        model,
+        config.targets,
+        config.skip,
+        config.max_factor_dim,
+        config.block_size,
+        config.precondition_embeddings,
+    )
+
+
+def _take_embeddings(
+    model: nn.Module,
+    partition: Partition,
+    taken: set[int],
+    skip: Sequence[str],
+    max_factor_dim: int,
+    block_size: int | None,
+) -> None:
+    """Add every trainable nn.Embedding to ``partition`` (its weight to ``taken``). A tied
+    weight is welcome: an embedding's factors come from its whole gradient."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Embedding) or id(module.weight) in taken:
+            continue
+        width = BlockLayout.for_side(module.embedding_dim, block_size).size
+        if any(re.search(pattern, name) for pattern in skip):
+            partition.excluded[name] = "skip list"
+        elif not module.weight.requires_grad:
+            partition.excluded[name] = "frozen"
+        elif width > max_factor_dim:
+            partition.excluded[name] = f"factor larger than max_factor_dim={max_factor_dim}"
+        else:
+            try:
+                adapter = EmbeddingAdapter(module)
+            except UnsupportedLayerError as error:
+                partition.excluded[name] = str(error)
+                continue
+            partition.layers.append((name, adapter))
+            taken.add(id(module.weight))
 
 
 def _check_selection(partition: Partition, targets: str | Sequence[str]) -> None:

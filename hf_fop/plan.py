@@ -26,8 +26,8 @@ from hf_fop.blocks import BlockLayout
 from hf_fop.bucket_data import factor_layouts
 from hf_fop.config import FOPConfig
 from hf_fop.curvature import PRECONDITIONERS
-from hf_fop.distributed import assign_layers, decomposition_cost
-from hf_fop.partition import Partition, partition_model, unwrap_model
+from hf_fop.distributed import assign_layers, layouts_cost
+from hf_fop.partition import Partition, configured_partition, unwrap_model
 
 FP32 = 4
 # Flops of one symmetric eigendecomposition with eigenvectors, per d^3.
@@ -152,9 +152,7 @@ def plan(
     several ranks is DDP, where every rank holds the whole state."""
     config = (config or FOPConfig()).replace(**settings)
     model = unwrap_model(model)
-    partition = partition_model(
-        model, config.targets, config.skip, config.max_factor_dim, config.block_size
-    )
+    partition = configured_partition(model, config)
     return plan_partition(model, partition, config, world_size=world_size, sharded=sharded)
 
 
@@ -169,8 +167,8 @@ def plan_partition(
     layers, costs = [], []
     for name, adapter in partition.layers:
         # The cost the distributors balance ranks by: d^3 summed over the decomposed blocks.
-        costs.append(decomposition_cost(adapter.in_dim, adapter.out_dim, config.block_size))
         layouts = factor_layouts(adapter, config.block_size)
+        costs.append(layouts_cost(*layouts))
         layers.append(_layer_plan(name, adapter.params, *layouts, config, costs[-1]))
     adamw_side = [p for _, p in partition.adamw_decay + partition.adamw_no_decay]
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -48,8 +48,17 @@ def _one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         {"graft": "none", "damping_mode": "absolute"},
         {"momentum": 0.0, "method": "inverse"},
         {"momentum_placement": "before", "factor_source": "gradient"},
+        {"precondition_embeddings": True, "curvature": "eigen_corrected", "block_size": 8},
     ],
-    ids=["defaults", "blocked", "eigen-corrected-padded", "no-graft", "inverse", "momentum-before"],
+    ids=[
+        "defaults",
+        "blocked",
+        "eigen-corrected-padded",
+        "no-graft",
+        "inverse",
+        "momentum-before",
+        "embeddings",
+    ],
 )
 @pytest.mark.parametrize("model_name", ["token-classifier", "llama"])
 def test_planned_state_bytes_are_what_fop_allocates(model_name: str, settings: dict) -> None:

@@ -97,6 +97,13 @@ class FOPTrainingArguments(TrainingArguments):
             "help": "Split factor sides longer than this into diagonal blocks (default: whole)."
         },
     )
+    fop_precondition_embeddings: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Precondition nn.Embedding weights too (and a tied output layer), from "
+            "their gradient (default: False, AdamW)."
+        },
+    )
     fop_max_factor_dim: int | None = field(
         default=None,
         metadata={"help": "Layers with a larger factor (vocab heads) use AdamW (default 8192)."},
