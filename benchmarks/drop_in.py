@@ -487,14 +487,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     batches = list(result["results"])
     figure, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
     for column, batch in enumerate(batches):
-        for name, entry in result["results"][batch].items():
+        for position, (name, entry) in enumerate(result["results"][batch].items()):
             for row, x_key in enumerate(("step", "seconds")):
                 axis = axes[row][column]
                 for index, curve in enumerate(entry["curves"]):
                     axis.plot(
                         [p[x_key] for p in curve],
                         [p["metric"] for p in curve],
-                        color=f"C{list(NAMES).index(name)}",
+                        color=f"C{position % 10}",
+                        linestyle="-" if position < 10 else "--",
                         alpha=0.8,
                         label=NAMES[name] if index == 0 else None,
                     )

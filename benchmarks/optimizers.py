@@ -30,24 +30,27 @@ PEER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon", "soap": "SOAP"}
 # The preconditioned variants: (label, FOP settings). The "_mb" ones take the momentum before the
 # preconditioner (Adam's and SOAP's order); the eigen-corrected ones (``curvature=
 # "eigen_corrected"``) replace K-FAC's product of eigenvalues by the rotated gradient's second
-# moment to the power 1 (EK-FAC) or 1/2 (SOAP-style), damped by 0.01 of its mean. ``soap``-like
-# rows go all the way to SOAP's recipe inside FOP: Kronecker factors of the gradient matrix
-# (g g^T, g^T g) every step, the basis refreshed every 2 steps by power iteration and QR, Adam's
-# eps as absolute damping, no grafting (the direction is the step), beta2 0.95.
+# moment to the power 1 (EK-FAC) or 1/2 (SOAP-style), damped by 0.01 of its mean.
+# ``_eigenadam`` is Adam in the K-FAC eigenbasis, run SOAP's way on every layer: K-FAC's factors
+# every step, the basis refreshed every 2 steps by power iteration and QR, the exponent 1/2 with
+# Adam's eps as absolute damping, beta2 0.95, no grafting (the direction is the step), and every
+# Linear/Conv layer and embedding preconditioned (heads and a tied vocabulary included).
+# ``_soap`` is the same in SOAP's own basis: Kronecker factors of the gradient (g g^T, g^T g).
 _EIGEN_CORRECTED = {"curvature": "eigen_corrected", "damping": 0.01}
 _BEFORE = {"momentum_placement": "before"}
-_SOAP_RECIPE = {
+_EIGEN_ADAM = {
     **_EIGEN_CORRECTED,
     **_BEFORE,
     "exponent": 0.5,
     "damping": 1e-8,
     "damping_mode": "absolute",
     "graft": "none",
-    "factor_source": "gradient",
     "curvature_interval": 1,
     "inverse_interval": 2,
     "basis_refresh": "qr",
     "adamw_betas": (0.9, 0.95),
+    "targets": "all-linear",
+    "precondition_embeddings": True,
 }
 _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "": ("", {}),
@@ -61,7 +64,11 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         ", eigen-corrected ^1/2, momentum before",
         {**_EIGEN_CORRECTED, **_BEFORE, "exponent": 0.5},
     ),
-    "_soap": (", SOAP's recipe", _SOAP_RECIPE),
+    "_eigenadam": (", Adam in its eigenbasis, every layer", _EIGEN_ADAM),
+    "_soap": (
+        ", Adam in SOAP's basis, every layer",
+        {**_EIGEN_ADAM, "factor_source": "gradient"},
+    ),
 }
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     f"{mode}{suffix}": (f"{mode_label}{label}", {"mode": mode, **settings})
