@@ -69,6 +69,22 @@ class BlockLayout:
         return math.prod(self.factor_shape)
 
 
+@dataclass(frozen=True)
+class Blocking:
+    """How every factor side is laid out: sides longer than ``diagonal_above`` keep their
+    diagonal alone (that side's eigenbasis is the identity: the layer is preconditioned by its
+    other factor, as SOAP leaves long sides unrotated); the others are split into blocks no
+    larger than ``block_size`` (None: whole)."""
+
+    block_size: int | None = None
+    diagonal_above: int | None = None
+
+    def side(self, dim: int) -> BlockLayout:
+        if self.diagonal_above is not None and dim > self.diagonal_above:
+            return BlockLayout.diagonal(dim)
+        return BlockLayout.for_side(dim, self.block_size)
+
+
 def pad_matrix(matrix: Tensor, rows: BlockLayout, cols: BlockLayout) -> Tensor:
     """``matrix`` (..., rows.dim, cols.dim) with zero padding to (..., rows.padded, cols.padded)."""
     extra_rows, extra_cols = rows.padded - rows.dim, cols.padded - cols.dim

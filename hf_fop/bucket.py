@@ -43,7 +43,7 @@ class ShapeBucket:
     ) -> None:
         self.indices, self.names = indices, names
         self.in_dim, self.out_dim = layer.in_dim, layer.out_dim
-        self.layout_A, self.layout_G = factor_layouts(layer, config.block_size)
+        self.layout_A, self.layout_G = factor_layouts(layer, config.blocking)
         self.method = PRECONDITIONERS[config.method]
         self.basis_refresh = config.basis_refresh
         # Kronecker factors of the gradient matrix (g^T g, g g^T) instead of the hooks' A and G.

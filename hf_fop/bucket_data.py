@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from hf_fop.blocks import BlockLayout
+from hf_fop.blocks import Blocking, BlockLayout
 from hf_fop.fop_math import FOPDirection
 from hf_fop.layers import LayerAdapter
 
@@ -20,14 +20,14 @@ if TYPE_CHECKING:
 SCALARS = ("beta", "eta", "rho", "kfac_cosine")
 
 
-def factor_layouts(layer: LayerAdapter, block_size: int | None) -> tuple[BlockLayout, BlockLayout]:
-    """How the layer's A and G sides are blocked (blocks.py); a diagonal input side (an
+def factor_layouts(layer: LayerAdapter, blocking: Blocking) -> tuple[BlockLayout, BlockLayout]:
+    """How the layer's A and G sides are laid out (blocks.py); a diagonal input side (an
     embedding's vocabulary) in blocks of one."""
     if layer.diagonal_input:
         layout_A = BlockLayout.diagonal(layer.in_dim)
     else:
-        layout_A = BlockLayout.for_side(layer.in_dim, block_size)
-    return layout_A, BlockLayout.for_side(layer.out_dim, block_size)
+        layout_A = blocking.side(layer.in_dim)
+    return layout_A, blocking.side(layer.out_dim)
 
 
 def statistic_shape(kind: str, layout_A: BlockLayout, layout_G: BlockLayout) -> tuple[int, ...]:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.fx.node import has_side_effect
 from torch.utils.hooks import RemovableHandle
 
+from hf_fop.blocks import Blocking
 from hf_fop.bucket_data import factor_layouts
 from hf_fop.factor_sums import active_rows, output_second_moment, second_moment, weight_gradient
 from hf_fop.layer_backward import LayerBackward, ModuleOutput
@@ -93,11 +94,12 @@ class CurvatureCapture:
     """
 
     def __init__(
-        self, root: nn.Module, layers: Sequence[LayerAdapter], block_size: int | None = None
+        self, root: nn.Module, layers: Sequence[LayerAdapter], blocking: Blocking | None = None
     ) -> None:
         self.layers = list(layers)
         # How each layer's factors are blocked (blocks.py).
-        self.layouts = [factor_layouts(layer, block_size) for layer in self.layers]
+        blocking = blocking or Blocking()
+        self.layouts = [factor_layouts(layer, blocking) for layer in self.layers]
         self.collect_factors: Any = True
         self.collect_first_half = True
         self._accumulation_steps: int | None = None

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from hf_fop.blocks import Blocking
+
 Mode = Literal["fop", "kfac"]
 Method = Literal["eigen", "inverse"]
 DampingMode = Literal["relative", "absolute"]
@@ -99,6 +101,10 @@ class FOPConfig:
     # (hf_fop/blocks.py): memory and refresh cost grow linearly with the side instead of as its
     # square and cube. None: whole factors. Needs method="eigen".
     block_size: int | None = None
+    # Factor sides longer than this keep their diagonal alone: the layer is preconditioned by
+    # its other factor (an untied vocabulary head, as SOAP leaves long sides unrotated). None:
+    # such layers follow max_factor_dim.
+    diagonal_above: int | None = 8192
     # Layers with a Kronecker factor (or, blocked, a factor block) larger than this go to AdamW.
     max_factor_dim: int = 8192
     # Micro-batches per optimizer step; g1 is the gradient of the first half of the step's
@@ -183,6 +189,11 @@ class FOPConfig:
         )
         _check(self.max_factor_dim >= 1, f"max_factor_dim must be >= 1, got {self.max_factor_dim}")
         _check(
+            self.diagonal_above is None
+            or (isinstance(self.diagonal_above, int) and self.diagonal_above >= 1),
+            f"diagonal_above must be an integer >= 1, or None, got {self.diagonal_above!r}",
+        )
+        _check(
             self.block_size is None or (isinstance(self.block_size, int) and self.block_size >= 2),
             f"block_size must be an integer >= 2, or None for whole factors, got {self.block_size!r}",
         )
@@ -202,6 +213,11 @@ class FOPConfig:
             isinstance(self.targets, str) or all(isinstance(t, str) for t in self.targets),
             "targets must be 'auto', 'all-linear', a regular expression or a list of module names",
         )
+
+    @property
+    def blocking(self) -> Blocking:
+        """How every factor side is laid out (blocks.py)."""
+        return Blocking(self.block_size, self.diagonal_above)
 
     @property
     def fallback_lr(self) -> float:

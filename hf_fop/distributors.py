@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from hf_fop.blocks import Blocking
 from hf_fop.bucket import ShapeBucket
 from hf_fop.bucket_data import (
     SCALARS,
@@ -47,11 +48,11 @@ class ReplicatedDistributor:
         self,
         layers: Sequence[LayerAdapter],
         communicator: Communicator,
-        block_size: int | None = None,
+        blocking: Blocking | None = None,
     ) -> None:
         self.layers = list(layers)
         self.communicator = communicator
-        self.layouts = [factor_layouts(layer, block_size) for layer in self.layers]
+        self.layouts = [factor_layouts(layer, blocking or Blocking()) for layer in self.layers]
         self.owners = self._owners()
         # Layer indices this rank decomposed at the last refresh (for inspection and tests).
         self.decomposed_by_rank: list[int] = []
@@ -188,12 +189,12 @@ Distributor = ReplicatedDistributor
 
 
 def make_distributor(
-    layers: Sequence[LayerAdapter], communicator: Communicator, block_size: int | None = None
+    layers: Sequence[LayerAdapter], communicator: Communicator, blocking: Blocking | None = None
 ) -> Distributor:
     """The distributor for how ``layers`` are held now (sharded by FSDP2 or not)."""
     if any(is_sharded(layer.weight) for layer in layers):
-        return ShardedDistributor(layers, communicator, block_size)
-    return ReplicatedDistributor(layers, communicator, block_size)
+        return ShardedDistributor(layers, communicator, blocking)
+    return ReplicatedDistributor(layers, communicator, blocking)
 
 
 def _direction_dot_gradient(steps: list[BucketStep]) -> Tensor:

@@ -49,13 +49,13 @@ class ModelCurvature:
         self.communicator = communicator
         self.names = [name for name, _ in layers]
         self.layers = [layer for _, layer in layers]
-        self.capture = CurvatureCapture(model, self.layers, config.block_size)
+        self.capture = CurvatureCapture(model, self.layers, config.blocking)
         self._build_buckets()
         self._warned: set[str] = set()
 
     def _build_buckets(self) -> None:
         self.distributor: Distributor = make_distributor(
-            self.layers, self.communicator, self.config.block_size
+            self.layers, self.communicator, self.config.blocking
         )
         groups: dict[tuple[int, int, torch.device, bool], list[int]] = {}
         for index, layer in enumerate(self.layers):

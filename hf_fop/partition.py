@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from hf_fop.blocks import BlockLayout
+from hf_fop.blocks import Blocking
+from hf_fop.bucket_data import factor_layouts
 from hf_fop.config import FOPConfig
 from hf_fop.layers import EmbeddingAdapter, LayerAdapter, UnsupportedLayerError, make_adapter
 
@@ -114,10 +115,12 @@ def partition_model(
     max_factor_dim: int = 8192,
     block_size: int | None = None,
     embeddings: bool = False,
+    diagonal_above: int | None = 8192,
 ) -> Partition:
     """Split ``model``'s trainable parameters: chosen layers to FOP, everything else to AdamW.
 
-    With ``block_size``, ``max_factor_dim`` bounds the factor blocks, not the whole sides.
+    With ``block_size``, ``max_factor_dim`` bounds the factor blocks, not the whole sides;
+    sides longer than ``diagonal_above`` are kept diagonal, so they never exceed it.
     ``embeddings``: every nn.Embedding is preconditioned too (with a tied output layer, which
     shares its weight), whatever ``targets`` says."""
     # Each module is adapted once: (adapter, None), or (None, why) for a supported type in a
@@ -130,20 +133,21 @@ def partition_model(
     candidates = [(name, m) for name, (m, adapter, why) in adapted.items() if adapter or why]
     chosen = _select_targets(model, candidates, targets)
     owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
+    blocking = Blocking(block_size, diagonal_above)
     partition = Partition()
     taken: set[int] = set()
     for name, module in candidates:
         if name not in chosen:
             continue
         _, adapter, unsupported = adapted[name]
-        reason = _exclusion_reason(name, module, adapter, skip, max_factor_dim, block_size, owners)
+        reason = _exclusion_reason(name, module, adapter, skip, max_factor_dim, blocking, owners)
         if reason is not None or adapter is None:
             partition.excluded[name] = reason or unsupported
             continue
         partition.layers.append((name, adapter))
         taken.update(id(p) for p in adapter.params)
     if embeddings:
-        _take_embeddings(model, partition, taken, skip, max_factor_dim, block_size)
+        _take_embeddings(model, partition, taken, skip, max_factor_dim, blocking)
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in taken:
             continue
@@ -163,6 +167,7 @@ def configured_partition(model: nn.Module, config: FOPConfig) -> Partition:
         config.max_factor_dim,
         config.block_size,
         config.precondition_embeddings,
+        config.diagonal_above,
     )
 
 
@@ -172,14 +177,14 @@ def _take_embeddings(
     taken: set[int],
     skip: Sequence[str],
     max_factor_dim: int,
-    block_size: int | None,
+    blocking: Blocking,
 ) -> None:
     """Add every trainable nn.Embedding to ``partition`` (its weight to ``taken``). A tied
     weight is welcome: an embedding's factors come from its whole gradient."""
     for name, module in model.named_modules():
         if not isinstance(module, nn.Embedding) or id(module.weight) in taken:
             continue
-        width = BlockLayout.for_side(module.embedding_dim, block_size).size
+        width = blocking.side(module.embedding_dim).size
         if any(re.search(pattern, name) for pattern in skip):
             partition.excluded[name] = "skip list"
         elif not module.weight.requires_grad:
@@ -300,7 +305,7 @@ def _exclusion_reason(
     adapter: LayerAdapter | None,
     skip: Sequence[str],
     max_factor_dim: int,
-    block_size: int | None,
+    blocking: Blocking,
     owners: Counter,
 ) -> str | None:
     if any(re.search(pattern, name) for pattern in skip):
@@ -314,11 +319,9 @@ def _exclusion_reason(
     if owners[id(weight)] > 1:
         return "tied weight"
     if adapter is not None:
-        sides = (
-            BlockLayout.for_side(d, block_size).size for d in (adapter.in_dim, adapter.out_dim)
-        )
+        sides = (layout.size for layout in factor_layouts(adapter, blocking))
         if max(sides) > max_factor_dim:
-            blocks = " (block)" if block_size is not None else ""
+            blocks = " (block)" if blocking.block_size is not None else ""
             return f"factor{blocks} larger than max_factor_dim={max_factor_dim}"
     return None
 

@@ -167,7 +167,7 @@ def plan_partition(
     layers, costs = [], []
     for name, adapter in partition.layers:
         # The cost the distributors balance ranks by: d^3 summed over the decomposed blocks.
-        layouts = factor_layouts(adapter, config.block_size)
+        layouts = factor_layouts(adapter, config.blocking)
         costs.append(layouts_cost(*layouts))
         layers.append(_layer_plan(name, adapter.params, *layouts, config, costs[-1]))
     adamw_side = [p for _, p in partition.adamw_decay + partition.adamw_no_decay]

@@ -13,7 +13,7 @@ from hf_fop.curvature import EigenPreconditioner
 from hf_fop.eigen_corrected import carry_second_moment
 from hf_fop.factor_sums import output_second_moment, second_moment
 from hf_fop.partition import partition_model
-from tests.dense import block_diagonal
+from tests.dense import block_diagonal, unvec, vec
 from tests.helpers import TokenClassifier, token_data, train
 
 
@@ -186,10 +186,51 @@ def test_blocking_keeps_layers_whose_sides_exceed_max_factor_dim() -> None:
     assert len(partition_model(model, max_factor_dim=20, block_size=16).layers) == 4
 
 
+def test_a_side_longer_than_diagonal_above_keeps_its_diagonal_and_the_layer_its_other_side() -> (
+    None
+):
+    # blocks.*.1 is Linear(16 -> 32): with diagonal_above=20 its G side (32) keeps its diagonal,
+    # and the step is (A (x) diag(G) + damping I)^-1 g with A and G those of whole factors.
+    tokens, labels = token_data()
+    settings = {
+        "mode": "kfac",
+        "lr": 1.0,
+        "graft": "none",
+        "momentum": 0.0,
+        "weight_decay": 0.0,
+        "damping": 1e-3,
+        "damping_mode": "absolute",
+        "targets": ["blocks.0.1"],
+    }
+    runs = {}
+    for diagonal_above in (None, 20):
+        torch.manual_seed(0)
+        model = TokenClassifier()
+        layer = model.blocks[0][1]
+        before = torch.cat([layer.weight, layer.bias[:, None]], 1).detach().clone()
+        # max_factor_dim=20 would send a whole G side of 32 to AdamW; a diagonal one fits.
+        cap = 8192 if diagonal_above is None else 20
+        optimizer = FOP(model, diagonal_above=diagonal_above, max_factor_dim=cap, **settings)
+        assert optimizer.layer_names == ["blocks.0.1"]
+        train(model, optimizer, tokens, labels, steps=1)
+        after = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
+        grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+        runs[diagonal_above] = (optimizer.curvature.layer_state("blocks.0.1"), after - before, grad)
+    (whole, _, grad), (diagonal, update, _) = runs[None], runs[20]
+    assert diagonal["G"].shape == (32, 1, 1) and diagonal["A"].shape == (17, 17)
+    torch.testing.assert_close(diagonal["A"], whole["A"])
+    torch.testing.assert_close(diagonal["G"][:, 0, 0], torch.diagonal(whole["G"]))
+    A, G = whole["A"].double(), torch.diag(torch.diagonal(whole["G"])).double()
+    F = torch.kron(A, G) + 1e-3 * torch.eye(17 * 32, dtype=torch.float64)
+    want = -unvec(torch.linalg.solve(F, vec(grad.double())), 32)
+    torch.testing.assert_close(update.double(), want, rtol=2e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
         ({"block_size": 1}, "block_size must be"),
+        ({"diagonal_above": 0}, "diagonal_above must be"),
         ({"block_size": 64, "method": "inverse"}, "method='eigen'"),
     ],
 )

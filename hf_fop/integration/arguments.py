@@ -104,6 +104,13 @@ class FOPTrainingArguments(TrainingArguments):
             "their gradient (default: False, AdamW)."
         },
     )
+    fop_diagonal_above: int | None = field(
+        default=None,
+        metadata={
+            "help": "Factor sides longer than this keep only their diagonal (vocabulary heads "
+            "are preconditioned on their other side; default 8192)."
+        },
+    )
     fop_max_factor_dim: int | None = field(
         default=None,
         metadata={"help": "Layers with a larger factor (vocab heads) use AdamW (default 8192)."},
