@@ -164,8 +164,10 @@ class FOPConfig:
         )
         _check(
             self.method == "eigen" or (self.curvature, self.basis_refresh) == ("kronecker", "eigh"),
-            "curvature='eigen_corrected' and basis_refresh='qr' work in the Kronecker eigenbasis: "
-            f"use method='eigen' (got method={self.method!r})",
+            "method='inverse' (explicit inverses, no eigenbasis) takes the Kronecker metric with "
+            "full decompositions: set curvature='kronecker' and basis_refresh='eigh' with it, or "
+            f"keep method='eigen' (got curvature={self.curvature!r}, "
+            f"basis_refresh={self.basis_refresh!r})",
         )
         _check(
             math.isfinite(self.exponent) and 0 < self.exponent <= 1,

@@ -121,13 +121,14 @@ def partition_model(
 
     With ``block_size``, ``max_factor_dim`` bounds the factor blocks, not the whole sides;
     sides longer than ``diagonal_above`` are kept diagonal, so they never exceed it.
-    ``embeddings``: every nn.Embedding is preconditioned too (with a tied output layer, which
-    shares its weight), whatever ``targets`` says."""
+    ``embeddings``: nn.Embedding modules are candidates too (with a tied output layer, which
+    shares their weight); ``"auto"`` and ``"all-linear"`` take every one, a regex or a list
+    those it names."""
     # Each module is adapted once: (adapter, None), or (None, why) for a supported type in a
     # configuration that is not (reported, not dropped); other module types are no candidates.
     sequence_first, uncalled = _layouts(model)
     adapted = {
-        name: (module, *_adapt(module, name in sequence_first, uncalled.get(name)))
+        name: (module, *_adapt(module, name in sequence_first, uncalled.get(name), embeddings))
         for name, module in model.named_modules()
     }
     candidates = [(name, m) for name, (m, adapter, why) in adapted.items() if adapter or why]
@@ -141,13 +142,13 @@ def partition_model(
             continue
         _, adapter, unsupported = adapted[name]
         reason = _exclusion_reason(name, module, adapter, skip, max_factor_dim, blocking, owners)
+        if reason is None and adapter is not None and any(id(p) in taken for p in adapter.params):
+            reason = "tied weight"
         if reason is not None or adapter is None:
             partition.excluded[name] = reason or unsupported
             continue
         partition.layers.append((name, adapter))
         taken.update(id(p) for p in adapter.params)
-    if embeddings:
-        _take_embeddings(model, partition, taken, skip, max_factor_dim, blocking)
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in taken:
             continue
@@ -169,36 +170,6 @@ def configured_partition(model: nn.Module, config: FOPConfig) -> Partition:
         config.precondition_embeddings,
         config.diagonal_above,
     )
-
-
-def _take_embeddings(
-    model: nn.Module,
-    partition: Partition,
-    taken: set[int],
-    skip: Sequence[str],
-    max_factor_dim: int,
-    blocking: Blocking,
-) -> None:
-    """Add every trainable nn.Embedding to ``partition`` (its weight to ``taken``). A tied
-    weight is welcome: an embedding's factors come from its whole gradient."""
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Embedding) or id(module.weight) in taken:
-            continue
-        width = blocking.side(module.embedding_dim).size
-        if any(re.search(pattern, name) for pattern in skip):
-            partition.excluded[name] = "skip list"
-        elif not module.weight.requires_grad:
-            partition.excluded[name] = "frozen"
-        elif width > max_factor_dim:
-            partition.excluded[name] = f"factor larger than max_factor_dim={max_factor_dim}"
-        else:
-            try:
-                adapter = EmbeddingAdapter(module)
-            except UnsupportedLayerError as error:
-                partition.excluded[name] = str(error)
-                continue
-            partition.layers.append((name, adapter))
-            taken.add(id(module.weight))
 
 
 def _check_selection(partition: Partition, targets: str | Sequence[str]) -> None:
@@ -248,9 +219,11 @@ def _layouts(model: nn.Module) -> tuple[set[str], dict[str, str]]:
 
 
 def _adapt(
-    module: nn.Module, sequence_first: bool, uncalled: str | None
+    module: nn.Module, sequence_first: bool, uncalled: str | None, embeddings: bool
 ) -> tuple[LayerAdapter | None, str | None]:
     try:
+        if embeddings and isinstance(module, nn.Embedding):
+            return EmbeddingAdapter(module), None
         adapter = make_adapter(module, sequence_first)
     except UnsupportedLayerError as error:
         return None, str(error)
@@ -267,7 +240,8 @@ def _select_targets(
         if targets == "auto":
             in_blocks = _modules_in_blocks(model)
             inside = [name for name, module in candidates if id(module) in in_blocks]
-            return set(inside or names)
+            embeddings = [name for name, module in candidates if isinstance(module, nn.Embedding)]
+            return set(inside + embeddings if inside else names)
         if targets == "all-linear":
             return set(names)
         try:
@@ -283,7 +257,8 @@ def _select_targets(
     missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in chosen)]
     if missing:
         raise ValueError(
-            f"targets {sorted(missing)} name no Linear, Conv1D or Conv2d module of the model; "
+            f"targets {sorted(missing)} name no Linear, Conv1D or Conv2d module of the model (nor "
+            "an Embedding, with precondition_embeddings); "
             f"supported modules include {_abbreviate(names)}"
         )
     return chosen
@@ -316,7 +291,8 @@ def _exclusion_reason(
         return "frozen"
     if bias is not None and not bias.requires_grad:
         return "frozen bias"
-    if owners[id(weight)] > 1:
+    if owners[id(weight)] > 1 and (adapter is None or adapter.hooked):
+        # Hooks see one use of a tied weight; a layer without hooks reads its whole gradient.
         return "tied weight"
     if adapter is not None:
         sides = (layout.size for layout in factor_layouts(adapter, blocking))

@@ -116,3 +116,14 @@ def test_embeddings_train_a_tied_language_model() -> None:
         optimizer.step()
     assert model(input_ids=ids, labels=ids).loss.item() < 0.5 * first
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+
+
+def test_targets_select_embeddings_as_they_select_layers() -> None:
+    model = TokenClassifier()
+    names = lambda targets: [n for n, _ in partition_model(model, targets, embeddings=True).layers]  # noqa: E731
+    assert names("auto") == ["embed", "blocks.0.1", "blocks.0.3", "blocks.1.1", "blocks.1.3"]
+    assert names(["blocks.0.1"]) == ["blocks.0.1"]  # a list takes what it names
+    assert names(["embed", "blocks.0.1"]) == ["embed", "blocks.0.1"]
+    assert names("embed|head") == ["embed", "head"]
+    with pytest.raises(ValueError, match="Embedding"):
+        partition_model(model, ["embed"])  # not a candidate without the setting
