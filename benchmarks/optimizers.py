@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from hf_fop import FOP, FOPConfig, partition_model
+from hf_fop.config import KRONECKER_SETTINGS
 
 PEER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon", "soap": "SOAP"}
 
@@ -54,6 +55,7 @@ _EIGEN_ADAM = {
 }
 _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "": ("", {}),
+    "_kronecker": (", Kronecker metric, grafted (0.2 defaults)", KRONECKER_SETTINGS),
     "_nograft": (", no graft", {"graft": "none", "adamw_lr": 1e-3}),
     "_mb": (", momentum before", _BEFORE),
     # Earlier probes: the eigen-corrected metric with the momentum after the preconditioner.

@@ -28,6 +28,25 @@ BASIS_REFRESHES: tuple[str, ...] = ("eigh", "qr")
 FACTOR_SOURCES: tuple[str, ...] = ("activations", "gradient")
 
 
+# Release 0.2's defaults, kept as a named set: K-FAC's metric l_G l_A with damping relative to
+# its mean, each layer's direction grafted onto AdamW's step with the momentum after the
+# preconditioner, factors from the hooks every 5 steps (eigh), the blocks' layers only.
+KRONECKER_SETTINGS: dict[str, object] = {
+    "curvature": "kronecker",
+    "exponent": 1.0,
+    "momentum_placement": "after",
+    "graft": "adamw",
+    "damping": 1.0,
+    "damping_mode": "relative",
+    "factor_source": "activations",
+    "basis_refresh": "eigh",
+    "curvature_interval": 5,
+    "inverse_interval": 5,
+    "targets": "auto",
+    "precondition_embeddings": False,
+}
+
+
 @dataclass(frozen=True)
 class FOPConfig:
     """Every knob of :class:`hf_fop.FOP`, checked once when it is built.
@@ -165,7 +184,8 @@ class FOPConfig:
         _check(
             self.method == "eigen" or (self.curvature, self.basis_refresh) == ("kronecker", "eigh"),
             "method='inverse' (explicit inverses, no eigenbasis) takes the Kronecker metric with "
-            "full decompositions: set curvature='kronecker' and basis_refresh='eigh' with it, or "
+            "full decompositions: set curvature='kronecker' and basis_refresh='eigh' with it "
+            "(FOPConfig.kronecker(method='inverse') has both), or "
             f"keep method='eigen' (got curvature={self.curvature!r}, "
             f"basis_refresh={self.basis_refresh!r})",
         )
@@ -215,6 +235,12 @@ class FOPConfig:
             isinstance(self.targets, str) or all(isinstance(t, str) for t in self.targets),
             "targets must be 'auto', 'all-linear', a regular expression or a list of module names",
         )
+
+    @classmethod
+    def kronecker(cls, **changes: object) -> FOPConfig:
+        """Release 0.2's defaults (``KRONECKER_SETTINGS``) with ``changes``: the Kronecker
+        metric, grafted, as K-FAC papers and ``method="inverse"`` have it."""
+        return cls(**{**KRONECKER_SETTINGS, **changes})
 
     @property
     def blocking(self) -> Blocking:
