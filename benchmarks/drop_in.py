@@ -35,6 +35,7 @@ import platform
 import statistics
 import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from benchmarks.optimizers import NAMES, VARIANTS, default_damping, make_optimiz
 from benchmarks.real_tasks import REAL_TASKS, RealTask
 from benchmarks.step_cost import side_by_side_step_seconds
 from benchmarks.tuning import bracketed_search
-from hf_fop import FOP
+from hf_fop import FOP, FOPConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAMW_GRID = (3e-4, 1e-3, 3e-3)
@@ -56,7 +57,7 @@ LR_GRID = {
     "soap": (1e-3, 3e-3, 1e-2),
     # Grafted variants take AdamW's rate; ungrafted ones (their own step size) SOAP's grid.
     **{
-        name: ADAMW_GRID if settings.get("graft", "adamw") == "adamw" else (1e-3, 3e-3, 1e-2)
+        name: ADAMW_GRID if FOPConfig().replace(**settings).graft == "adamw" else (1e-3, 3e-3, 1e-2)
         for name, (_, settings) in VARIANTS.items()
     },
 }
@@ -141,7 +142,8 @@ def cached_run(
     same run is there: a run is a function of its key, so an ablation can grow optimizer by
     optimizer without training anything twice. The key holds the optimizer's settings, so a
     changed variant runs again."""
-    settings = VARIANTS[name][1] if name in VARIANTS else {}
+    # The whole configuration, defaults resolved: a changed default is another run.
+    settings = asdict(FOPConfig().replace(**VARIANTS[name][1])) if name in VARIANTS else {}
     key = json.dumps(
         [task.name, name, settings, lr, damping, batch, steps, seed, eval_every], default=str
     )

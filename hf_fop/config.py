@@ -44,6 +44,8 @@ KRONECKER_SETTINGS: dict[str, object] = {
     "inverse_interval": 5,
     "targets": "auto",
     "precondition_embeddings": False,
+    "block_size": None,
+    "diagonal_above": None,
 }
 
 
@@ -51,12 +53,16 @@ KRONECKER_SETTINGS: dict[str, object] = {
 class FOPConfig:
     """Every knob of :class:`hf_fop.FOP`, checked once when it is built.
 
-    The defaults make FOP a drop-in for AdamW: ``lr`` is an AdamW learning rate. Each
-    preconditioned layer's direction is grafted onto the norm of the AdamW step it replaces
-    (``graft="adamw"``), so the step size, warmup and schedule a user tuned for AdamW carry
-    over; the damping is relative to each layer's curvature, so it means the same at any scale.
-    ``graft="none"`` with ``damping_mode="absolute"`` is classic K-FAC practice (heavy-ball
-    momentum, a KL clip, learning rates of natural-gradient size).
+    The defaults make FOP a drop-in for AdamW (``lr`` is an AdamW learning rate) and are the
+    winners of the ablation in benchmarks/results/ablation: in the eigenbasis of each layer's
+    Kronecker factors (refreshed every 2 steps by a warm-started power step and a QR), the
+    metric is the rotated gradient's own running second moment to the power 1/2 with Adam's
+    eps, and the preconditioner acts on the moving average of the gradient: Adam run in that
+    basis, whose steps have Adam's size; FOP's correction comes on top. Every Linear/Conv layer
+    and embedding is preconditioned, long sides in blocks of 1024.
+    ``FOPConfig.kronecker()`` is release 0.2's configuration (K-FAC's metric, grafted onto
+    AdamW's step); ``graft="none"`` with ``curvature="kronecker"`` and an absolute damping is
+    classic K-FAC practice (heavy-ball momentum, a KL clip, natural-gradient learning rates).
 
     Preconditioned layers use ``lr``, ``momentum``, ``weight_decay``, ``damping`` and ``kl_clip``;
     the AdamW fallback (embeddings, norms, heads, everything not preconditioned) uses the
@@ -64,24 +70,27 @@ class FOPConfig:
     """
 
     lr: float = 1e-3
-    # graft="adamw": Adam's first-moment average (bias-corrected) of the grafted direction;
-    # graft="none": heavy-ball momentum as in torch.optim.SGD.
+    # The first-moment decay (Trainer: adam_beta1). With the momentum before the
+    # preconditioner (default): the average of the gradient; after it: Adam's average of the
+    # grafted direction, or heavy-ball momentum as in torch.optim.SGD with graft="none".
     momentum: float = 0.9
     # Where that momentum enters: "after" the preconditioner, a moving average of the
     # (grafted) directions; "before", as Adam and SOAP do: the preconditioner acts on the
     # bias-corrected moving average of the gradient, and the result is the step (grafted onto
     # AdamW's whole step, or with graft="none" taken as it is, SOAP's way, times lr).
-    momentum_placement: MomentumPlacement = "after"
-    # Decoupled (AdamW-style) with graft="adamw"; added to the direction with graft="none".
+    momentum_placement: MomentumPlacement = "before"
+    # Decoupled (AdamW-style); added to the direction with graft="none" and the momentum after.
     weight_decay: float = 0.01
-    # "relative": F = A (x) G + damping * mean(eig A) * mean(eig G) I, unchanged when A or G is
-    # multiplied by a constant. "absolute": + damping I, whose meaning depends on the factors'
-    # scale (G's eigenvalues are ~1e-13 in a freshly initialised transformer).
-    damping: float = 1.0
-    damping_mode: DampingMode = "relative"
+    # Added to the metric in the eigenbasis. "absolute": as is (the default 1e-8 is Adam's eps
+    # for the exponent 1/2). "relative": damping times the metric's mean per layer (for the
+    # Kronecker metric, F = A (x) G + damping * mean(eig A) * mean(eig G) I, unchanged when A
+    # or G is multiplied by a constant; G's eigenvalues are ~1e-13 in a fresh transformer).
+    damping: float = 1e-8
+    damping_mode: DampingMode = "absolute"
+    # "none": the direction is the step, times lr (it has Adam's size with the default metric);
     # "adamw": each layer's direction takes the norm of the AdamW step for that layer
-    # (Distributed Shampoo's grafting); "none": the raw natural-gradient step times lr.
-    graft: Graft = "adamw"
+    # (Distributed Shampoo's grafting; what the Kronecker metric needs to take AdamW's lr).
+    graft: Graft = "none"
     # Trust region on the preconditioned step (K-FAC practice; 1e-3 with graft="none"). None
     # turns it off: a clip that binds at every step makes the learning rate meaningless.
     kl_clip: float | None = None
@@ -91,39 +100,41 @@ class FOPConfig:
     # K-FAC's product of the factors' eigenvalues; "eigen_corrected" the running second moment
     # of the rotated gradient (decay ``second_moment_decay``) to the power ``exponent``: 1 is
     # EK-FAC's natural gradient, 0.5 SOAP-style. Needs method="eigen".
-    curvature: Curvature = "kronecker"
-    exponent: float = 1.0
+    curvature: Curvature = "eigen_corrected"
+    exponent: float = 0.5
     second_moment_decay: float = 0.95
     # How the eigenbasis is refreshed after the first (always full) decomposition: "eigh", or
     # "qr": one power-iteration step and a QR, warm-started from the previous basis.
-    basis_refresh: BasisRefresh = "eigh"
+    basis_refresh: BasisRefresh = "qr"
     # What the Kronecker factors estimate: "activations" is K-FAC's, A = E[a a^T] over the layer
     # inputs and G = E[d d^T] over the output gradients (from the hooks); "gradient" is
     # Shampoo's and SOAP's, E[g^T g] and E[g g^T] of the layer's averaged gradient matrix.
     factor_source: FactorSource = "activations"
     # Collect A and G every `curvature_interval` steps; refresh their decomposition every
     # `inverse_interval` steps. Step 0 always does both.
-    curvature_interval: int = 5
-    inverse_interval: int = 5
+    curvature_interval: int = 1
+    inverse_interval: int = 2
     factor_decay: float = 0.95
-    # Which layers are preconditioned: "auto" (Linear/Conv layers inside repeated blocks, or every
-    # supported layer when the model has no blocks), "all-linear", a regular expression over
-    # module names, or an explicit list of module names.
-    targets: str | Sequence[str] = "auto"
+    # Which layers are preconditioned: "all-linear" (every Linear, Conv1D and Conv2d), "auto"
+    # (those inside repeated blocks, or every one when the model has no blocks), a regular
+    # expression over module names, or an explicit list of module names. Embeddings join each
+    # selection as candidates when precondition_embeddings is on.
+    targets: str | Sequence[str] = "all-linear"
     skip: Sequence[str] = ()
     # Precondition every nn.Embedding as well (and so a tied output layer): the vocabulary side
     # diagonal, the width side a Kronecker factor, both from the gradient matrix (no hooks, no
     # g1: their FOP direction is K-FAC's). SOAP's lead over block-only preconditioners on
-    # language models comes from there (benchmarks/results/ablation).
-    precondition_embeddings: bool = False
+    # language models comes from there (benchmarks/results/eigen_corrected_probe.md).
+    precondition_embeddings: bool = True
     # A factor side longer than this is split into equal diagonal blocks no larger than it
     # (hf_fop/blocks.py): memory and refresh cost grow linearly with the side instead of as its
-    # square and cube. None: whole factors. Needs method="eigen".
-    block_size: int | None = None
+    # square and cube (Llama-3.2-1B's state: 1.6x AdamW's instead of 4.1x). None: whole
+    # factors. Needs method="eigen".
+    block_size: int | None = 1024
     # Factor sides longer than this keep their diagonal alone: the layer is preconditioned by
     # its other factor (an untied vocabulary head, as SOAP leaves long sides unrotated). None:
-    # such layers follow max_factor_dim.
-    diagonal_above: int | None = 8192
+    # such layers are blocked, or follow max_factor_dim.
+    diagonal_above: int | None = 16384
     # Layers with a Kronecker factor (or, blocked, a factor block) larger than this go to AdamW.
     max_factor_dim: int = 8192
     # Micro-batches per optimizer step; g1 is the gradient of the first half of the step's
@@ -220,6 +231,11 @@ class FOPConfig:
             f"block_size must be an integer >= 2, or None for whole factors, got {self.block_size!r}",
         )
         _check(
+            not self.precondition_embeddings or self.method == "eigen",
+            "precondition_embeddings keeps an embedding's vocabulary side diagonal, which "
+            "method='inverse' cannot: use method='eigen', or precondition_embeddings=False",
+        )
+        _check(
             self.block_size is None or self.method == "eigen",
             "block_size (block-diagonal factors) works in the Kronecker eigenbasis: use "
             f"method='eigen' (got method={self.method!r})",
@@ -244,7 +260,10 @@ class FOPConfig:
 
     @property
     def blocking(self) -> Blocking:
-        """How every factor side is laid out (blocks.py)."""
+        """How every factor side is laid out (blocks.py); explicit inverses (method="inverse")
+        keep every side whole."""
+        if self.method != "eigen":
+            return Blocking()
         return Blocking(self.block_size, self.diagonal_above)
 
     @property

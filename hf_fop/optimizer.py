@@ -8,9 +8,11 @@ distributors.py, the update rules in update_rules.py):
 2. a device flag: is every gradient and statistic finite? Every update below is masked by it,
    so a bad step changes nothing, and the host reads it later (pending_verdict.py);
 3. refresh the curvature: fold the estimates in, decompose where due (batched per layer shape);
-4. the directions: eta * F^-1 (g_avg + beta g_perp) per layer (F^-1 g_avg in K-FAC mode),
-   grafted onto AdamW's step size, and a KL-norm clip over the group;
-5. the updates: momentum and weight decay on the preconditioned layers, AdamW on the rest.
+4. the directions: eta * M^-1 (m + beta g_perp) per layer (M^-1 m in K-FAC mode), m the
+   moving average of the gradient (or the gradient, with the momentum after), M the metric in
+   the Kronecker eigenbasis; grafted onto AdamW's step size where asked; a KL-norm clip;
+5. the updates: weight decay (and the momentum, when it comes after) on the preconditioned
+   layers, AdamW on the rest.
 """
 
 from __future__ import annotations

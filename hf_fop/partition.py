@@ -115,7 +115,7 @@ def partition_model(
     max_factor_dim: int = 8192,
     block_size: int | None = None,
     embeddings: bool = False,
-    diagonal_above: int | None = 8192,
+    diagonal_above: int | None = 16384,
 ) -> Partition:
     """Split ``model``'s trainable parameters: chosen layers to FOP, everything else to AdamW.
 
@@ -161,14 +161,15 @@ def partition_model(
 
 def configured_partition(model: nn.Module, config: FOPConfig) -> Partition:
     """``partition_model`` with the settings of ``config``."""
+    blocking = config.blocking
     return partition_model(
         model,
         config.targets,
         config.skip,
         config.max_factor_dim,
-        config.block_size,
+        blocking.block_size,
         config.precondition_embeddings,
-        config.diagonal_above,
+        blocking.diagonal_above,
     )
 
 

@@ -12,10 +12,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from hf_fop import FOP
+from hf_fop.config import KRONECKER_SETTINGS
 from hf_fop.sharding import full_tensor, is_sharded
 from tests.helpers import ValueReads, device_ahead, image_data, tiny_vit
 
-SETTINGS = dict(lr=3e-3, curvature_interval=1, inverse_interval=2)
+# The layouts are compared to round-off, which the Kronecker path keeps at round-off. The
+# defaults' Adam-normalised steps (eps 1e-8) turn all-reduce round-off on near-zero rotated
+# coordinates into differences of order lr: with eps 1e-4 23 of these 26 tests passed as they
+# stand and the three tight comparisons differed by 1.5e-6 to 3e-5.
+SETTINGS = {**KRONECKER_SETTINGS, "lr": 3e-3, "curvature_interval": 1, "inverse_interval": 2}
 # The workers' modes: FOP's own, and FOP with block-diagonal factors (the tiny ViT's sides of
 # 17, 32 and 33 are split, its sides of 16 are not).
 MODES = {"fop": {"mode": "fop"}, "kfac": {"mode": "kfac"}, "fop-blocked": {"block_size": 16}}

@@ -15,8 +15,23 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import ViTConfig, ViTForImageClassification
 
+from hf_fop.config import KRONECKER_SETTINGS
 from hf_fop.integration import FOPTrainingArguments
 from hf_fop.pending_verdict import PendingVerdict
+
+# Release 0.2's defaults (the Kronecker metric, grafted, blocks only): tests of that path, and
+# of properties stated for it, name them.
+KRONECKER = KRONECKER_SETTINGS
+
+
+def kronecker(**settings: object) -> dict:
+    """``KRONECKER`` with ``settings`` on top."""
+    return {**KRONECKER, **settings}
+
+
+def kronecker_optim_args(**settings: object) -> str:
+    """``kronecker(**settings)`` as the Trainer's ``optim_args`` string."""
+    return ",".join(f"{k}={v}" for k, v in kronecker(**settings).items())
 
 
 class TokenClassifier(nn.Module):

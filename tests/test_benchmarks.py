@@ -148,7 +148,7 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
             "--report_at",
             "5",
             "--damping_grid",
-            "0.3,1",
+            "1e-9",  # Adam's eps in FOP's eigenbasis (absolute damping; the default is 1e-8)
             "--cost_steps",
             "2",
             "--output_dir",
@@ -161,9 +161,9 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
     assert all(r["final_mean"] > 0.25 for r in rows.values()), {
         k: r["final_mean"] for k, r in rows.items()
     }
-    # The damping grid: FOP tried 0.3 at its best rate beside the default 1.0; the rest have none.
+    # The damping grid: FOP tried 1e-9 at its best rate beside the default 1e-8; the rest none.
     fop_tuning = result["results"]["64"]["fop"]["tuning"]
-    assert [t["damping"] for t in fop_tuning] == [1.0, 0.3]
+    assert [t["damping"] for t in fop_tuning] == [1e-8, 1e-9]
     best = max(fop_tuning, key=lambda t: t["final"])
     assert rows[(64, "fop")]["damping"] == best["damping"]
     assert rows[(64, "adamw")]["damping"] is None and rows[(64, "soap")]["damping"] is None
@@ -232,9 +232,10 @@ def test_fsdp2_memory_benchmark_tiny(tmp_path: Path) -> None:
         ]
     )
     ddp, fsdp = result["ranks"]["ddp"], result["ranks"]["fsdp2"]
-    # DDP: every rank holds all 12 layers' curvature; FSDP2: the ranks split them.
-    assert [r["curvature_layers"] for r in ddp] == [12, 12]
-    assert sum(r["curvature_layers"] for r in fsdp) == 12
+    # DDP: every rank holds all 14 layers' curvature (12 in the blocks, the patch embedding and
+    # the classifier); FSDP2: the ranks split them.
+    assert [r["curvature_layers"] for r in ddp] == [14, 14]
+    assert sum(r["curvature_layers"] for r in fsdp) == 14
     assert result["optimizer_state_ratio_fsdp2_over_ddp"] < 0.75
     assert fsdp[0]["parameter_bytes"] < ddp[0]["parameter_bytes"]
     assert output.is_file()

@@ -14,7 +14,7 @@ from hf_fop.eigen_corrected import carry_second_moment
 from hf_fop.factor_sums import output_second_moment, second_moment
 from hf_fop.partition import partition_model
 from tests.dense import block_diagonal, unvec, vec
-from tests.helpers import TokenClassifier, token_data, train
+from tests.helpers import TokenClassifier, kronecker, token_data, train
 
 
 def _psd_blocks(*shape: int, seed: int) -> torch.Tensor:
@@ -131,8 +131,10 @@ def _trained(block_size: int | None, steps: int, **settings: object) -> tuple[li
 
 
 def test_captured_blocked_factors_are_the_diagonal_blocks_of_whole_factors() -> None:
-    _, whole = _trained(None, 1)
-    _, blocked = _trained(8, 1)  # A: 17 = 3 blocks of 6 (padded), G: 32 = 4 blocks of 8
+    # The hooks' factors of the blocks' layers (an embedding's: test_embeddings.py).
+    hooked = {"targets": "auto", "precondition_embeddings": False}
+    _, whole = _trained(None, 1, **hooked)
+    _, blocked = _trained(8, 1, **hooked)  # A: 17 = 3 blocks of 6 (padded), G: 32 = 4 of 8
     for name in whole.layer_names:
         want, got = whole.curvature.layer_state(name), blocked.curvature.layer_state(name)
         for key in ("A", "G"):
@@ -192,16 +194,16 @@ def test_a_side_longer_than_diagonal_above_keeps_its_diagonal_and_the_layer_its_
     # blocks.*.1 is Linear(16 -> 32): with diagonal_above=20 its G side (32) keeps its diagonal,
     # and the step is (A (x) diag(G) + damping I)^-1 g with A and G those of whole factors.
     tokens, labels = token_data()
-    settings = {
-        "mode": "kfac",
-        "lr": 1.0,
-        "graft": "none",
-        "momentum": 0.0,
-        "weight_decay": 0.0,
-        "damping": 1e-3,
-        "damping_mode": "absolute",
-        "targets": ["blocks.0.1"],
-    }
+    settings = kronecker(
+        mode="kfac",
+        lr=1.0,
+        graft="none",
+        momentum=0.0,
+        weight_decay=0.0,
+        damping=1e-3,
+        damping_mode="absolute",
+        targets=["blocks.0.1"],
+    )
     runs = {}
     for diagonal_above in (None, 20):
         torch.manual_seed(0)
@@ -210,7 +212,9 @@ def test_a_side_longer_than_diagonal_above_keeps_its_diagonal_and_the_layer_its_
         before = torch.cat([layer.weight, layer.bias[:, None]], 1).detach().clone()
         # max_factor_dim=20 would send a whole G side of 32 to AdamW; a diagonal one fits.
         cap = 8192 if diagonal_above is None else 20
-        optimizer = FOP(model, diagonal_above=diagonal_above, max_factor_dim=cap, **settings)
+        optimizer = FOP(
+            model, **{**settings, "diagonal_above": diagonal_above, "max_factor_dim": cap}
+        )
         assert optimizer.layer_names == ["blocks.0.1"]
         train(model, optimizer, tokens, labels, steps=1)
         after = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()

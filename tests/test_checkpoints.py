@@ -12,9 +12,10 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from hf_fop import FOP
 from hf_fop.param_groups import param_indices
-from tests.helpers import TokenClassifier, token_data, train
+from tests.helpers import TokenClassifier, kronecker, token_data, train
 
-SETTINGS = dict(curvature_interval=2, inverse_interval=3, lr=0.03)
+# Written for the Kronecker path (its layouts, the older ones included).
+SETTINGS = kronecker(curvature_interval=2, inverse_interval=3, lr=0.03)
 LAYERS = ["blocks.0.1", "blocks.0.3", "blocks.1.1", "blocks.1.3"]
 
 

@@ -36,10 +36,13 @@ def test_fop_preconditions_every_projection_and_trains(family: str) -> None:
     optimizer = FOP(model, lr=3e-3, curvature_interval=1, inverse_interval=2)
     names = optimizer.layer_names
     assert sorted(names) == sorted(
-        f"model.layers.{i}.{part}.{p}"
-        for i in range(2)
-        for p in PROJECTIONS
-        for part in (("self_attn",) if p in PROJECTIONS[:4] else ("mlp",))
+        [
+            f"model.layers.{i}.{part}.{p}"
+            for i in range(2)
+            for p in PROJECTIONS
+            for part in (("self_attn",) if p in PROJECTIONS[:4] else ("mlp",))
+        ]
+        + ["model.embed_tokens"]  # with the tied output layer, from their shared gradient
     )
     k_proj = optimizer.layers[names.index("model.layers.0.self_attn.k_proj")]
     q_proj = optimizer.layers[names.index("model.layers.0.self_attn.q_proj")]
@@ -70,7 +73,7 @@ def test_the_trainer_trains_decoders_with_checkpointing_and_bf16(
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < 0.85 * losses[0]  # (10 steps, the rate decaying to 0)
     optimizer = unwrap_optimizer(trainer.optimizer)
-    assert len(optimizer.layer_names) == 2 * len(PROJECTIONS)
+    assert len(optimizer.layer_names) == 2 * len(PROJECTIONS) + 1  # and the tied embedding
     assert optimizer.curvature.buckets[0].A.dtype == torch.float32
     blocked = [b for b in optimizer.curvature.buckets if b.layout_G.blocked]
     assert blocked  # block_size reached the optimizer through the training arguments

@@ -10,7 +10,7 @@ import torch
 
 from hf_fop import FOP, partition_model
 from tests.dense import unvec, vec
-from tests.helpers import TokenClassifier, tiny_gpt2, token_data, train
+from tests.helpers import TokenClassifier, kronecker, tiny_gpt2, token_data, train
 
 
 def _lm_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
@@ -56,16 +56,10 @@ def test_embedding_step_is_the_damped_kronecker_inverse_of_its_gradient(mode: st
     model = tiny_gpt2()
     before = model.transformer.wte.weight.detach().clone()
     damping = 1e-3
+    settings = dict(lr=1.0, graft="none", momentum=0.0, weight_decay=0.0, damping=damping)
     optimizer = FOP(
         model,
-        mode=mode,
-        lr=1.0,
-        graft="none",
-        momentum=0.0,
-        weight_decay=0.0,
-        damping=damping,
-        damping_mode="absolute",
-        precondition_embeddings=True,
+        **kronecker(mode=mode, damping_mode="absolute", precondition_embeddings=True, **settings),
     )
     _lm_step(model, optimizer, 0)
     g = model.transformer.wte.weight.grad.T.double()

@@ -19,7 +19,7 @@ from tests.helpers import TokenClassifier, tiny_bert, tiny_gpt2, token_data
 def test_no_layer_input_is_alive_after_backward_while_the_loss_is() -> None:
     tokens, labels = token_data()
     model = TokenClassifier()
-    optimizer = FOP(model)
+    optimizer = FOP(model, precondition_embeddings=False)  # every layer hooked
     loss = nn.functional.cross_entropy(model(tokens[:16]), labels[:16])
     assert optimizer.capture.pending_inputs == len(optimizer.layers)
     inputs = [weakref.ref(held.tensor) for held in optimizer.capture._held]
@@ -32,9 +32,9 @@ def test_no_layer_input_is_alive_after_backward_while_the_loss_is() -> None:
 
 def test_one_live_set_of_hooks_per_model_and_none_after_the_optimizer() -> None:
     model = TokenClassifier()
-    first = FOP(model)
+    first = FOP(model, precondition_embeddings=False)  # every layer hooked
     with pytest.warns(UserWarning, match="replace them"):
-        second = FOP(model)
+        second = FOP(model, precondition_embeddings=False)
     layer = second.layers[0].module
     assert len(layer._forward_hooks) == 1  # the first optimizer's hook is gone
     keys = [first.capture._key, second.capture._key]
@@ -49,7 +49,9 @@ def test_one_live_set_of_hooks_per_model_and_none_after_the_optimizer() -> None:
 def test_a_forward_without_backward_does_not_disturb_the_split() -> None:
     tokens, labels = token_data()
     model = TokenClassifier()
-    optimizer = FOP(model, curvature_interval=1)
+    optimizer = FOP(
+        model, curvature_interval=1, precondition_embeddings=False
+    )  # every layer hooked
     for _ in range(3):
         model(tokens[:8])  # a metric computed in train mode, with gradients on
         loss = nn.functional.cross_entropy(model(tokens[:16]), labels[:16])
@@ -69,7 +71,7 @@ def test_a_forward_without_backward_does_not_disturb_the_split() -> None:
 
 
 def _factors(model: nn.Module, batch: dict) -> list[torch.Tensor]:
-    optimizer = FOP(model, curvature_interval=1)
+    optimizer = FOP(model, curvature_interval=1, precondition_embeddings=False)  # the hooks' A
     model(**batch).loss.backward()
     return [stats.A() for stats in optimizer.capture.stats]
 

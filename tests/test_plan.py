@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import hf_fop
 from hf_fop import FOP
-from tests.helpers import TokenClassifier, tiny_decoder, token_data
+from tests.helpers import KRONECKER, TokenClassifier, tiny_decoder, token_data
 
 
 def _allocated_bytes(optimizer: FOP) -> int:
@@ -46,7 +46,7 @@ def _one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         {"block_size": 8},
         {"curvature": "eigen_corrected", "block_size": 7},
         {"graft": "none", "damping_mode": "absolute"},
-        {"momentum": 0.0, "method": "inverse"},
+        {**KRONECKER, "momentum": 0.0, "method": "inverse"},
         {"momentum_placement": "before", "factor_source": "gradient"},
         {"precondition_embeddings": True, "curvature": "eigen_corrected", "block_size": 8},
     ],
@@ -81,8 +81,10 @@ def test_the_plan_of_a_meta_device_decoder_allocates_nothing_and_reads_well() ->
     from benchmarks.plan_shapes import SHAPES, meta_llama
 
     model = meta_llama(SHAPES["Llama-3.2-1B"])
-    whole = hf_fop.plan(model)
-    blocked = hf_fop.plan(model, block_size=1024, world_size=8, sharded=True)
+    whole = hf_fop.plan(model, block_size=None, precondition_embeddings=False)
+    blocked = hf_fop.plan(
+        model, block_size=1024, world_size=8, sharded=True, precondition_embeddings=False
+    )
     assert all(p.is_meta for p in model.parameters())
     assert len(blocked.layers) == 16 * 7  # every block projection, gate/up/down included
     assert blocked.state_bytes < whole.state_bytes

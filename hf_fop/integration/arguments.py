@@ -46,17 +46,21 @@ class FOPTrainingArguments(TrainingArguments):
     )
     fop_damping: float | None = field(
         default=None,
-        metadata={"help": "Damping (default 1.0, relative to each layer's mean curvature)."},
+        metadata={
+            "help": "Damping added to the metric in the eigenbasis (default 1e-8, absolute: Adam's eps)."
+        },
     )
     fop_damping_mode: str | None = field(
         default=None,
-        metadata={"help": "'relative' (default) or 'absolute' (added to the eigenvalues as is)."},
+        metadata={
+            "help": "'absolute' (default) or 'relative' (times the metric's mean per layer)."
+        },
     )
     fop_graft: str | None = field(
         default=None,
         metadata={
-            "help": "'adamw' (default: each layer's step takes AdamW's size, so the AdamW "
-            "learning rate carries over) or 'none' (raw natural-gradient steps)."
+            "help": "'none' (default: the preconditioned step has Adam's size as it is) or "
+            "'adamw' (each layer's step takes AdamW's size; for curvature=kronecker)."
         },
     )
     fop_momentum: float | None = field(
@@ -70,10 +74,10 @@ class FOPTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "KL-norm clip of the preconditioned step (default: off)."}
     )
     fop_curvature_interval: int | None = field(
-        default=None, metadata={"help": "Collect Kronecker factors every N steps (default 5)."}
+        default=None, metadata={"help": "Collect Kronecker factors every N steps (default 1)."}
     )
     fop_inverse_interval: int | None = field(
-        default=None, metadata={"help": "Refresh the decompositions every N steps (default 5)."}
+        default=None, metadata={"help": "Refresh the eigenbases every N steps (default 2)."}
     )
     fop_factor_decay: float | None = field(
         default=None, metadata={"help": "Running-average decay of the factors (default 0.95)."}
@@ -84,8 +88,8 @@ class FOPTrainingArguments(TrainingArguments):
     fop_targets: str | None = field(
         default=None,
         metadata={
-            "help": "Layers to precondition: 'auto' (Linear layers of transformer blocks), "
-            "'all-linear', a regex, or comma-separated module names."
+            "help": "Layers to precondition: 'all-linear' (default: every Linear/Conv), 'auto' "
+            "(those of the transformer blocks), a regex, or comma-separated module names."
         },
     )
     fop_skip: str | None = field(
@@ -94,21 +98,21 @@ class FOPTrainingArguments(TrainingArguments):
     fop_block_size: int | None = field(
         default=None,
         metadata={
-            "help": "Split factor sides longer than this into diagonal blocks (default: whole)."
+            "help": "Split factor sides longer than this into diagonal blocks (default 1024)."
         },
     )
     fop_precondition_embeddings: bool | None = field(
         default=None,
         metadata={
             "help": "Precondition nn.Embedding weights too (and a tied output layer), from "
-            "their gradient (default: False, AdamW)."
+            "their gradient (default: True)."
         },
     )
     fop_diagonal_above: int | None = field(
         default=None,
         metadata={
             "help": "Factor sides longer than this keep only their diagonal (vocabulary heads "
-            "are preconditioned on their other side; default 8192)."
+            "are preconditioned on their other side; default 16384)."
         },
     )
     fop_max_factor_dim: int | None = field(
