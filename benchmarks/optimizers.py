@@ -12,8 +12,9 @@ Peers are taken as their users run them, never re-implemented:
   setting, so nothing here adds keys to its groups; learning rates move through ``lr`` only.
 
 K-FAC and FOP are this project's optimizer: ``kfac`` / ``fop`` with its defaults, and the
-variants of ``VARIANTS`` (the metric, where the momentum enters, grafting, the factors' source),
-each once without (``kfac...``) and once with (``fop...``) FOP's correction.
+variants of ``VARIANTS`` (release 0.2's settings, then the metric, where the momentum enters,
+grafting, the factors' source), each once without (``kfac...``) and once with (``fop...``) FOP's
+correction.
 """
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ from hf_fop.config import KRONECKER_SETTINGS
 
 PEER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon", "soap": "SOAP"}
 
-# The preconditioned variants: (label, FOP settings). The "_mb" ones take the momentum before the
-# preconditioner (Adam's and SOAP's order); the eigen-corrected ones (``curvature=
-# "eigen_corrected"``) replace K-FAC's product of eigenvalues by the rotated gradient's second
-# moment to the power 1 (EK-FAC) or 1/2 (SOAP-style), damped by 0.01 of its mean.
-# ``_eigenadam`` is Adam in the K-FAC eigenbasis, run SOAP's way on every layer: K-FAC's factors
-# every step, the basis refreshed every 2 steps by power iteration and QR, the exponent 1/2 with
-# Adam's eps as absolute damping, beta2 0.95, no grafting (the direction is the step), and every
-# Linear/Conv layer and embedding preconditioned (heads and a tied vocabulary included).
-# ``_soap`` is the same in SOAP's own basis: Kronecker factors of the gradient (g g^T, g^T g).
+# The preconditioned variants: (label, FOP settings). ``kfac`` / ``fop`` run the defaults; every
+# suffixed variant is a step from release 0.2's settings (``_kronecker``: the Kronecker metric,
+# grafted onto AdamW, the blocks' layers only) toward them, so the ablation reads as a ladder.
+# "_mb" takes the momentum before the preconditioner (Adam's and SOAP's order); the
+# eigen-corrected ones (``curvature="eigen_corrected"``) replace K-FAC's product of eigenvalues by
+# the rotated gradient's second moment to the power 1 (EK-FAC) or 1/2 (SOAP-style), damped by
+# 0.01 of its mean. ``_eigenadam`` is Adam in the K-FAC eigenbasis, run SOAP's way on every
+# layer: K-FAC's factors every step, the basis refreshed every 2 steps by power iteration and
+# QR, the exponent 1/2 with Adam's eps as absolute damping, beta2 0.95, no grafting (the
+# direction is the step), and every Linear/Conv layer and embedding preconditioned (heads and a
+# tied vocabulary included); it differs from the defaults in AdamW's beta2 only (and in blocking,
+# which none of the benchmark models reaches). ``_soap`` is the same in SOAP's own basis:
+# Kronecker factors of the gradient (g g^T, g^T g).
 _EIGEN_CORRECTED = {"curvature": "eigen_corrected", "damping": 0.01}
 _BEFORE = {"momentum_placement": "before"}
 _EIGEN_ADAM = {
@@ -53,9 +58,8 @@ _EIGEN_ADAM = {
     "targets": "all-linear",
     "precondition_embeddings": True,
 }
-_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "": ("", {}),
-    "_kronecker": (", Kronecker metric, grafted (0.2 defaults)", KRONECKER_SETTINGS),
+_STEPS: dict[str, tuple[str, dict[str, Any]]] = {
+    "_kronecker": (", Kronecker metric, grafted (0.2 defaults)", {}),
     "_nograft": (", no graft", {"graft": "none", "adamw_lr": 1e-3}),
     "_mb": (", momentum before", _BEFORE),
     # Earlier probes: the eigen-corrected metric with the momentum after the preconditioner.
@@ -71,6 +75,13 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         ", Adam in SOAP's basis, every layer",
         {**_EIGEN_ADAM, "factor_source": "gradient"},
     ),
+}
+_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "": ("", {}),
+    **{
+        suffix: (label, {**KRONECKER_SETTINGS, **settings})
+        for suffix, (label, settings) in _STEPS.items()
+    },
 }
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     f"{mode}{suffix}": (f"{mode_label}{label}", {"mode": mode, **settings})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -61,14 +62,14 @@ def _vit() -> nn.Module:
     return small_vit(image_size=28, patch_size=7, layers=4, intermediate=128)
 
 
-def _mlp() -> nn.Module:
+def _mlp(width: int = 256) -> nn.Module:
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(784, 256),
+        nn.Linear(784, width),
         nn.ReLU(),
-        nn.Linear(256, 256),
+        nn.Linear(width, width),
         nn.ReLU(),
-        nn.Linear(256, 10),
+        nn.Linear(width, 10),
     )
 
 
@@ -162,7 +163,10 @@ def _wikitext(name: str, build: Callable[[int, int], nn.Module], quick: bool) ->
 
 REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
     "mnist_vit": lambda quick: _classification("mnist_vit", _vit, _mnist_tensors(quick)),
-    "mnist_mlp": lambda quick: _classification("mnist_mlp", _mlp, _mnist_tensors(quick)),
+    # Quick: a narrower MLP (Muon's Newton-Schulz runs in bfloat16, slow on a CPU).
+    "mnist_mlp": lambda quick: _classification(
+        "mnist_mlp", partial(_mlp, 64 if quick else 256), _mnist_tensors(quick)
+    ),
     "digits_vit": lambda quick: _classification("digits_vit", digits_vit, digits_tensors()),
     "wikitext_gpt": lambda quick: _wikitext("wikitext_gpt", _gpt2, quick),
     "wikitext_llama": lambda quick: _wikitext("wikitext_llama", _llama, quick),

@@ -83,7 +83,7 @@ def train_ddp(
     init_process(rank, world_size, port)
     torch.manual_seed(0)
     model = tiny_vit()
-    optimizer = FOP(model, **SETTINGS, **MODES[mode], gradient_accumulation_steps=micro_batches)
+    optimizer = FOP(model, **{**SETTINGS, **MODES[mode]}, gradient_accumulation_steps=micro_batches)
     ddp = DistributedDataParallel(model)
     forward = torch.compile(ddp, backend="eager") if compiled else ddp
     reads: list[str] = []
@@ -184,11 +184,11 @@ def train_fsdp2(
     model = tiny_vit()
     whole = list(model.vit.layers[-1].mlp.fc2.parameters()) if unsharded_layer else []
     if optimizer_first:
-        optimizer = FOP(model, **SETTINGS, **MODES[mode])
+        optimizer = FOP(model, **{**SETTINGS, **MODES[mode]})
         shard_vit(model, set(whole))
     else:
         shard_vit(model, set(whole))
-        optimizer = FOP(model, **SETTINGS, **MODES[mode])
+        optimizer = FOP(model, **{**SETTINGS, **MODES[mode]})
     optimizer.gradient_accumulation_steps = micro_batches
     forward = torch.compile(model, backend="eager") if compiled else model
     reads: list[str] = []
@@ -259,7 +259,8 @@ def fsdp2_resume(
 ) -> None:
     """FSDP2 + FOP with clipping: 4 steps straight ("full"), or 2 steps saved ("first") and
     then loaded into fresh processes for the last 2 ("resume"); ``layout``: "dcp"
-    (torch.distributed.checkpoint) or "torch" (a torch.save file per rank)."""
+    (torch.distributed.checkpoint) or "torch" (a torch.save file per rank), and for "first"
+    also "both"."""
     init_process(rank, world_size, port)
     torch.manual_seed(0)
     model = tiny_vit()
@@ -276,8 +277,10 @@ def fsdp2_resume(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # on DTensors
         optimizer.step()
     if phase == "first":
-        checkpoint.mkdir(exist_ok=True)
-        _save(model, optimizer, checkpoint, layout)
+        for each in ("dcp", "torch") if layout == "both" else (layout,):
+            checkpoint = Path(out) / f"checkpoint_{each}"
+            checkpoint.mkdir(exist_ok=True)
+            _save(model, optimizer, checkpoint, each)
     else:
         params = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
         torch.save(params, Path(out) / f"{phase}_{layout}{rank}.pt")

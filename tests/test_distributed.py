@@ -91,8 +91,7 @@ def test_two_ranks_equal_one_rank_with_the_double_batch(two_rank_run: dict[int, 
 
 @pytest.mark.slow
 def test_inversion_work_is_divided(two_rank_run: dict[int, dict]) -> None:
-    model = tiny_vit()
-    layers = FOP(model).layers
+    layers = FOP(tiny_vit(), **SETTINGS).layers
     costs = [decomposition_cost(layer.in_dim, layer.out_dim) for layer in layers]
     owners = assign_layers(costs, 2)
     for rank in (0, 1):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,14 @@ import torch.multiprocessing as mp
 
 from hf_fop import FOP
 from hf_fop.distributed import assign_layers, decomposition_cost
-from tests.distributed_workers import MODES, fsdp2_resume, lora_fsdp2, train_ddp, train_fsdp2
+from tests.distributed_workers import (
+    MODES,
+    SETTINGS,
+    fsdp2_resume,
+    lora_fsdp2,
+    train_ddp,
+    train_fsdp2,
+)
 from tests.helpers import free_port, tiny_vit
 
 STEPS = 4
@@ -36,6 +45,20 @@ def _runs(
     return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
 
 
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[int, dict]]:
+    """The DDP run of a mode, trained once per module and shared by the tests that compare."""
+    runs: dict[tuple[str, int], dict[int, dict]] = {}
+
+    def run(mode: str, micro_batches: int = 1) -> dict[int, dict]:
+        if (mode, micro_batches) not in runs:
+            folder = tmp_path_factory.mktemp(f"ddp_{mode}_{micro_batches}")
+            runs[mode, micro_batches] = _runs(folder, train_ddp, mode, micro_batches=micro_batches)
+        return runs[mode, micro_batches]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "optimizer_first", "micro_batches", "compiled"),
@@ -57,21 +80,26 @@ def _runs(
     ],
 )
 def test_fsdp2_trains_like_ddp_with_the_curvature_sharded(
-    tmp_path: Path, mode: str, optimizer_first: bool, micro_batches: int, compiled: bool
+    tmp_path: Path,
+    ddp_reference: Callable[..., dict[int, dict]],
+    mode: str,
+    optimizer_first: bool,
+    micro_batches: int,
+    compiled: bool,
 ) -> None:
     fsdp = _runs(tmp_path, train_fsdp2, mode, optimizer_first, micro_batches, compiled=compiled)
-    ddp = _runs(tmp_path, train_ddp, mode, micro_batches=micro_batches)
+    ddp = ddp_reference(mode, micro_batches)
     # The same parameters after several steps (and so the same as one process with the double
     # batch, which the DDP tests pin).
     for name, expected in ddp[0]["params"].items():
         for rank in (0, 1):
             torch.testing.assert_close(fsdp[rank]["params"][name], expected, rtol=1e-5, atol=1e-5)
     # Each rank holds the curvature of the layers it owns, and only those: half each here.
-    layers = FOP(tiny_vit()).layers
+    reference = FOP(tiny_vit(), **SETTINGS)
     block_size = MODES[mode].get("block_size")
-    costs = [decomposition_cost(x.in_dim, x.out_dim, block_size) for x in layers]
+    costs = [decomposition_cost(x.in_dim, x.out_dim, block_size) for x in reference.layers]
     owners = assign_layers(costs, 2)
-    names = [name for name, _ in FOP(tiny_vit()).partition.layers]
+    names = [name for name, _ in reference.partition.layers]
     for rank in (0, 1):
         owned = sorted(n for n, o in zip(names, owners) if o == rank)
         assert fsdp[rank]["curvature_layers"] == owned
@@ -88,34 +116,34 @@ def test_fsdp2_trains_like_ddp_with_the_curvature_sharded(
 
 
 @pytest.mark.slow
-def test_a_layer_left_unsharded_trains_like_ddp(tmp_path: Path) -> None:
+def test_a_layer_left_unsharded_trains_like_ddp(
+    tmp_path: Path, ddp_reference: Callable[..., dict[int, dict]]
+) -> None:
     # fully_shard(..., ignored_params=...) keeps the last MLP projection whole on every rank
     # (its gradients averaged by the caller): FOP preconditions it beside the sharded ones.
     fsdp = _runs(tmp_path, train_fsdp2, "fop", unsharded_layer=True)
-    ddp = _runs(tmp_path, train_ddp, "fop")
+    ddp = ddp_reference("fop")
     whole = ["vit.layers.1.mlp.fc2.weight", "vit.layers.1.mlp.fc2.bias"]
     assert fsdp[0]["whole"] == fsdp[1]["whole"] == whole
     for name, expected in ddp[0]["params"].items():
         for rank in (0, 1):
             torch.testing.assert_close(fsdp[rank]["params"][name], expected, rtol=1e-5, atol=1e-5)
     held = fsdp[0]["curvature_layers"] + fsdp[1]["curvature_layers"]
-    assert sorted(held) == sorted(FOP(tiny_vit()).layer_names)  # still each layer once
+    assert sorted(held) == sorted(FOP(tiny_vit(), **SETTINGS).layer_names)  # still each layer once
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["dcp", "torch"])
-def test_fsdp2_resume_equals_uninterrupted_with_clipping(tmp_path: Path, layout: str) -> None:
-    # "dcp": torch.distributed.checkpoint, as accelerate and the Trainer save under FSDP2; it
-    # loads only what a fresh optimizer's state_dict already holds.
-    phases = ("full", "first", "resume")
-    for phase in phases:
+def test_fsdp2_resume_equals_uninterrupted_with_clipping(tmp_path: Path) -> None:
+    # Both layouts resume one run's checkpoint: "dcp" (torch.distributed.checkpoint, as
+    # accelerate and the Trainer save under FSDP2; it loads only what a fresh optimizer's
+    # state_dict already holds) and "torch" (a torch.save file per rank).
+    runs = (("full", "torch"), ("first", "both"), ("resume", "dcp"), ("resume", "torch"))
+    for phase, layout in runs:
         args = (2, free_port(), str(tmp_path), phase, layout)
         mp.spawn(fsdp2_resume, args=args, nprocs=2, join=True)
-    for rank in (0, 1):
-        full, resumed = (
-            torch.load(tmp_path / f"{phase}_{layout}{rank}.pt", weights_only=True)
-            for phase in ("full", "resume")
-        )
+    for layout, rank in itertools.product(("dcp", "torch"), (0, 1)):
+        full = torch.load(tmp_path / f"full_torch{rank}.pt", weights_only=True)
+        resumed = torch.load(tmp_path / f"resume_{layout}{rank}.pt", weights_only=True)
         for name in full:
             torch.testing.assert_close(resumed[name], full[name], rtol=1e-6, atol=1e-7)
 

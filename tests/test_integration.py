@@ -289,7 +289,7 @@ def test_unmodified_script_with_the_opt_in_launcher(tmp_path: Path) -> None:
     assert summary["last_loss"] < summary["first_loss"]
     # The stock script's output says that FOP is on and what it takes, and its logs carry
     # FOP's statistics as under FOPTrainer.
-    assert "hf-fop: FOP preconditions 12 layers" in result.stderr
+    assert "hf-fop: FOP preconditions 14 layers" in result.stderr  # all-linear: 12 + 2
     assert summary["logged_fop_statistics"]
 
 
