@@ -77,7 +77,7 @@ _STEPS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "": ("", {}),
+    "": (", defaults", {}),
     **{
         suffix: (label, {**KRONECKER_SETTINGS, **settings})
         for suffix, (label, settings) in _STEPS.items()
