@@ -69,12 +69,20 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
             f"{best_peer['final_mean']:.4g} ({'met' if wins else 'not met'})"
         )
         if kfac is not None:
-            apart = _separated(row["finals"], kfac["finals"], metric)
-            text += f"; its K-FAC mode {kfac['final_mean']:.4g}: the correction " + (
-                "wins beyond the seeds' spread" if apart else "does not win beyond the spread"
+            text += f"; its K-FAC mode {kfac['final_mean']:.4g}: " + _verdict(
+                row["finals"], kfac["finals"], metric
             )
         lines.append(text)
     return lines
+
+
+def _verdict(fop: list[float], kfac: list[float], metric: str) -> str:
+    """Whether the correction wins beyond the seeds' spread; one seed has no spread to judge."""
+    if min(len(fop), len(kfac)) < 2:
+        return "one seed, no spread to judge the correction by"
+    if _separated(fop, kfac, metric):
+        return "the correction wins beyond the seeds' spread"
+    return "the correction does not win beyond the spread"
 
 
 def _separated(fop: list[float], kfac: list[float], metric: str) -> bool:
@@ -152,10 +160,10 @@ def plot(table: dict[tuple[str, int], list[dict[str, Any]]], path: Path) -> None
     plt.close(figure)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, default=RESULTS / "ablation")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results = load(args.results)
     if not results:
         raise SystemExit(f"no drop_in_*.json under {args.results}: run benchmarks.drop_in first")
@@ -168,6 +176,7 @@ def main() -> None:
         f"wrote {args.results / 'ablation.md'} and ablation.png; seeds per row: "
         f"{statistics.mean(len(r['finals']) for rows in table.values() for r in rows):.0f}"
     )
+    return text
 
 
 if __name__ == "__main__":

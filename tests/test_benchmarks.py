@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import drop_in, report, step_cost, time_to_accuracy
+from benchmarks import ablation, drop_in, report, step_cost, time_to_accuracy
 from benchmarks.tasks import build_task, long_tail_indices
 
 
@@ -210,6 +210,15 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
         in peers
     )
     assert f"{soap['at_report_step'][0]:.3f} / {soap['final_mean']:.3f}" in peers
+    # The ablation's table and goals from the same run: FOP against the better peer, one seed.
+    ablation_text = ablation.main(["--results", str(tmp_path)])
+    fop = rows[(512, "fop")]
+    assert f"| FOP, defaults | 0.003 (edge) | {fop['final_mean']:.4f} [" in ablation_text
+    better_peer = max(("muon", "soap"), key=lambda n: rows[(512, n)]["final_mean"])
+    assert f"vs {drop_in.NAMES[better_peer]} {rows[(512, better_peer)]['final_mean']:.4g}" in (
+        ablation_text
+    )
+    assert (tmp_path / "ablation.png").is_file()
 
 
 @pytest.mark.slow
