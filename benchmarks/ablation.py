@@ -131,7 +131,7 @@ def plot(table: dict[tuple[str, int], list[dict[str, Any]]], path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(table), figsize=(4.2 * len(table), 5), squeeze=False)
+    figure, axes = plt.subplots(1, len(table), figsize=(5.2 * len(table), 5), squeeze=False)
     for axis, ((task, batch), rows) in zip(axes[0], table.items()):
         names = [NAMES[r["optimizer"]] + ("" if r["tuned"] else " *") for r in rows]
         means = [r["final_mean"] for r in rows]
@@ -156,7 +156,7 @@ def plot(table: dict[tuple[str, int], list[dict[str, Any]]], path: Path) -> None
         axis.grid(alpha=0.3, axis="x")
     figure.suptitle("peers blue, FOP/K-FAC tuned green, * at AdamW's rate untuned (grey)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 

@@ -63,9 +63,9 @@ _STEPS: dict[str, tuple[str, dict[str, Any]]] = {
     "_nograft": (", no graft", {"graft": "none", "adamw_lr": 1e-3}),
     "_mb": (", momentum before", _BEFORE),
     # Earlier probes: the eigen-corrected metric with the momentum after the preconditioner.
-    "_ekfac": (", eigen-corrected", {**_EIGEN_CORRECTED, "exponent": 1.0}),
+    "_ekfac": (", eigen-corrected ^1", {**_EIGEN_CORRECTED, "exponent": 1.0}),
     "_sqrt": (", eigen-corrected ^1/2", {**_EIGEN_CORRECTED, "exponent": 0.5}),
-    "_ekfac_mb": (", eigen-corrected, momentum before", {**_EIGEN_CORRECTED, **_BEFORE}),
+    "_ekfac_mb": (", eigen-corrected ^1, momentum before", {**_EIGEN_CORRECTED, **_BEFORE}),
     "_sqrt_mb": (
         ", eigen-corrected ^1/2, momentum before",
         {**_EIGEN_CORRECTED, **_BEFORE, "exponent": 0.5},
