@@ -34,10 +34,10 @@ class FOPTrainingArguments(TrainingArguments):
     """TrainingArguments plus FOP's settings (``--optim fop`` or ``--optim kfac``).
 
     A drop-in for AdamW: ``learning_rate``, warmup, schedule, ``weight_decay`` and
-    ``adam_beta1/2`` mean what they mean for AdamW (each preconditioned layer's direction takes
-    the size of AdamW's step, see ``fop_graft``). Every ``fop_*`` field left at None takes
-    :class:`hf_fop.FOPConfig`'s default; ``optim_args`` ("damping=0.3,curvature_interval=10")
-    overrides any of them.
+    ``adam_beta1/2`` mean what they mean for AdamW (the default step is Adam's in the Kronecker
+    eigenbasis, so it has Adam's size; ``fop_graft="adamw"`` imposes AdamW's per layer). Every
+    ``fop_*`` field left at None takes :class:`hf_fop.FOPConfig`'s default; ``optim_args``
+    ("block_size=512,inverse_interval=4") overrides any of them.
     """
 
     optim: str = field(
