@@ -278,9 +278,9 @@ def fsdp2_resume(
         optimizer.step()
     if phase == "first":
         for each in ("dcp", "torch") if layout == "both" else (layout,):
-            checkpoint = Path(out) / f"checkpoint_{each}"
-            checkpoint.mkdir(exist_ok=True)
-            _save(model, optimizer, checkpoint, each)
+            folder = Path(out) / f"checkpoint_{each}"
+            folder.mkdir(exist_ok=True)
+            _save(model, optimizer, folder, each)
     else:
         params = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
         torch.save(params, Path(out) / f"{phase}_{layout}{rank}.pt")

@@ -34,10 +34,11 @@ class FOPTrainingArguments(TrainingArguments):
     """TrainingArguments plus FOP's settings (``--optim fop`` or ``--optim kfac``).
 
     A drop-in for AdamW: ``learning_rate``, warmup, schedule, ``weight_decay`` and
-    ``adam_beta1/2`` mean what they mean for AdamW (the default step is Adam's in the Kronecker
-    eigenbasis, so it has Adam's size; ``fop_graft="adamw"`` imposes AdamW's per layer). Every
-    ``fop_*`` field left at None takes :class:`hf_fop.FOPConfig`'s default; ``optim_args``
-    ("block_size=512,inverse_interval=4") overrides any of them.
+    ``adam_beta1`` mean what they mean for AdamW; ``adam_beta2`` and ``adam_epsilon`` set the
+    AdamW side (the default step is Adam's in the Kronecker eigenbasis, with its own
+    ``second_moment_decay`` and ``damping``; ``fop_graft="adamw"`` imposes AdamW's step size per
+    layer). Every ``fop_*`` field left at None takes :class:`hf_fop.FOPConfig`'s default;
+    ``optim_args`` ("block_size=512,inverse_interval=4") overrides any of them.
     """
 
     optim: str = field(
