@@ -2,8 +2,8 @@
 
     python -m benchmarks.ablation [--results benchmarks/results/ablation]
 
-Reads every ``drop_in_<task>.json`` under ``--results`` (the tuned runs) and under its
-``at_adamw_rate/`` (the variants run at AdamW's rate only) and writes ``ablation.md`` and
+Reads every ``drop_in_<task>.json`` under ``--results`` and its folders (tuned runs, and those
+of ``--fixed_lr``: the variants run at AdamW's rate only) and writes ``ablation.md`` and
 ``ablation.png`` there: per task and batch, each optimizer's final metric over the reporting
 seeds (mean [min, max]) and its learning rate, and the goals (FOP against the better of Muon
 and SOAP; FOP against its own K-FAC mode beyond the seeds' spread). Nothing is trained here; the
@@ -25,14 +25,14 @@ PEERS = ("muon", "soap")
 
 
 def load(results: Path) -> list[dict[str, Any]]:
-    """Every drop-in result under ``results`` (tuned) and ``results/at_adamw_rate`` (fixed)."""
+    """Every drop-in result under ``results`` and its folders (``at_adamw_rate``: one rate for
+    every optimizer, ``--fixed_lr``; the others tuned), tuned ones first."""
     found = []
-    for folder, tuned in ((results, True), (results / "at_adamw_rate", False)):
-        for path in sorted(folder.glob("drop_in_*.json")):
-            result = json.loads(path.read_text())
-            result["tuned"] = tuned
-            found.append(result)
-    return found
+    for path in sorted(results.glob("drop_in_*.json")) + sorted(results.glob("*/drop_in_*.json")):
+        result = json.loads(path.read_text())
+        result["tuned"] = "--fixed_lr" not in result["command"]
+        found.append(result)
+    return sorted(found, key=lambda result: not result["tuned"])
 
 
 def rows_by_task(results: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:

@@ -141,22 +141,35 @@ def cached_run(
     """``train_run``, or its curve from ``cache`` (a JSON-lines file of earlier runs) when the
     same run is there: a run is a function of its key, so an ablation can grow optimizer by
     optimizer without training anything twice. The key holds the optimizer's settings, so a
-    changed variant runs again."""
+    changed variant runs again. Evaluating does not change the training (measured: the same
+    final metric at any ``eval_every``), so a cached run serves any request whose evaluation
+    steps it has; the curve comes back at the steps asked for."""
     # The whole configuration, defaults resolved: a changed default is another run.
     settings = asdict(FOPConfig().replace(**VARIANTS[name][1])) if name in VARIANTS else {}
-    key = json.dumps(
-        [task.name, name, settings, lr, damping, batch, steps, seed, eval_every], default=str
-    )
+    identity = [task.name, name, settings, lr, damping, batch, steps, seed]
+    key = json.dumps(identity, default=str)
+    wanted = {*range(eval_every, steps + 1, eval_every), steps}
     if cache is not None and cache.exists():
         for line in cache.read_text().splitlines():
             record = json.loads(line)
-            if record["key"] == key:
-                return record["curve"]
+            if _identity(record["key"]) != key:
+                continue
+            curve = record["curve"]
+            if curve[-1].get("diverged"):
+                return [p for p in curve if p["step"] in wanted or p.get("diverged")]
+            if wanted <= {p["step"] for p in curve}:
+                return [p for p in curve if p["step"] in wanted]
     curve = train_run(task, name, lr, batch, steps, seed, eval_every, damping)
     if cache is not None:
         with cache.open("a") as file:  # one short append per run: whole lines, any worker
             file.write(json.dumps({"key": key, "curve": curve}) + "\n")
     return curve
+
+
+def _identity(key: str) -> str:
+    """A cached run's key without the ``eval_every`` that older caches appended to it."""
+    fields = json.loads(key)
+    return json.dumps(fields[:8], default=str)
 
 
 def _worst(task: RealTask) -> float:
@@ -283,13 +296,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     future.set_result(pick)
                 else:
                     grid = LR_GRID[name][1:2] if args.quick else LR_GRID[name]
+                    # Evaluated as the reports are, so that seed 0's report is a tuning run.
+                    tune_eval = eval_every if tune_steps == args.steps else tune_steps
                     future = pool.submit(
                         tune,
                         *common,
                         name,
                         batch,
                         tune_steps,
-                        tune_steps,
+                        tune_eval,
                         grid,
                         dampings,
                         args.damping,

@@ -78,6 +78,8 @@ _STEPS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "": (", defaults", {}),
+    # The defaults with every basis refresh a full eigh instead of the power step and QR.
+    "_eigh": (", defaults, eigh refresh", {"basis_refresh": "eigh"}),
     **{
         suffix: (label, {**KRONECKER_SETTINGS, **settings})
         for suffix, (label, settings) in _STEPS.items()

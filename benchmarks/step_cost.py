@@ -12,16 +12,23 @@ in a process of its own, after / before ratios therefore carry that drift.
 
 Besides the measured times, each row carries a floor: the flops FOP (or K-FAC) cannot avoid on
 top of AdamW, converted to seconds at this machine's measured matmul rate. Per preconditioned
-layer (in' = in + 1 with the bias, N = batch x tokens): the rotations into and out of the
-Kronecker eigenbasis (3 for FOP, 2 for K-FAC, each 2 out in' (out + in')), and per curvature
-interval the factor products (2 N (in'^2 + out^2)) and the two eigendecompositions (~9 d^3
-each). FOP's first-half gradient is not in it: it is one of the two matmuls the weight gradient
-is summed from (hf_fop/layer_backward.py). The overhead over AdamW divided by that floor says
-how far the implementation is from the work itself.
+layer (in' = in + 1 with the bias, N = the rows the layer sees): the rotations into and out of
+the Kronecker eigenbasis, each 2 out in' (out + in') (K-FAC 2; FOP's difference of halves one
+more; the eigen-corrected metric with the momentum before the preconditioner one more, the
+gradient for its second moment), and per curvature interval the factor products
+(2 N (in'^2 + out^2)) and the two refreshes of the basis: ~9 d^3 each for ``eigh``, ~9 d^3 for
+the power step and QR too (Rayleigh quotients 2 d^3, the product 2 d^3, QR and its Q
+~2.7 d^3, the new estimates 2 d^3), plus, for the eigen-corrected metric, carrying the moment
+into the new basis (2 d^3 per side and one rotation). The refreshes cost about the same flops;
+``eigh`` runs far below the matmul rate, which is what the QR refresh saves. FOP's first-half
+gradient is not in it: it is one of the two matmuls the weight gradient is summed from
+(hf_fop/layer_backward.py). The overhead over AdamW divided by that floor says how far the
+implementation is from the work itself.
 
 The step time is the mean over a window that spans several curvature intervals, so the
 periodic factor and eigendecomposition work is amortised as in training. Curvature interval k
-means factors collected and decompositions refreshed every k steps.
+means factors collected and decompositions refreshed every k steps; "own" keeps the
+optimizer's own schedule (the defaults: factors every step, the basis every 2).
 """
 
 from __future__ import annotations
@@ -53,24 +60,56 @@ def tensor_bytes(value: Any) -> int:
 
 
 TOKENS = 65  # 32 x 32 images, patch 4, plus the CLS token
-EIGH_FLOPS_PER_CUBE = 9.0
+PATCHES = TOKENS - 1
+REFRESH_FLOPS_PER_CUBE = {"eigh": 9.0, "qr": 8.7}  # module docstring
 
 
-def layer_shapes(hidden: int) -> list[tuple[int, int]]:
-    """(in', out) of the preconditioned layers of one block: q, k, v, attention out, MLP."""
-    return [(hidden + 1, hidden)] * 4 + [(hidden + 1, 4 * hidden), (4 * hidden + 1, hidden)]
+def layer_shapes(hidden: int, layers: int, every_linear: bool) -> list[tuple[int, int, int]]:
+    """(in', out, rows per image) of the preconditioned layers: q, k, v, attention out and the
+    MLP of each block; with ``every_linear`` also the patch embedding and the classifier."""
+    block = [(hidden + 1, hidden, TOKENS)] * 4 + [
+        (hidden + 1, 4 * hidden, TOKENS),
+        (4 * hidden + 1, hidden, TOKENS),
+    ]
+    shapes = block * layers
+    if every_linear:
+        shapes += [(3 * 4 * 4 + 1, hidden, PATCHES), (hidden + 1, 10, 1)]
+    return shapes
 
 
-def unavoidable_flops(hidden: int, layers: int, batch: int, interval: int, mode: str) -> float:
-    """Flops per step that the method adds to AdamW's step at the least (module docstring)."""
-    rows = batch * TOKENS
+def resolved(config: dict[str, Any]) -> Any:
+    """The FOPConfig a row's optimizer runs with (None for AdamW and the peers)."""
+    from benchmarks.optimizers import VARIANTS
+    from hf_fop import FOPConfig
+
+    if config["optimizer"] not in VARIANTS:
+        return None
+    return FOPConfig().replace(**VARIANTS[config["optimizer"]][1], **schedule(config))
+
+
+def schedule(config: dict[str, Any]) -> dict[str, Any]:
+    """The FOP settings a row sets on top of its optimizer's own."""
+    settings: dict[str, Any] = {}
+    if config["interval"] is not None:
+        settings["curvature_interval"] = settings["inverse_interval"] = config["interval"]
+    if config["refresh"] is not None:
+        settings["basis_refresh"] = config["refresh"]
+    return settings
+
+
+def unavoidable_flops(fop: Any, hidden: int, layers: int, batch: int) -> float:
+    """Flops per step that the method of config ``fop`` adds to AdamW's step at the least."""
+    corrected = fop.curvature == "eigen_corrected"
+    rotations = 2 + (fop.mode == "fop") + (corrected and fop.momentum_placement == "before")
     total = 0.0
-    for in_dim, out in layer_shapes(hidden) * layers:
+    for in_dim, out, rows in layer_shapes(hidden, layers, fop.targets == "all-linear"):
         rotation = 2.0 * out * in_dim * (out + in_dim)
-        total += rotation * (3 if mode == "fop" else 2)
-        factors = 2.0 * rows * (in_dim**2 + out**2)
-        decompositions = EIGH_FLOPS_PER_CUBE * (in_dim**3 + out**3)
-        total += (factors + decompositions) / interval
+        total += rotation * rotations
+        total += 2.0 * batch * rows * (in_dim**2 + out**2) / fop.curvature_interval
+        refresh = REFRESH_FLOPS_PER_CUBE[fop.basis_refresh] * (in_dim**3 + out**3)
+        if corrected:
+            refresh += 2.0 * (in_dim**3 + out**3) + rotation
+        total += refresh / fop.inverse_interval
     return total
 
 
@@ -101,11 +140,8 @@ def _measure(configs: list[dict[str, Any]], code_path: str | None, queue: Any) -
     runs = []
     for config in configs:
         torch.manual_seed(0)
-        model = vit(config["hidden"], layers=4)
-        interval = config["interval"]
-        settings = {} if interval is None else {"curvature_interval": interval}
-        if interval is not None:
-            settings["inverse_interval"] = interval
+        model = vit(config["hidden"], layers=config["layers"])
+        settings = schedule(config) if resolved(config) is not None else {}
         optimizer = make_optimizer(config["optimizer"], model, 1e-3, **settings)
         runs.append((config, model, optimizer, []))
     first = configs[0]
@@ -183,26 +219,28 @@ def run_configs(configs: list[dict[str, Any]], code_path: str | None) -> list[di
 def markdown(rows: list[dict[str, Any]]) -> str:
     compare = any(r["code"] == "before" for r in rows)
     lines = [
-        "| hidden | optimizer | curvature interval | step (ms) | x AdamW | x K-FAC | "
-        "floor over AdamW (ms) | overhead / floor | "
+        "| hidden | optimizer | curvature interval | basis refresh | step (ms) | x AdamW | "
+        "x SOAP | x K-FAC | floor over AdamW (ms) | overhead / floor | "
         + ("before (ms) | after / before | " if compare else "")
         + "optimizer state (MiB) |",
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if compare else "") + "---|",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if compare else "") + "---|",
     ]
     before = {_key(r): r for r in rows if r["code"] == "before"}
     for r in rows:
         if r["code"] != "after":
             continue
-        interval = "-" if r["interval"] is None else str(r["interval"])
+        preconditioned = "floor_s" in r
         cells = [
             str(r["hidden"]),
             r["optimizer"],
-            interval,
+            "-" if not preconditioned else r["schedule"],
+            "-" if not preconditioned else r["basis_refresh"],
             f"{1000 * r['mean_step_s']:.1f}",
             f"{r['ratio_to_adamw']:.2f}",
+            "-" if r.get("ratio_to_soap") is None else f"{r['ratio_to_soap']:.2f}",
             "-" if r.get("ratio_to_kfac") is None else f"{r['ratio_to_kfac']:.2f}",
-            "-" if r["interval"] is None else f"{1000 * r['floor_s']:.1f}",
-            "-" if r["interval"] is None else f"{r['overhead_over_floor']:.1f}",
+            "-" if not preconditioned else f"{1000 * r['floor_s']:.1f}",
+            "-" if not preconditioned else f"{r['overhead_over_floor']:.1f}",
         ]
         if compare:
             old = before.get(_key(r))
@@ -216,7 +254,26 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _key(row: dict[str, Any]) -> tuple:
-    return (row["hidden"], row["optimizer"], row["interval"])
+    return (row["hidden"], row["optimizer"], row["interval"], row["refresh"])
+
+
+def _options(text: str, cast: Any) -> list[Any]:
+    """A comma list where "own" means the optimizer's own setting (None)."""
+    return [None if item == "own" else cast(item) for item in text.split(",")]
+
+
+def describe(row: dict[str, Any], layers: int) -> None:
+    """Ratios, floor and resolved schedule of one preconditioned row, written into it."""
+    fop = resolved(row)
+    row["schedule"] = (
+        f"{fop.curvature_interval}"
+        if fop.curvature_interval == fop.inverse_interval
+        else f"{fop.curvature_interval} (basis {fop.inverse_interval})"
+    )
+    row["basis_refresh"] = fop.basis_refresh
+    flops = unavoidable_flops(fop, row["hidden"], layers, row["batch"])
+    row["floor_flops"] = flops
+    row["floor_s"] = flops / row["matmul_flops_per_s"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -224,8 +281,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--hidden", default="64,128,256")
-    parser.add_argument("--intervals", default="1,5,10")
+    parser.add_argument("--optimizers", default="kfac,fop", help="preconditioned ones")
+    parser.add_argument("--peers", default="adamw,muon,soap", help="AdamW must be one")
+    parser.add_argument("--intervals", default="own,10", help='"own": the optimizer\'s own')
+    parser.add_argument("--refresh", default="own", help='basis refreshes, "own", "qr", "eigh"')
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
@@ -233,47 +294,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--before", type=Path, default=None, help="a checkout whose hf_fop is measured alongside"
     )
     args = parser.parse_args(argv)
+    peers = args.peers.split(",")
+    if "adamw" not in peers:
+        raise SystemExit("--peers must include adamw: every ratio is against it")
     codes = {"after": None}
     if args.before is not None:
         codes["before"] = str(args.before.resolve())
     rows = []
     for hidden in [int(h) for h in args.hidden.split(",")]:
-        base = {"hidden": hidden, "batch": args.batch, "steps": args.steps, "warmup": args.warmup}
+        base = {
+            "hidden": hidden,
+            "layers": args.layers,
+            "batch": args.batch,
+            "steps": args.steps,
+            "warmup": args.warmup,
+        }
         configs = [
-            {**base, "optimizer": name, "interval": None} for name in ("adamw", "muon", "soap")
+            {**base, "optimizer": name, "interval": None, "refresh": None} for name in peers
         ] + [
-            {**base, "optimizer": name, "interval": int(interval)}
-            for interval in args.intervals.split(",")
-            for name in ("kfac", "fop")
+            {**base, "optimizer": name, "interval": interval, "refresh": refresh}
+            for interval in _options(args.intervals, int)
+            for refresh in _options(args.refresh, str)
+            for name in args.optimizers.split(",")
         ]
         for code, path in codes.items():
             rows += run_configs([{**config, "code": code} for config in configs], path)
         for code in codes:
             measured = {_key(r): r for r in rows if r["code"] == code and r["hidden"] == hidden}
-            adamw = measured[(hidden, "adamw", None)]
+            adamw = measured[(hidden, "adamw", None, None)]
+            soap = measured.get((hidden, "soap", None, None))
             for row in measured.values():
                 row["ratio_to_adamw"] = row["mean_step_s"] / adamw["mean_step_s"]
-                if row["interval"] is None:  # AdamW and the peers
+                if soap is not None:
+                    row["ratio_to_soap"] = row["mean_step_s"] / soap["mean_step_s"]
+                if resolved(row) is None:  # AdamW and the peers
                     continue
-                kfac = measured[(hidden, "kfac", row["interval"])]
-                row["ratio_to_kfac"] = row["mean_step_s"] / kfac["mean_step_s"]
-                flops = unavoidable_flops(hidden, 4, args.batch, row["interval"], row["optimizer"])
-                row["floor_flops"] = flops
-                row["floor_s"] = flops / row["matmul_flops_per_s"]
+                describe(row, args.layers)
                 row["overhead_over_floor"] = (row["mean_step_s"] - adamw["mean_step_s"]) / row[
                     "floor_s"
                 ]
+                kfac_mode = "kfac" + row["optimizer"].removeprefix("fop")
+                kfac = measured.get((hidden, kfac_mode, row["interval"], row["refresh"]))
+                if kfac is not None:
+                    row["ratio_to_kfac"] = row["mean_step_s"] / kfac["mean_step_s"]
                 print(
-                    f"[{code}] hidden {hidden} {row['optimizer']} interval {row['interval']}: "
-                    f"{row['ratio_to_adamw']:.2f} x AdamW, {row['ratio_to_kfac']:.2f} x K-FAC",
+                    f"[{code}] hidden {hidden} {row['optimizer']} interval {row['schedule']} "
+                    f"{row['basis_refresh']}: {row['ratio_to_adamw']:.2f} x AdamW",
                     flush=True,
                 )
+    command = "python -m benchmarks.step_cost " + " ".join(
+        f"--{flag} {getattr(args, flag)}"
+        for flag in ("hidden", "optimizers", "peers", "intervals", "refresh", "batch", "steps")
+    )
     result = {
-        "command": "python -m benchmarks.step_cost"
+        "command": command
         + ("" if args.before is None else " --before <checkout of the previous step>"),
         "machine": f"{platform.machine()}, torch {torch.__version__}, 1 CPU thread, the "
         "optimizers of a width in turn in one process",
-        "model": "ViTForImageClassification, image 32, patch 4 (65 tokens), 4 layers, MLP 4x hidden",
+        "model": f"ViTForImageClassification, image 32, patch 4 (65 tokens), {args.layers} "
+        "layers, MLP 4x hidden",
         "rows": rows,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import ablation, drop_in, report, step_cost, time_to_accuracy
 from benchmarks.tasks import build_task, long_tail_indices
+from hf_fop import FOPConfig
 
 
 def test_time_to_accuracy_and_report_tiny(tmp_path: Path) -> None:
@@ -56,8 +57,12 @@ def test_step_cost_tiny(tmp_path: Path) -> None:
         [
             "--hidden",
             "16",
+            "--layers",
+            "1",
             "--intervals",
-            "2",
+            "own,2",
+            "--refresh",
+            "eigh",
             "--steps",
             "2",
             "--warmup",
@@ -70,32 +75,48 @@ def test_step_cost_tiny(tmp_path: Path) -> None:
             str(tmp_path),
         ]
     )
-    rows = {(r["code"], r["optimizer"]): r for r in result["rows"]}
-    names = ("adamw", "muon", "soap", "kfac", "fop")
-    assert set(rows) == {(c, o) for c in ("after", "before") for o in names}
-    assert (
-        rows[("after", "soap")]["ratio_to_adamw"] > 0 and "floor_s" not in rows[("after", "muon")]
-    )
-    fop, kfac = rows[("after", "fop")], rows[("after", "kfac")]
+    rows = {(r["code"], r["optimizer"], r["interval"]): r for r in result["rows"]}
+    peers = {(c, o, None) for c in ("after", "before") for o in ("adamw", "muon", "soap")}
+    preconditioned = {
+        (c, o, i) for c in ("after", "before") for o in ("kfac", "fop") for i in (None, 2)
+    }
+    assert set(rows) == peers | preconditioned
+    assert all(r["refresh"] == "eigh" for r in result["rows"] if r["optimizer"] in ("kfac", "fop"))
+    assert "floor_s" not in rows[("after", "muon", None)]
+    soap = rows[("after", "soap", None)]
+    assert soap["ratio_to_adamw"] > 0 and soap["ratio_to_soap"] == 1
+    fop, kfac = rows[("after", "fop", 2)], rows[("after", "kfac", 2)]
     assert fop["ratio_to_kfac"] == fop["mean_step_s"] / kfac["mean_step_s"]
+    assert fop["schedule"] == "2" and rows[("after", "fop", None)]["schedule"] == "1 (basis 2)"
     # FOP holds factors and eigenvectors that AdamW does not.
-    assert fop["optimizer_state_bytes"] > rows[("after", "adamw")]["optimizer_state_bytes"]
+    assert fop["optimizer_state_bytes"] > rows[("after", "adamw", None)]["optimizer_state_bytes"]
     # (In flops: the seconds divide by a matmul rate measured in each run, which load moves.)
     assert fop["floor_flops"] > kfac["floor_flops"] > 0
     assert fop["floor_s"] == fop["floor_flops"] / fop["matmul_flops_per_s"]
     table = (tmp_path / "step_cost.md").read_text()
-    assert "| 16 | fop | 2 |" in table and "after / before" in table
+    assert "| 16 | fop | 2 | eigh |" in table and "after / before" in table
 
 
 def test_unavoidable_flops_by_hand() -> None:
-    # hidden 1, one block, batch 1 (65 rows), interval 1: layers (in', out) = (2, 1) x 4,
-    # (2, 4), (5, 1). K-FAC: 2 rotations 2 out in' (out + in'), factors 2 N (in'^2 + out^2),
-    # eigh 9 (in'^3 + out^3): 4 x (24 + 650 + 81) + (192 + 2600 + 648) + (120 + 3380 + 1134).
-    assert step_cost.unavoidable_flops(1, 1, 1, 1, "kfac") == 11094
+    # hidden 1, one block, batch 1 (65 rows), factors and eigh every step, the blocks' layers:
+    # (in', out) = (2, 1) x 4, (2, 4), (5, 1). K-FAC: 2 rotations 2 out in' (out + in'),
+    # factors 2 N (in'^2 + out^2), eigh 9 (in'^3 + out^3):
+    # 4 x (24 + 650 + 81) + (192 + 2600 + 648) + (120 + 3380 + 1134).
+    kronecker = FOPConfig.kronecker(mode="kfac", curvature_interval=1, inverse_interval=1)
+    assert step_cost.unavoidable_flops(kronecker, 1, 1, 1) == 11094
     # FOP adds a third rotation (4 x 12 + 96 + 60); its half-batch gradient is part of the
     # weight gradient's own matmuls.
-    assert step_cost.unavoidable_flops(1, 1, 1, 1, "fop") == 11094 + 204
-    assert step_cost.unavoidable_flops(1, 1, 1, 2, "kfac") < 11094
+    fop = kronecker.replace(mode="fop")
+    assert step_cost.unavoidable_flops(fop, 1, 1, 1) == 11094 + 204
+    assert step_cost.unavoidable_flops(kronecker.replace(inverse_interval=2), 1, 1, 1) < 11094
+    # The defaults: a third rotation (the gradient for the second moment), the QR refresh
+    # (8.7 d^3) every 2 steps with the moment carried over (2 d^3 per side and a rotation), and
+    # also the patch embedding (49, 1; 64 rows) and the classifier (2, 10; 1 row):
+    # 4 x 740.15 + 3321.2 + 4264.1 + 954033.5 + 7280.8.
+    defaults = FOPConfig(mode="kfac")
+    assert step_cost.unavoidable_flops(defaults, 1, 1, 1) == pytest.approx(971860.2)
+    with_fop = FOPConfig()  # one more rotation per layer: 4 x 12 + 96 + 60 + 4900 + 480
+    assert step_cost.unavoidable_flops(with_fop, 1, 1, 1) == pytest.approx(971860.2 + 5584)
 
 
 def test_a_datasets_image_folder_runs_through_the_same_script(tmp_path: Path) -> None:
@@ -127,6 +148,36 @@ def test_shipped_mnist_and_wikitext(tmp_path: Path, monkeypatch) -> None:
     text = shipped.wikitext2()
     assert text["train"].lstrip().startswith("= Valkyria Chronicles III =")
     assert len(text["train"]) > 10_000_000 and len(text["validation"]) > 1_000_000
+
+
+def test_a_cached_run_serves_every_request_whose_evaluations_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task, cache = drop_in._task("mnist_mlp", True), tmp_path / "runs.jsonl"
+    fine = drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 2, None)
+    assert [p["step"] for p in fine] == [2, 4, 6]
+    # Evaluating does not change the training: the same run evaluated once ends the same.
+    once = drop_in.train_run(task, "adamw", 1e-3, 64, 6, 0, 6)
+    assert once[-1]["metric"] == fine[-1]["metric"]
+
+    def trains(*args: object, **kwargs: object) -> None:
+        raise AssertionError("served from the cache")
+
+    monkeypatch.setattr(drop_in, "train_run", trains)
+    assert drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 6, None) == fine[-1:]
+    assert drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 4, None) == [
+        fine[1],
+        fine[2],
+    ]
+    # Older caches appended eval_every to the key; their runs serve as well.
+    record = json.loads(cache.read_text())
+    record["key"] = json.dumps([*json.loads(record["key"]), 2])
+    cache.write_text(json.dumps(record) + "\n")
+    assert drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 2, None) == fine
+    # A request for steps the run never evaluated, or another seed, trains.
+    for eval_every, seed in ((1, 0), (2, 1)):
+        with pytest.raises(AssertionError, match="served from the cache"):
+            drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, seed, eval_every, None)
 
 
 def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
