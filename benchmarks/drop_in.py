@@ -137,13 +137,15 @@ def cached_run(
     seed: int,
     eval_every: int,
     damping: float | None,
+    final_only: bool = False,
 ) -> list[dict[str, float]]:
     """``train_run``, or its curve from ``cache`` (a JSON-lines file of earlier runs) when the
     same run is there: a run is a function of its key, so an ablation can grow optimizer by
     optimizer without training anything twice. The key holds the optimizer's settings, so a
     changed variant runs again. Evaluating does not change the training (measured: the same
     final metric at any ``eval_every``), so a cached run serves any request whose evaluation
-    steps it has; the curve comes back at the steps asked for."""
+    steps it has (``final_only``: any run, the final step is always evaluated); the curve comes
+    back at the steps asked for that it has."""
     # The whole configuration, defaults resolved: a changed default is another run.
     settings = asdict(FOPConfig().replace(**VARIANTS[name][1])) if name in VARIANTS else {}
     identity = [task.name, name, settings, lr, damping, batch, steps, seed]
@@ -157,7 +159,7 @@ def cached_run(
             curve = record["curve"]
             if curve[-1].get("diverged"):
                 return [p for p in curve if p["step"] in wanted or p.get("diverged")]
-            if wanted <= {p["step"] for p in curve}:
+            if final_only or wanted <= {p["step"] for p in curve}:
                 return [p for p in curve if p["step"] in wanted]
     curve = train_run(task, name, lr, batch, steps, seed, eval_every, damping)
     if cache is not None:
@@ -206,7 +208,7 @@ def tune(
     def score(lr: float, damping: float | None) -> float:
         if (lr, damping) not in runs:
             runs[lr, damping] = cached_run(
-                cache, task, name, lr, batch, steps, 0, eval_every, damping
+                cache, task, name, lr, batch, steps, 0, eval_every, damping, final_only=True
             )
             final = runs[lr, damping][-1]["metric"]
             print(f"[{task.name} b={batch}] {name} lr={lr:g} damping={damping}: {final:.4g}")

@@ -174,6 +174,10 @@ def test_a_cached_run_serves_every_request_whose_evaluations_it_holds(
     record["key"] = json.dumps([*json.loads(record["key"]), 2])
     cache.write_text(json.dumps(record) + "\n")
     assert drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 2, None) == fine
+    # Tuning needs the final metric only: any run of the same identity serves it.
+    assert drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 1, None, final_only=True) == (
+        fine
+    )
     # A request for steps the run never evaluated, or another seed, trains.
     for eval_every, seed in ((1, 0), (2, 1)):
         with pytest.raises(AssertionError, match="served from the cache"):
