@@ -131,8 +131,12 @@ def plot(table: dict[tuple[str, int], list[dict[str, Any]]], path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(table), figsize=(5.2 * len(table), 5), squeeze=False)
-    for axis, ((task, batch), rows) in zip(axes[0], table.items()):
+    columns = min(3, len(table))
+    lines = -(-len(table) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(5.6 * columns, 5 * lines), squeeze=False)
+    for axis in axes.flat[len(table) :]:
+        axis.set_visible(False)
+    for axis, ((task, batch), rows) in zip(axes.flat, table.items()):
         names = [NAMES[r["optimizer"]] + ("" if r["tuned"] else " *") for r in rows]
         means = [r["final_mean"] for r in rows]
         low = [r["final_mean"] - min(r["finals"]) for r in rows]
