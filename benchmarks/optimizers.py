@@ -80,6 +80,8 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "": (", defaults", {}),
     # The defaults with every basis refresh a full eigh instead of the power step and QR.
     "_eigh": (", defaults, eigh refresh", {"basis_refresh": "eigh"}),
+    # The defaults with SOAP's factors (g g^T, g^T g of the layer's gradient) instead of K-FAC's.
+    "_gradient": (", defaults, gradient factors", {"factor_source": "gradient"}),
     **{
         suffix: (label, {**KRONECKER_SETTINGS, **settings})
         for suffix, (label, settings) in _STEPS.items()
