@@ -154,7 +154,7 @@ def cached_run(
     if cache is not None and cache.exists():
         for line in cache.read_text().splitlines():
             record = json.loads(line)
-            if _identity(record["key"]) != key:
+            if _identity(record["key"], len(identity)) != key:
                 continue
             curve = record["curve"]
             if curve[-1].get("diverged"):
@@ -168,10 +168,10 @@ def cached_run(
     return curve
 
 
-def _identity(key: str) -> str:
-    """A cached run's key without the ``eval_every`` that older caches appended to it."""
-    fields = json.loads(key)
-    return json.dumps(fields[:8], default=str)
+def _identity(key: str, fields: int) -> str:
+    """A cached run's key without the ``eval_every`` that older caches appended to its
+    ``fields`` fields."""
+    return json.dumps(json.loads(key)[:fields], default=str)
 
 
 def _worst(task: RealTask) -> float:

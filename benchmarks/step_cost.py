@@ -262,16 +262,16 @@ def _options(text: str, cast: Any) -> list[Any]:
     return [None if item == "own" else cast(item) for item in text.split(",")]
 
 
-def describe(row: dict[str, Any], layers: int) -> None:
-    """Ratios, floor and resolved schedule of one preconditioned row, written into it."""
-    fop = resolved(row)
+def describe(row: dict[str, Any], fop: Any) -> None:
+    """The resolved schedule and the floor of one preconditioned row (``fop``: its
+    FOPConfig), written into it."""
     row["schedule"] = (
         f"{fop.curvature_interval}"
         if fop.curvature_interval == fop.inverse_interval
         else f"{fop.curvature_interval} (basis {fop.inverse_interval})"
     )
     row["basis_refresh"] = fop.basis_refresh
-    flops = unavoidable_flops(fop, row["hidden"], layers, row["batch"])
+    flops = unavoidable_flops(fop, row["hidden"], row["layers"], row["batch"])
     row["floor_flops"] = flops
     row["floor_s"] = flops / row["matmul_flops_per_s"]
 
@@ -327,9 +327,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row["ratio_to_adamw"] = row["mean_step_s"] / adamw["mean_step_s"]
                 if soap is not None:
                     row["ratio_to_soap"] = row["mean_step_s"] / soap["mean_step_s"]
-                if resolved(row) is None:  # AdamW and the peers
+                fop = resolved(row)
+                if fop is None:  # AdamW and the peers
                     continue
-                describe(row, args.layers)
+                describe(row, fop)
                 row["overhead_over_floor"] = (row["mean_step_s"] - adamw["mean_step_s"]) / row[
                     "floor_s"
                 ]
