@@ -111,7 +111,8 @@ def train_run(
     return curve
 
 
-def _final(curve: list[dict[str, float]]) -> float:
+def _score(curve: list[dict[str, float]]) -> float:
+    """The final accuracy, as tuning ranks it: a run that diverged ranks last."""
     return -1.0 if curve[-1]["diverged"] else curve[-1]["accuracy"]
 
 
@@ -129,7 +130,7 @@ def tune(
         for damping in dampings:
             curve = train_run(task, name, lr, damping, small, seed=0)
             trials.append(
-                {"lr": lr, "damping": damping, "final_accuracy": _final(curve), "curve": curve}
+                {"lr": lr, "damping": damping, "final_accuracy": _score(curve), "curve": curve}
             )
     best = max(trials, key=lambda t: t["final_accuracy"])
     chosen = {small: {**best, "rule": "grid", "candidates": [_strip(t) for t in trials]}}
@@ -153,7 +154,7 @@ def tune(
                     "lr": lr,
                     "damping": best["damping"],
                     "rule": rule,
-                    "final_accuracy": _final(curve),
+                    "final_accuracy": _score(curve),
                     "curve": curve,
                 }
             )

@@ -1,6 +1,12 @@
 """FOP's checkpoint layout: torch's optimizer state_dict, complete, with each layer's curvature
 nested in its weight's state (``state[weight]["curvature"]``), as Distributed Shampoo nests its
-preconditioners.
+preconditioners. FOP's ``state_dict`` and ``load_state_dict`` are torch's; its state-dict hooks
+call the functions here.
+
+Why the curvature is nested at save time instead of living in ``optimizer.state``: a bucket
+keeps its layers' curvature stacked (one allocation, for batched decompositions), so per-layer
+entries of ``optimizer.state`` would be views of the whole stack; a checkpoint holds copies,
+each layer once.
 
 Why this layout: torch.distributed.checkpoint (DCP, and so accelerate's and the Trainer's FSDP2
 checkpoints) keeps only ``state`` and ``param_groups``, keyed by parameter name, and loads in
@@ -19,15 +25,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hf_fop.config import FOPConfig
 from hf_fop.curvature import PRECONDITIONERS
 
 CURVATURE = "curvature"
+# The FOP group's settings that a checkpoint does not override (the optimizer's own win).
+OWN_SETTINGS = ("damping", "kl_clip")
 
 # Release 0.1's per-layer curvature keys, kept flat in each layer weight's optimizer state.
 LEGACY_KEYS = frozenset(
@@ -98,26 +106,34 @@ def saved_layer_names(state_dict: dict[str, Any]) -> list[str] | None:
     return group.get("layers")
 
 
-def keep_fop_settings(
-    group: dict[str, Any],
-    config: FOPConfig,
-    state: dict[Tensor, dict[str, Any]],
-    saved_state: dict[Hashable, dict[str, Any]],
-    keys: dict[int, Hashable],
+@dataclass
+class PendingLoad:
+    """What FOP's load pre-hook took from a checkpoint, for its post-hook once torch has
+    loaded the rest: the curvature by layer name, the saved per-parameter state, the saved keys
+    by parameter id, and the FOP group's own settings as they were before the load."""
+
+    curvature: dict[str, dict[str, Any]]
+    saved_state: dict[Hashable, dict[str, Any]]
+    keys: dict[int, Hashable]
+    settings: dict[str, Any]
+
+
+def keep_own_settings(
+    group: dict[str, Any], state: dict[Tensor, dict[str, Any]], loading: PendingLoad
 ) -> None:
-    """After torch's load into the FOP group: the damping and KL clip this optimizer was given
-    win over the checkpoint's (with a warning), and the preconditioned layers' moving average
-    is fp32 again (torch casts floating state to the parameter's dtype)."""
-    for key in ("damping", "kl_clip"):
-        configured = getattr(config, key)
-        if group[key] != configured:
+    """After torch's load into the FOP group: the damping and KL clip the group had win over
+    the checkpoint's (with a warning), and the preconditioned layers' moving average is fp32
+    again (torch casts floating state to the parameter's dtype)."""
+    for key, own in loading.settings.items():
+        if group[key] != own:
             warnings.warn(
-                f"the checkpoint's {key}={group[key]} is replaced by this optimizer's "
-                f"{key}={configured}",
-                stacklevel=3,
+                f"the checkpoint's {key}={group[key]} is replaced by this optimizer's {key}={own}",
+                # here <- FOP._load_curvature <- torch's load_state_dict <- its dynamo
+                # wrapper <- the caller
+                stacklevel=6,
             )
-            group[key] = configured
+            group[key] = own
     for param in group["params"]:
-        saved = saved_state.get(keys[id(param)], {})
+        saved = loading.saved_state.get(loading.keys[id(param)], {})
         if "exp_avg" in saved:
             state[param]["exp_avg"] = saved["exp_avg"].to(param.device, torch.float32)

@@ -81,17 +81,19 @@ class ModelCurvature:
         """Layer indices this rank decomposed at the last refresh (for inspection and tests)."""
         return self.distributor.decomposed_by_rank
 
-    def follow_sharding(self) -> None:
+    def follow_sharding(self) -> bool:
         """Shard the curvature if the model was sharded after the optimizer was built
-        (accelerate applies fully_shard in ``prepare``); only before any curvature exists."""
+        (accelerate applies fully_shard in ``prepare``); only before any curvature exists.
+        Returns whether it did (the distributor is chosen again, once)."""
         if self.sharded or not any(is_sharded(layer.weight) for layer in self.layers):
-            return
+            return False
         if any(any(bucket.factor_updates) for bucket in self.buckets):
             raise RuntimeError(
                 "the model was sharded with FSDP2 after FOP had gathered curvature; build the "
                 "optimizer after fully_shard, or before the first step"
             )
         self._build_buckets()
+        return True
 
     # ---------------------------------------------------------------------------- statistics
 

@@ -45,7 +45,7 @@ from hf_fop.param_groups import adamw_defaults, local_grads, param_groups, param
 from hf_fop.partition import configured_partition, unwrap_model
 from hf_fop.pending_verdict import DecidedAtFirstUse, PendingVerdict
 from hf_fop.plan import plan_partition
-from hf_fop.sharding import follow_sharded_parameters, is_sharded
+from hf_fop.sharding import follow_sharded_parameters
 from hf_fop.update_rules import (
     adamw_step,
     grafted_step,
@@ -70,7 +70,14 @@ class FOP(torch.optim.Optimizer):
 
     Param groups: one ``kind="fop"`` group with the preconditioned layers and one or two
     ``kind="adamw"`` groups (decay / no decay). Every group has ``lr``, so any LR scheduler
-    drives all of them.
+    drives all of them. The FOP group's ``damping`` and ``kl_clip`` are the step's settings.
+
+    Checkpoints: torch's ``state_dict`` / ``load_state_dict``, with each layer's curvature
+    (complete from the start) nested in its weight's state, the layout
+    torch.distributed.checkpoint needs (checkpoint.py). Loading keeps torch's semantics (the
+    checkpoint's lr, betas and weight decay win, so schedules resume) except for the FOP
+    group's damping and KL clip: this optimizer's win, with a warning when they differ. A
+    checkpoint of another model fails at load, naming the layer, before anything is loaded.
     """
 
     # GradScaler.step then calls step() itself, with grad_scale and found_inf set, so that FOP
@@ -104,6 +111,11 @@ class FOP(torch.optim.Optimizer):
         self.capture.accumulation_steps = config.gradient_accumulation_steps
         self._last_stats: dict[str, Tensor | float] = {}
         self._verdict = PendingVerdict()
+        self._loading: checkpoint.PendingLoad | None = None
+        self.register_state_dict_pre_hook(FOP._prepare_checkpoint)
+        self.register_state_dict_post_hook(FOP._nest_curvature)
+        self.register_load_state_dict_pre_hook(FOP._take_curvature)
+        self.register_load_state_dict_post_hook(FOP._load_curvature)
         self._arm_capture()
         logger.info(partition.summary())
         # What this optimizer holds and costs (hf_fop.plan), for logs and for the user.
@@ -183,34 +195,40 @@ class FOP(torch.optim.Optimizer):
             )
         super().add_param_group(param_group)
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict with each layer's curvature (complete from the start) nested in its
-        weight's state: the layout torch.distributed.checkpoint needs (checkpoint.py)."""
+    # ------------------------------------------------------------------------------ checkpoint
+    # state_dict() and load_state_dict() are torch's own; these hooks, registered in __init__,
+    # nest each layer's curvature in its weight's state and take it out again (checkpoint.py).
+
+    def _prepare_checkpoint(self) -> None:
+        """Before torch saves or loads: the last step's verdict is in, the sharding followed."""
         self._verdict.settle()
         self._follow_sharding()
-        state = super().state_dict()
+
+    def _nest_curvature(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         indices = param_indices(self.param_groups)
         weights = {n: indices[id(x.weight)] for n, x in zip(self.layer_names, self.layers)}
-        checkpoint.nest_curvature(state["state"], weights, self.curvature.state_dict())
-        return state
+        checkpoint.nest_curvature(state_dict["state"], weights, self.curvature.state_dict())
+        return state_dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's semantics (the checkpoint's lr, betas and weight decay win, so schedules
-        resume), except FOP's own settings: the damping and the KL clip given to this optimizer
-        win over the checkpoint's, with a warning when they differ. A checkpoint of another
-        model fails here, naming the layer, before anything is loaded."""
-        self._verdict.settle()
-        self._follow_sharding()
+    def _take_curvature(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """torch's part of ``state_dict`` for torch to load; the curvature (checked against
+        these layers first, so a mismatch loads nothing) waits for ``_load_curvature``."""
+        self._prepare_checkpoint()
         keys = checkpoint.saved_keys(state_dict["param_groups"], self.param_groups)
         weights = {n: keys.get(id(x.weight)) for n, x in zip(self.layer_names, self.layers)}
         torch_state, curvature = checkpoint.take_curvature(state_dict, weights)
         self.curvature.check_state_dict(curvature, checkpoint.saved_layer_names(state_dict))
-        super().load_state_dict(torch_state)
-        self.curvature.load_state_dict(curvature)
+        group = self.fop_group
+        settings = {key: group[key] for key in checkpoint.OWN_SETTINGS} if group else {}
+        self._loading = checkpoint.PendingLoad(curvature, torch_state["state"], keys, settings)
+        return torch_state
+
+    def _load_curvature(self) -> None:
+        loading, self._loading = self._loading, None
+        assert loading is not None, "torch runs _take_curvature first"
+        self.curvature.load_state_dict(loading.curvature)
         if self.fop_group is not None:
-            checkpoint.keep_fop_settings(
-                self.fop_group, self.config, self.state, torch_state["state"], keys
-            )
+            checkpoint.keep_own_settings(self.fop_group, self.state, loading)
         self._arm_capture()
 
     # --------------------------------------------------------------------------------- internal
@@ -312,11 +330,8 @@ class FOP(torch.optim.Optimizer):
         report_skipped_step(flags)
 
     def _follow_sharding(self) -> None:
-        """The model was sharded with fully_shard after this optimizer was built: point the
-        param groups at the new (DTensor) parameters and shard the curvature."""
-        if self.curvature.sharded or not any(is_sharded(x.weight) for x in self.layers):
-            return
+        """The model was sharded with fully_shard after this optimizer was built: shard the
+        curvature and point the param groups at the new (DTensor) parameters."""
         model = self._model()
-        if model is not None:
+        if self.curvature.follow_sharding() and model is not None:
             follow_sharded_parameters(self.param_groups, model, self._param_names, self.state)
-        self.curvature.follow_sharding()

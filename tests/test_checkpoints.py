@@ -75,6 +75,29 @@ def test_curvature_is_nested_in_each_weights_state_and_the_layers_are_named() ->
     assert "curvature" not in optimizer.state[optimizer.layers[0].weight]
 
 
+def test_state_dict_and_its_load_are_torchs_own_and_a_users_hooks_see_the_curvature() -> None:
+    # FOP adds the curvature through torch's state-dict hooks, so hooks registered later (a
+    # user's, a wrapper's) see the whole state, and its load pre-hooks see it before FOP's.
+    assert FOP.state_dict is torch.optim.Optimizer.state_dict
+    assert FOP.load_state_dict is torch.optim.Optimizer.load_state_dict
+    _, optimizer = _trained()
+    key = _weight_indices(optimizer)["blocks.0.1"]
+    seen = []
+    optimizer.register_state_dict_post_hook(
+        lambda _, state_dict: seen.append(sorted(state_dict["state"][key]))
+    )
+    saved = optimizer.state_dict()
+    assert seen == [sorted(saved["state"][key])] and "curvature" in seen[0]
+    _, resumed = _trained(steps=1)
+    resumed.register_load_state_dict_pre_hook(
+        lambda _, state_dict: seen.append(sorted(state_dict["state"][key])), prepend=True
+    )
+    resumed.load_state_dict(saved)
+    assert seen[1] == seen[0]
+    for before, after in zip(_tensors(saved), _tensors(resumed.state_dict())):
+        assert torch.equal(before, after)
+
+
 def test_with_momentum_before_a_fresh_optimizer_offers_dcp_what_a_trained_one_has() -> None:
     settings = {**SETTINGS, "momentum_placement": "before"}
     torch.manual_seed(0)
