@@ -82,6 +82,13 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "_eigh": (", defaults, eigh refresh", {"basis_refresh": "eigh"}),
     # The defaults with SOAP's factors (g g^T, g^T g of the layer's gradient) instead of K-FAC's.
     "_gradient": (", defaults, gradient factors", {"factor_source": "gradient"}),
+    # The defaults with the activation factors gathered every 2nd / 4th step (the basis refreshed
+    # every 2nd / 4th): the factor products, the defaults' main cost, on fewer steps.
+    "_factors2": (", defaults, factors every 2 steps", {"curvature_interval": 2}),
+    "_factors4": (
+        ", defaults, factors every 4 steps",
+        {"curvature_interval": 4, "inverse_interval": 4},
+    ),
     **{
         suffix: (label, {**KRONECKER_SETTINGS, **settings})
         for suffix, (label, settings) in _STEPS.items()
