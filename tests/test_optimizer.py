@@ -415,3 +415,19 @@ def test_resume_with_another_damping_uses_the_new_one_and_says_so() -> None:
     assert resumed.fop_group["damping"] == 0.3
     train(model, resumed, tokens, labels, steps=1)
     assert resumed.statistics()["damping"] == 0.3
+
+
+def test_the_fop_group_is_the_one_source_of_the_damping_a_load_keeps() -> None:
+    # A damping set on the group after construction (by hand or by a schedule) is the one the
+    # step uses and the one a load keeps, not the value the optimizer was built with.
+    tokens, labels = token_data()
+    model = TokenClassifier()
+    optimizer = FOP(model, damping=0.1, kl_clip=None)
+    train(model, optimizer, tokens, labels, steps=2)
+    saved = optimizer.state_dict()
+    optimizer.fop_group["damping"] = 0.5
+    with pytest.warns(UserWarning, match="damping=0.1 is replaced by this optimizer's damping=0.5"):
+        optimizer.load_state_dict(saved)
+    assert optimizer.fop_group["damping"] == 0.5 and optimizer.fop_group["kl_clip"] is None
+    train(model, optimizer, tokens, labels, steps=1)
+    assert optimizer.statistics()["damping"] == 0.5
