@@ -39,10 +39,13 @@ import multiprocessing as mp
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from hf_fop import FOPConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,7 +80,7 @@ def layer_shapes(hidden: int, layers: int, every_linear: bool) -> list[tuple[int
     return shapes
 
 
-def resolved(config: dict[str, Any]) -> Any:
+def resolved(config: dict[str, Any]) -> FOPConfig | None:
     """The FOPConfig a row's optimizer runs with (None for AdamW and the peers)."""
     from benchmarks.optimizers import VARIANTS
     from hf_fop import FOPConfig
@@ -97,7 +100,7 @@ def schedule(config: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def unavoidable_flops(fop: Any, hidden: int, layers: int, batch: int) -> float:
+def unavoidable_flops(fop: FOPConfig, hidden: int, layers: int, batch: int) -> float:
     """Flops per step that the method of config ``fop`` adds to AdamW's step at the least."""
     corrected = fop.curvature == "eigen_corrected"
     rotations = 2 + (fop.mode == "fop") + (corrected and fop.momentum_placement == "before")
@@ -262,9 +265,8 @@ def _options(text: str, cast: Any) -> list[Any]:
     return [None if item == "own" else cast(item) for item in text.split(",")]
 
 
-def describe(row: dict[str, Any], fop: Any) -> None:
-    """The resolved schedule and the floor of one preconditioned row (``fop``: its
-    FOPConfig), written into it."""
+def describe(row: dict[str, Any], fop: FOPConfig) -> None:
+    """The resolved schedule and the floor of one preconditioned row, written into it."""
     row["schedule"] = (
         f"{fop.curvature_interval}"
         if fop.curvature_interval == fop.inverse_interval
