@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from functools import partial
 from typing import Any
 
@@ -205,8 +205,7 @@ class FOP(torch.optim.Optimizer):
         self._follow_sharding()
 
     def _nest_curvature(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        indices = param_indices(self.param_groups)
-        weights = {n: indices[id(x.weight)] for n, x in zip(self.layer_names, self.layers)}
+        weights = self._weight_keys(param_indices(self.param_groups))
         checkpoint.nest_curvature(state_dict["state"], weights, self.curvature.state_dict())
         return state_dict
 
@@ -215,13 +214,17 @@ class FOP(torch.optim.Optimizer):
         these layers first, so a mismatch loads nothing) waits for ``_load_curvature``."""
         self._prepare_checkpoint()
         keys = checkpoint.saved_keys(state_dict["param_groups"], self.param_groups)
-        weights = {n: keys.get(id(x.weight)) for n, x in zip(self.layer_names, self.layers)}
-        torch_state, curvature = checkpoint.take_curvature(state_dict, weights)
+        torch_state, curvature = checkpoint.take_curvature(state_dict, self._weight_keys(keys))
         self.curvature.check_state_dict(curvature, checkpoint.saved_layer_names(state_dict))
         group = self.fop_group
         settings = {key: group[key] for key in checkpoint.OWN_SETTINGS} if group else {}
         self._loading = checkpoint.PendingLoad(curvature, torch_state["state"], keys, settings)
         return torch_state
+
+    def _weight_keys(self, keys: dict[int, Hashable]) -> dict[str, Hashable | None]:
+        """Each preconditioned layer's name -> its weight's key in a state_dict (``keys``: by
+        parameter id; None where the checkpoint lacks the weight)."""
+        return {n: keys.get(id(x.weight)) for n, x in zip(self.layer_names, self.layers)}
 
     def _load_curvature(self) -> None:
         loading, self._loading = self._loading, None
