@@ -49,7 +49,7 @@ def mnist() -> dict[str, np.ndarray]:
             )
             arrays[f"x_{split}"] = table[:, 1:].reshape(-1, 28, 28)
             arrays[f"y_{split}"] = table[:, 0].astype(np.int64)
-        temporary = cached.with_suffix(".tmp.npz")
+        temporary = cached.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez_compressed(temporary, **arrays)
         temporary.replace(cached)
     with np.load(cached) as data:
@@ -88,7 +88,9 @@ def wikitext2_tokenizer(vocab_size: int = 4096):  # -> transformers.PreTrainedTo
         )
         lines = wikitext2()["train"].splitlines()
         tokenizer.train_from_iterator(lines, trainer=trainer)
-        tokenizer.save(str(cached))
+        temporary = cached.with_suffix(f".{os.getpid()}.tmp.json")
+        tokenizer.save(str(temporary))
+        temporary.replace(cached)
     return PreTrainedTokenizerFast(tokenizer_file=str(cached), eos_token="<|endoftext|>")
 
 
@@ -102,7 +104,7 @@ def wikitext2_tokens(vocab_size: int = 4096) -> dict[str, np.ndarray]:
             lines = [line for line in text.splitlines() if line.strip()]
             ids = tokenizer(lines)["input_ids"]
             arrays[split] = np.concatenate([np.asarray(i, dtype=np.int32) for i in ids])
-        temporary = cached.with_suffix(".tmp.npz")
+        temporary = cached.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez_compressed(temporary, **arrays)
         temporary.replace(cached)
     with np.load(cached) as data:
