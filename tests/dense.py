@@ -43,3 +43,31 @@ def block_diagonal(blocks: Tensor) -> Tensor:
     if blocks.dim() == 3:
         return torch.block_diag(*blocks)
     return torch.stack([block_diagonal(b) for b in blocks])
+
+
+FP32_EPS = torch.finfo(torch.float32).eps
+# Round-off of a solve grows with the sums behind each entry: a factor of a few per side of
+# the factors. A wrong solve (a missing damping, a transposed factor) is off by O(1).
+SOLVE_SLACK = 16.0
+
+
+def solve_tolerance(F: Tensor, slack: float = SOLVE_SLACK) -> float:
+    """The norm-wise relative error an fp32 solve with F may make: slack * cond(F) * eps.
+
+    Element-wise error is not bounded this way (a small entry of F^-1 b can lose every
+    digit while the vector is right to round-off), so references are compared in norm.
+    """
+    eigenvalues = torch.linalg.eigvalsh(F.double())
+    condition = (eigenvalues.max() / eigenvalues.min()).item()
+    tolerance = slack * condition * FP32_EPS
+    # A bound near 1 would accept any answer: the reference must be well enough conditioned.
+    assert tolerance < 0.02, f"cond(F) = {condition:.3g} leaves the comparison without bite"
+    return tolerance
+
+
+def assert_solve_close(got: Tensor, want: Tensor, F: Tensor, slack: float = SOLVE_SLACK) -> None:
+    """``got`` (an fp32 result of solving with F) matches the fp64 ``want`` in norm, within
+    ``solve_tolerance(F)``."""
+    tolerance = solve_tolerance(F, slack)
+    error = ((got.double() - want).norm() / want.norm()).item()
+    assert error <= tolerance, f"relative error {error:.3g} > {tolerance:.3g} (slack * cond * eps)"

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from hf_fop import FOP, partition_model
-from tests.dense import unvec, vec
+from tests.dense import assert_solve_close, unvec, vec
 from tests.helpers import TokenClassifier, kronecker, tiny_gpt2, token_data, train
+
+pytestmark = pytest.mark.numerics
 
 
 def _lm_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
@@ -67,7 +69,7 @@ def test_embedding_step_is_the_damped_kronecker_inverse_of_its_gradient(mode: st
     F = torch.kron(A, G) + damping * torch.eye(A.shape[0] * G.shape[0], dtype=torch.float64)
     want = -unvec(torch.linalg.solve(F, vec(g)), g.shape[0]).T
     got = model.transformer.wte.weight.detach() - before
-    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=1e-6)
+    assert_solve_close(got, want, F)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ from hf_fop.integration import FOPTrainer
 from hf_fop.integration.trainer import unwrap_optimizer
 from tests.helpers import TokenClassifier, fop_args, image_dataset, tiny_vit, token_data
 
+pytestmark = pytest.mark.numerics
+
 SCALE = 2.0**16
 
 
