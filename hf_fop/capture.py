@@ -10,7 +10,7 @@ their own) a tensor hook on the output computes g1 beside autograd's gradient. F
 hooks are not used: they break on in-place operations after the layer.
 
 All work happens when the output's gradient arrives, which is exactly once per forward that
-takes part in the backward pass. Forwards in eval mode or under no_grad, and the recomputation
+takes part in the backward pass. Forwards under no_grad (evaluation), and the recomputation
 inside a non-reentrant gradient checkpoint (its output never receives a gradient), therefore
 count zero times, and a module called twice counts twice, as its weight gradient does. A deep
 copy of the model carries the hooks but is ignored by them.
@@ -276,8 +276,10 @@ class _Held:
 
 
 def _takes_part_in_backward(module: nn.Module, inputs: tuple, output: object) -> bool:
-    """A training-mode call with gradients on whose output will receive a gradient."""
-    if not (module.training and torch.is_grad_enabled()):
+    """A call with gradients on whose output will receive a gradient. Train or eval mode does
+    not matter: ``from_pretrained`` returns a model in eval mode, and a loop that trains it so
+    (no dropout on purpose, or a forgotten ``model.train()``) still runs backward passes."""
+    if not torch.is_grad_enabled():
         return False
     return isinstance(output, Tensor) and output.requires_grad and bool(inputs)
 
@@ -285,7 +287,7 @@ def _takes_part_in_backward(module: nn.Module, inputs: tuple, output: object) ->
 def _count_forward(forwards: Tensor, module: nn.Module, args: object) -> None:
     """The root's forward pre-hook: number the forwards that can take part in a backward (an
     in-place add that torch.compile traces, so the root's call has no graph break)."""
-    if module.training and torch.is_grad_enabled():
+    if torch.is_grad_enabled():
         forwards.add_(1)
 
 

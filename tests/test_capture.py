@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_fop import FOP
 from hf_fop.factor_sums import active_rows, second_moment
+from tests.helpers import image_data, tiny_vit
 
 
 class Net(nn.Module):
@@ -246,3 +247,27 @@ def test_weighted_rows_give_the_factor_of_the_selected_rows(inactive: str) -> No
     expected = a.T @ a / len(kept)
     for factor in factors:
         torch.testing.assert_close(factor, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_in_eval_mode_trains_with_fop_as_in_train_mode() -> None:
+    # from_pretrained returns a model in eval mode: a loop that never calls model.train() (or a
+    # model without dropout trained so on purpose) still gets FOP's curvature and correction.
+    images, labels = image_data(64)
+    runs = []
+    for training in (True, False):
+        torch.manual_seed(0)
+        model = tiny_vit()  # no dropout: both modes compute the same forward
+        model.train(training)
+        optimizer = FOP(model, lr=3e-3)
+        for step in range(4):
+            batch = slice(16 * step, 16 * (step + 1))
+            optimizer.zero_grad()
+            F.cross_entropy(model(pixel_values=images[batch]).logits, labels[batch]).backward()
+            optimizer.step()
+        assert all(
+            s["factor_updates"] for s in map(optimizer.curvature.layer_state, optimizer.layer_names)
+        )
+        assert optimizer.statistics()["rho_abs_max"] > 0  # FOP's correction, not AdamW's step
+        runs.append(model)
+    for (name, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
