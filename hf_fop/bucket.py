@@ -31,6 +31,7 @@ from hf_fop.eigen_corrected import (
 )
 from hf_fop.factor_sums import gradient_factors
 from hf_fop.fop_math import FOPDirection
+from hf_fop.gradient_probes import gradient_factor, probe_matrices
 from hf_fop.grafting import adam_direction, graft
 from hf_fop.layers import LayerAdapter
 
@@ -165,7 +166,8 @@ class ShapeBucket:
         if g is None:
             return stats
         A, G = gradient_factors(g, self.layout_A, self.layout_G)
-        return BucketStatistics(A, G, [x is not None for x in grads], stats.g1, stats.has_split)
+        present = [x is not None for x in grads]
+        return BucketStatistics(A, G, present, stats.g1, stats.has_split, stats.probe)
 
     def second_moment(self) -> Tensor:
         """AdamW's second moment of each layer's gradient matrix (created at first use)."""
@@ -254,26 +256,36 @@ class ShapeBucket:
         ``averaged`` (momentum before the preconditioner) it is that of the averaged gradient,
         FOP's correction still from this step's two halves."""
         preconditioner = self.preconditioner(damping, config.damping_mode)
-        g_avg = self._padded(g_avg)
-        # The eigen-corrected metric needs g in the eigenbasis for its second moment; the
-        # direction then starts from that rotation instead of making its own.
+        unpadded, g_avg = g_avg, self._padded(g_avg)
+        g_diff = None
+        if stats.g1 is not None:
+            # g1 as p.grad carries it: clipped, unscaled or rescaled with it after the backward.
+            g1 = stats.g1
+            if stats.probe is not None:
+                factor = gradient_factor(probe_matrices(unpadded), stats.probe)
+                g1 = g1 * factor[:, None, None]
+            # A layer without two halves this step has g_diff = 0: its FOP direction is exactly
+            # K-FAC's, and its second moment that of the whole batch.
+            g1 = self._padded(g1)
+            if not all(stats.has_split):
+                g1 = torch.where(_row_flag(stats.has_split, g_avg), g1, g_avg)
+            g_diff = 2 * (g1 - g_avg)
+        # The eigen-corrected metric needs g_avg and g_diff in the eigenbasis for its second
+        # moment; the direction then starts from those rotations instead of making its own.
         rotated: dict[str, Tensor] = {}
         if self.rotated_second_moment is not None:
-            preconditioner, rotated["rotated_avg"] = self._corrected(
-                preconditioner, g_avg, ready, damping, config, ok
+            preconditioner, rotated = self._corrected(
+                preconditioner, g_avg, g_diff, ready, damping, config, ok
             )
         base = g_avg
         if averaged is not None:
-            base, rotated = self._padded(averaged), {}
-        if stats.g1 is None:
+            base = self._padded(averaged)
+            rotated.pop("rotated_avg", None)
+        if config.mode == "kfac" or g_diff is None:
+            rotated.pop("rotated_diff", None)  # the halves fed the metric only
             result = preconditioner.kfac(base, **rotated)
         else:
-            # A layer without two halves this step has g_diff = 0: its FOP direction is exactly
-            # K-FAC's.
-            g1 = self._padded(stats.g1)
-            if not all(stats.has_split):
-                g1 = torch.where(_row_flag(stats.has_split, g_avg), g1, g_avg)
-            result = preconditioner.fop(base, 2 * (g1 - g_avg), config.fop_zero_tol, **rotated)
+            result = preconditioner.fop(base, g_diff, config.fop_zero_tol, **rotated)
         return result._replace(direction=unpad_matrix(result.direction, *self._layouts_out_in))
 
     @property
@@ -288,28 +300,37 @@ class ShapeBucket:
         self,
         kronecker: KroneckerPreconditioner,
         g: Tensor,
+        g_diff: Tensor | None,
         ready: list[bool],
         damping: float,
         config: FOPConfig,
         ok: Tensor,
-    ) -> tuple[EigenCorrectedPreconditioner, Tensor]:
-        """The eigen-corrected metric after this step's gradient ``g`` went into the rotated
-        second moment of the ``ready`` rows (only where ``ok``), and ``g`` in the eigenbasis."""
+    ) -> tuple[EigenCorrectedPreconditioner, dict[str, Tensor]]:
+        """The eigen-corrected metric after this step's gradient ``g`` (and the difference of
+        its halves, ``g_diff``) went into the rotated second moment of the ``ready`` rows (only
+        where ``ok``), and both in the eigenbasis (``rotated_avg``, ``rotated_diff``)."""
         assert isinstance(kronecker, EigenPreconditioner)  # config: method="eigen"
         assert self.rotated_second_moment is not None
         decay = config.second_moment_decay
-        rotated = kronecker.rotate(g)
+        rotated = {"rotated_avg": kronecker.rotate(g)}
+        if g_diff is not None:
+            rotated["rotated_diff"] = kronecker.rotate(g_diff)
         moment = self.rotated_second_moment
-        update_rotated_second_moment(moment, rotated, decay, _row_flag(ready, g, ok))
+        update_rotated_second_moment(
+            moment,
+            rotated["rotated_avg"],
+            decay,
+            _row_flag(ready, g, ok),
+            rotated.get("rotated_diff"),
+        )
         self.moment_updates = [done + has for done, has in zip(self.moment_updates, ready)]
         # Rows without a moment yet divide by one (their metric is never used).
         updates = torch.tensor([max(n, 1) for n in self.moment_updates], device=g.device)
         metric = corrected_metric(
             moment, updates[:, None, None], decay, config.exponent, damping, config.damping_mode
         )
-        return EigenCorrectedPreconditioner(
-            kronecker.eigvecs_A, kronecker.eigvecs_G, metric
-        ), rotated
+        corrected = EigenCorrectedPreconditioner(kronecker.eigvecs_A, kronecker.eigvecs_G, metric)
+        return corrected, rotated
 
 
 def _row_flag(rows: list[bool], like: Tensor, ok: Tensor | None = None) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from hf_fop.blocks import Blocking, BlockLayout
 from hf_fop.fop_math import FOPDirection
+from hf_fop.gradient_probes import PROBES
 from hf_fop.layers import LayerAdapter
 
 if TYPE_CHECKING:
@@ -31,11 +32,12 @@ def factor_layouts(layer: LayerAdapter, blocking: Blocking) -> tuple[BlockLayout
 
 
 def statistic_shape(kind: str, layout_A: BlockLayout, layout_G: BlockLayout) -> tuple[int, ...]:
-    """The shape of one layer's statistic of ``kind`` ("A", "G" or "g1")."""
+    """The shape of one layer's statistic of ``kind`` ("A", "G", "g1" or "probe")."""
     shapes = {
         "A": layout_A.factor_shape,
         "G": layout_G.factor_shape,
         "g1": (layout_G.dim, layout_A.dim),
+        "probe": (PROBES,),
     }
     return shapes[kind]
 
@@ -49,6 +51,8 @@ class BucketStatistics:
     has_factors: list[bool]
     g1: Tensor | None
     has_split: list[bool]
+    # The hooks' probes of each layer's whole gradient (gradient_probes.py), beside g1.
+    probe: Tensor | None = None
 
     @classmethod
     def empty(cls, bucket: ShapeBucket) -> BucketStatistics:
@@ -72,10 +76,11 @@ class BucketStatistics:
             present.get("A", absent),
             stacked.get("g1"),
             present.get("g1", absent),
+            stacked.get("probe"),
         )
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.A, self.G, self.g1) if t is not None]
+        return [t for t in (self.A, self.G, self.g1, self.probe) if t is not None]
 
 
 @dataclass

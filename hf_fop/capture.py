@@ -39,6 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from hf_fop.blocks import Blocking
 from hf_fop.bucket_data import factor_layouts
 from hf_fop.factor_sums import active_rows, output_second_moment, second_moment, weight_gradient
+from hf_fop.gradient_probes import probe_rows
 from hf_fop.layer_backward import LayerBackward, ModuleOutput
 from hf_fop.layers import LayerAdapter, LinearAdapter
 
@@ -51,6 +52,7 @@ class LayerStatistics:
     A_rows: Tensor | int = 0  # rows that entered A (a device tensor where they are weighted)
     G_sum: Tensor | None = None  # sum over rows of d d^T
     first_half_grad: Tensor | None = None  # sum over first-half rows of d a^T
+    probe_sum: Tensor | None = None  # sum over all rows of (u^T d)(w^T a): gradient_probes.py
     examples: int = 0  # each micro-batch's examples counted once, however often the layer ran
     first_half_examples: int = 0
     micro_batches: set[int] = field(default_factory=set)
@@ -78,6 +80,11 @@ class LayerStatistics:
     def g1(self) -> Tensor:
         """Gradient of the mean loss over the first half of the step's examples (out x in')."""
         return self.first_half_grad * (self.examples / self.first_half_examples)
+
+    def probe(self) -> Tensor:
+        """The random probes of the whole step's gradient as the hooks saw it (PROBES,)."""
+        assert self.probe_sum is not None
+        return self.probe_sum
 
 
 class CurvatureCapture:
@@ -211,7 +218,7 @@ class CurvatureCapture:
         layer = self.layers[index]
         d = layer.output_grad_rows(grad_output)  # (N, L, out)
         first_half = self.first_half_of(index, forward, d.shape[0])
-        needs_input = first_half or (self.collect_factors and d.shape[0] > 0)
+        needs_input = first_half is not None or (self.collect_factors and d.shape[0] > 0)
         x = layer.input_positions(layer_input) if needs_input else None  # (N, L, in)
         first_grad = None
         if first_half:
@@ -235,10 +242,19 @@ class CurvatureCapture:
         return first_half if self.collect_first_half else None
 
     @torch.no_grad()
-    def add(self, index: int, x: Tensor | None, d: Tensor, first_grad: Tensor | None) -> None:
+    def add(
+        self,
+        index: int,
+        x: Tensor | None,
+        d: Tensor,
+        first_grad: Tensor | None,
+        probe: Tensor | None = None,
+    ) -> None:
         """Add a counted call's factor sums (on curvature steps; from its input positions ``x``,
-        (N, L, in), and output-gradient rows ``d``, (N, L, out)) and its part of g1
-        (``first_grad``: the fp32 out x in' gradient of its first-half examples, None if none)."""
+        (N, L, in), and output-gradient rows ``d``, (N, L, out)), its part of g1
+        (``first_grad``: the fp32 out x in' gradient of its first-half examples, None if none)
+        and of the whole gradient's probes (gradient_probes.py; ``probe``: already taken from
+        the weight gradient, else from the rows)."""
         layer, stats = self.layers[index], self.stats[index]
         if d.shape[0] == 0:
             return
@@ -255,6 +271,10 @@ class CurvatureCapture:
             stats.G_sum = _accumulate(stats.G_sum, output_second_moment(d_rows, layout_G))
         if not self.collect_first_half:
             return
+        if probe is None:
+            assert x is not None
+            probe = probe_rows(d.float().flatten(0, 1), x.float().flatten(0, 1), layer.has_bias)
+        stats.probe_sum = _accumulate(stats.probe_sum, probe)
         if first_grad is not None:
             stats.first_half_grad = _accumulate(stats.first_half_grad, first_grad)
         elif stats.first_half_grad is None:

@@ -267,6 +267,13 @@ class FOPConfig:
         return Blocking(self.block_size, self.diagonal_above)
 
     @property
+    def wants_halves(self) -> bool:
+        """Whether a step needs g1, the gradient of the first half of its examples: FOP's
+        correction does, and so does the eigen-corrected metric in either mode (its second
+        moment is that of the two halves, eigen_corrected.py)."""
+        return self.mode == "fop" or self.curvature == "eigen_corrected"
+
+    @property
     def fallback_lr(self) -> float:
         """The AdamW side's learning rate."""
         return self.lr if self.adamw_lr is None else self.adamw_lr

@@ -144,8 +144,9 @@ class RotatedDiagonalPreconditioner(KroneckerPreconditioner):
     in the Kronecker eigenbasis. Both Fisher products are elementwise there, so the FOP scalars
     cost no matmuls beyond rotating g_avg and g_diff in and the direction out.
 
-    ``kfac`` and ``fop`` take g_avg already rotated (``rotated_avg``) when the caller needed it
-    anyway (the eigen-corrected metric's second moment), so it is rotated once per step.
+    ``kfac`` and ``fop`` take g_avg and g_diff already rotated (``rotated_avg``,
+    ``rotated_diff``) when the caller needed them anyway (the eigen-corrected metric's second
+    moment), so each is rotated once per step.
     """
 
     eigvecs_A: Tensor
@@ -171,13 +172,18 @@ class RotatedDiagonalPreconditioner(KroneckerPreconditioner):
         return result._replace(direction=self.unrotate(result.direction))
 
     def fop(
-        self, g_avg: Tensor, g_diff: Tensor, zero_tol: float, rotated_avg: Tensor | None = None
+        self,
+        g_avg: Tensor,
+        g_diff: Tensor,
+        zero_tol: float,
+        rotated_avg: Tensor | None = None,
+        rotated_diff: Tensor | None = None,
     ) -> FOPDirection:
         # Rotations preserve inner products, so every FOP scalar is computed in the eigenbasis.
         metric = self.metric
         result = fop_direction(
             self.rotate(g_avg) if rotated_avg is None else rotated_avg,
-            self.rotate(g_diff),
+            self.rotate(g_diff) if rotated_diff is None else rotated_diff,
             fisher=lambda m: m * metric,
             inverse_fisher=lambda m: m / metric,
             zero_tol=zero_tol,

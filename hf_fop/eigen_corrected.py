@@ -38,10 +38,27 @@ __all__ = [
 
 
 def update_rotated_second_moment(
-    second_moment: Tensor, rotated_grad: Tensor, beta2: float, ok: Tensor | None = None
+    second_moment: Tensor,
+    rotated_grad: Tensor,
+    beta2: float,
+    ok: Tensor | None = None,
+    rotated_diff: Tensor | None = None,
 ) -> Tensor:
-    """s = beta2 s + (1 - beta2) (Q_G^T g Q_A)^2, in place (only where the flag ``ok`` holds)."""
-    updated = second_moment.mul(beta2).addcmul_(rotated_grad, rotated_grad, value=1 - beta2)
+    """s = beta2 s + (1 - beta2) x, in place (only where the flag ``ok`` holds).
+
+    x = r^2 for the rotated batch gradient r. Given the rotated difference of the two halves'
+    gradients, r_diff = r1 - r2, x = (r1^2 + r2^2) / 4 = r^2 / 2 + r_diff^2 / 8 instead. Each
+    half carries twice the batch's noise variance, so where the gradient is noise x matches r^2
+    in expectation (Adam's step size), and where it is signal x is r^2 / 2 (a step sqrt(2)
+    longer). A coordinate whose halves disagree while their mean cancels (r^2 at round-off
+    level, as in the null space of a fresh eigenbasis) gets a metric the size of the
+    disagreement, so neither the step nor M^-1 g_diff (FOP's beta and correction) divides a
+    round-off numerator by a round-off metric.
+    """
+    sample = rotated_grad * rotated_grad
+    if rotated_diff is not None:
+        sample = sample.mul_(0.5).addcmul_(rotated_diff, rotated_diff, value=0.125)
+    updated = second_moment.mul(beta2).add_(sample, alpha=1 - beta2)
     if ok is None:
         return second_moment.copy_(updated)
     return torch.where(ok, updated, second_moment, out=second_moment)

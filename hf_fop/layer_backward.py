@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from hf_fop.gradient_probes import probe_matrices
 from hf_fop.layers import LinearAdapter
 
 
@@ -30,7 +31,12 @@ class Recorder(Protocol):
     def first_half_of(self, index: int, forward: int, examples: int) -> int | None: ...
 
     def add(
-        self, index: int, layer_input: Tensor, grad_output: Tensor, first_grad: Tensor | None
+        self,
+        index: int,
+        layer_input: Tensor,
+        grad_output: Tensor,
+        first_grad: Tensor | None,
+        probe: Tensor | None = None,
     ) -> None: ...
 
 
@@ -103,7 +109,10 @@ def _layer_backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     if recorder is not None:
         # The factors read the input in its own precision (x may be autocast's).
         positions = x_rows if x is layer_input else adapter.input_positions(layer_input)
-        recorder.add(ctx.index, positions, d_rows, g1)
+        probe = None
+        if first_half is not None:  # the gradient's probes come with g1
+            probe = probe_matrices(_fresh_matrix(adapter, grad_weight, grad_bias))
+        recorder.add(ctx.index, positions, d_rows, g1, probe)
     grad_weight = grad_weight.to(weight.dtype)
     if grad_bias is not None:
         grad_bias = grad_bias.to(ctx.bias_dtype)

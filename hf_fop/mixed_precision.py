@@ -67,9 +67,9 @@ def raise_if_unscaled(ratio: float) -> None:
 
 def unscale_statistics(statistics: Sequence[Any], scale: Tensor | float) -> None:
     """Undo a loss scale S in the hooks' statistics (``BucketStatistics``), in place: G carries
-    S^2, g1 carries S."""
+    S^2, g1 and the gradient's probes carry S."""
     G = [s.G for s in statistics if s.G is not None]
-    g1 = [s.g1 for s in statistics if s.g1 is not None]
+    g1 = [t for s in statistics for t in (s.g1, s.probe) if t is not None]
     if G:
         torch._foreach_div_(G, scale * scale)
     if g1:

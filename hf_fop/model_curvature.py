@@ -98,11 +98,11 @@ class ModelCurvature:
     # ---------------------------------------------------------------------------- statistics
 
     def gather(self, refresh: bool, want_g1: bool) -> list[BucketStatistics]:
-        """This step's factor estimates (``refresh``) and g1 (``want_g1``), averaged across
-        ranks, stacked per bucket; only what is asked for is sent."""
-        kinds = [
-            kind for kind, wanted in (("A", refresh), ("G", refresh), ("g1", want_g1)) if wanted
-        ]
+        """This step's factor estimates (``refresh``) and g1 with the gradient's probes
+        (``want_g1``), averaged across ranks, stacked per bucket; only what is asked for is
+        sent."""
+        wanted = {"A": refresh, "G": refresh, "g1": want_g1, "probe": want_g1}
+        kinds = [kind for kind, want in wanted.items() if want]
         if not kinds:
             return [BucketStatistics.empty(bucket) for bucket in self.buckets]
         per_layer = []
@@ -112,9 +112,15 @@ class ModelCurvature:
                     "no-split",
                     "FOP could not split a step's examples into two halves (a batch of one "
                     "example, or fewer micro-batches than gradient_accumulation_steps); such "
-                    "steps use the K-FAC direction",
+                    "steps use the K-FAC direction, and the whole batch's gradient for the "
+                    "second moment",
                 )
-            present = {"A": stats.has_factors, "G": stats.has_factors, "g1": stats.has_split}
+            present = {
+                "A": stats.has_factors,
+                "G": stats.has_factors,
+                "g1": stats.has_split,
+                "probe": stats.has_split,
+            }
             per_layer.append({k: getattr(stats, k)() if present[k] else None for k in kinds})
         return self.distributor.average(per_layer, kinds, self.buckets)
 

@@ -246,7 +246,7 @@ class FOP(torch.optim.Optimizer):
             due = DecidedAtFirstUse(self._verdict, bool(due), (step - 1) % interval == 0)
         # factor_source="gradient": the factors come from the gradients, not from the hooks.
         self.capture.collect_factors = due if self.config.factor_source == "activations" else False
-        self.capture.collect_first_half = self.config.mode == "fop"
+        self.capture.collect_first_half = self.config.wants_halves
 
     def _step(self) -> None:
         """Steps 1-5 of the module docstring, on a batch that reached the model."""
@@ -280,7 +280,7 @@ class FOP(torch.optim.Optimizer):
         if group is None:
             return [], [], None
         refresh = group["step"] % self.config.curvature_interval == 0
-        statistics = self.curvature.gather(refresh, self.config.mode == "fop")
+        statistics = self.curvature.gather(refresh, self.config.wants_halves)
         gradients = self.curvature.full_gradients()
         scale = loss_scale(grad_scale, self.grad_scaler)
         if isinstance(scale, Tensor) or scale != 1.0:

@@ -18,6 +18,8 @@ from hf_fop.fop_math import fisher_orthogonal_component, inner
 from hf_fop.grafting import adam_direction
 from tests.dense import dense_fop, random_spd, unvec, vec
 
+pytestmark = pytest.mark.numerics
+
 IN, OUT = 5, 4
 
 
@@ -283,9 +285,9 @@ def test_identity_bases_with_momentum_before_the_preconditioner_are_adam(
     model_name: str, graft: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With every basis the identity, exponent 1/2 and absolute damping (eps), the eigen-corrected
-    # metric is Adam's second moment; with momentum before the preconditioner the whole step is
-    # torch's Adam: grafted (which then changes nothing: its second moment is the same), or
-    # without grafting, SOAP's way, where the direction itself is the step.
+    # metric is Adam's second moment (of the halves); with momentum before the preconditioner
+    # the whole step is torch's Adam: grafted (to Adam's own size), or without grafting, SOAP's
+    # way, where the direction itself is the step.
     import copy
 
     import hf_fop.curvature
@@ -302,7 +304,7 @@ def test_identity_bases_with_momentum_before_the_preconditioner_are_adam(
         mode="kfac",
         curvature="eigen_corrected",
         exponent=0.5,
-        damping=1e-8,
+        damping=1e-8 / 2**0.5,  # Adam's eps on the sqrt(2) smaller root (below)
         damping_mode="absolute",
         second_moment_decay=0.999,
         momentum_placement="before",
@@ -312,8 +314,26 @@ def test_identity_bases_with_momentum_before_the_preconditioner_are_adam(
         adamw_weight_decay=0.0,
         inverse_interval=3,
     )
-    adam = torch.optim.Adam(reference.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
-    images, labels = image_data(16)
+    # Both halves of every batch are the same examples (the token rows repeat after two), so
+    # the second moment of the halves is half the batch's own: the preconditioned layers'
+    # direction is sqrt(2) times Adam's, a step of Adam at sqrt(2) times the rate unless
+    # grafting restores Adam's own size.
+    # The halves' own test is test_the_second_moment_of_distinct_halves_is_their_mean_square.
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    ref_params = list(reference.parameters())
+    scale = 2**0.5 if graft == "none" else 1.0
+    adam = torch.optim.Adam(
+        [
+            {
+                "params": [ref_params[index[id(p)]] for p in group["params"]],
+                "lr": 1e-3 * (scale if group["kind"] == "fop" else 1.0),
+            }
+            for group in optimizer.param_groups
+        ],
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
+    images, labels = (torch.cat([t, t]) for t in image_data(8))
     for step in range(8):
         for net, opt in ((model, optimizer), (reference, adam)):
             opt.zero_grad()
@@ -327,3 +347,17 @@ def test_identity_bases_with_momentum_before_the_preconditioner_are_adam(
     for p, q in zip(model.parameters(), reference.parameters()):
         # 8 steps of lr 1e-3: a wrong placement of the momentum differs by ~5e-3 (measured)
         torch.testing.assert_close(p, q, rtol=0, atol=2e-5)
+
+
+def test_the_second_moment_of_distinct_halves_is_their_mean_square() -> None:
+    # r = (r1 + r2) / 2 and r_diff = r1 - r2 give r^2 / 2 + r_diff^2 / 8 = (r1^2 + r2^2) / 4:
+    # where the halves cancel (r = 0), the metric still sees their size, not round-off.
+    r1, r2 = torch.randn(OUT, IN, dtype=torch.float64), torch.randn(OUT, IN, dtype=torch.float64)
+    r2[0] = -r1[0]  # a row where the batch gradient cancels exactly
+    moment = torch.zeros(OUT, IN, dtype=torch.float64)
+    update_rotated_second_moment(moment, (r1 + r2) / 2, 0.0, rotated_diff=r1 - r2)
+    torch.testing.assert_close(moment, (r1 * r1 + r2 * r2) / 4, rtol=1e-12, atol=0)
+    assert (moment[0] > 0).all()
+    whole = torch.zeros(OUT, IN, dtype=torch.float64)
+    update_rotated_second_moment(whole, (r1 + r2) / 2, 0.0)
+    assert (whole[0] == 0).all()  # the batch's own second moment is blind there
