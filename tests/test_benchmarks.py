@@ -304,3 +304,79 @@ def test_fsdp2_memory_benchmark_tiny(tmp_path: Path) -> None:
     assert result["optimizer_state_ratio_fsdp2_over_ddp"] < 0.75
     assert fsdp[0]["parameter_bytes"] < ddp[0]["parameter_bytes"]
     assert output.is_file()
+
+
+def test_rate_curves_compare_fop_with_adamw_at_adamw_useful_rates_only() -> None:
+    from benchmarks.rate_curves import summarise
+
+    def run(optimizer: str, lr: float, seed: int, metric: float) -> dict:
+        return {
+            "task": "t",
+            "metric_name": "perplexity",
+            "optimizer": optimizer,
+            "lr": lr,
+            "seed": seed,
+            "metric": metric,
+        }
+
+    runs = [
+        run("adamw", 1e-3, 1, 500.0),
+        run("adamw", 1e-3, 2, 520.0),  # mean 510: the best
+        run("adamw", 3e-3, 1, 550.0),
+        run("adamw", 3e-3, 2, 560.0),  # 555: within 10%
+        run("adamw", 1e-2, 1, 900.0),
+        run("adamw", 1e-2, 2, 900.0),  # far from the best
+        run("fop", 1e-3, 1, 440.0),
+        run("fop", 1e-3, 2, 450.0),
+        run("fop", 3e-3, 1, 560.0),
+        run("fop", 3e-3, 2, 570.0),
+        run("fop", 1e-2, 1, 2000.0),
+        run("fop", 1e-2, 2, 2000.0),
+    ]
+    checks = summarise(runs)["t"]["adamw_useful_rates"]
+    assert [(c["lr"], c["met"]) for c in checks] == [("0.001", True), ("0.003", False)]
+    assert checks[0]["fop"] == pytest.approx(445.0) and checks[1]["adamw"] == pytest.approx(555.0)
+
+
+def test_rate_curves_tiny(tmp_path: Path) -> None:
+    from benchmarks import rate_curves
+
+    result = rate_curves.main(
+        [
+            "--tasks",
+            "mnist_mlp",
+            "--quick",
+            "--lrs",
+            "1e-3,1e-2",
+            "--seeds",
+            "1",
+            "--workers",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    finals = {(r["optimizer"], r["lr"]): r["metric"] for r in result["runs"]}
+    assert set(finals) == {(o, lr) for o in ("adamw", "fop") for lr in (1e-3, 1e-2)}
+    assert all(0.1 < m <= 1.0 for m in finals.values())  # learned above MNIST's chance level
+    report = (tmp_path / "rate_curves.md").read_text()
+    assert f"{finals[('fop', 1e-2)]:.4g} [" in report
+    assert (tmp_path / "rate_curves.png").stat().st_size > 0
+    # A second call reads every run from the cache: the same numbers without training.
+    again = rate_curves.main(
+        [
+            "--tasks",
+            "mnist_mlp",
+            "--quick",
+            "--lrs",
+            "1e-3,1e-2",
+            "--seeds",
+            "1",
+            "--workers",
+            "1",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
+    assert again["runs"] == result["runs"]
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4

@@ -1,0 +1,211 @@
+"""Final metric against the learning rate: does FOP win at the rate the user had for AdamW?
+
+    python -m benchmarks.rate_curves --tasks wikitext_gpt,wikitext_llama,mnist_vit,mnist_mlp \
+        --optimizers adamw,fop --lrs 1e-3,3e-3,1e-2 --seeds 1,2 --workers 2
+
+Every (task, optimizer, rate, seed) trains once with the drop-in benchmark's loop and schedule
+(``benchmarks.drop_in.train_run``: warm-up then cosine, the task's clipping) at the task's
+batch and steps (``TASK_SETTINGS``), in ``--workers`` processes of one thread each: the result
+is a metric, not a time. Runs are cached in ``runs.jsonl`` under ``--output_dir`` by their key
+(task, optimizer, resolved settings, rate, batch, steps, seed); the key does not see the code,
+so delete that file after a change of the maths. Writes ``rate_curves.{json,md,png}`` there:
+per task, each optimizer's mean and per-seed final metric at every rate, and FOP's defaults
+against AdamW at every rate where AdamW ends within 10% of its own best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.drop_in import RESULTS, _executor, _task, cached_run
+from benchmarks.optimizers import NAMES
+
+# (batch, steps) of each task: those of the curvature ablation's runs.
+TASK_SETTINGS = {
+    "wikitext_gpt": (16, 250),
+    "wikitext_llama": (16, 250),
+    "mnist_vit": (1024, 120),
+    "mnist_mlp": (8192, 60),
+}
+NEAR_BEST = 0.10  # AdamW's useful rates: within 10% of its best final metric
+
+
+QUICK_SETTINGS = (64, 4)  # --quick: the tasks' tiny data (the tests)
+
+
+def _one_run(
+    task_name: str, name: str, lr: float, seed: int, cache: Path, quick: bool
+) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    batch, steps = QUICK_SETTINGS if quick else TASK_SETTINGS[task_name]
+    task = _task(task_name, quick)
+    curve = cached_run(cache, task, name, lr, batch, steps, seed, steps, None, final_only=True)
+    final = curve[-1]
+    return {
+        "task": task_name,
+        "metric_name": task.metric,
+        "optimizer": name,
+        "lr": lr,
+        "seed": seed,
+        "metric": final["metric"],
+        "diverged": bool(final.get("diverged")),
+    }
+
+
+def _near_best(metric_name: str, value: float, best: float) -> bool:
+    if metric_name == "accuracy":
+        return value >= best * (1 - NEAR_BEST)
+    return value <= best * (1 + NEAR_BEST)
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per task: mean metric per (optimizer, rate), and FOP against AdamW at AdamW's useful
+    rates (met where FOP's mean is at least as good)."""
+    tasks: dict[str, Any] = {}
+    for run in runs:
+        entry = tasks.setdefault(run["task"], {"metric": run["metric_name"], "cells": {}})
+        entry["cells"].setdefault(f"{run['optimizer']}@{run['lr']:g}", []).append(run["metric"])
+    for entry in tasks.values():
+        higher = entry["metric"] == "accuracy"
+        means = {key: statistics.fmean(values) for key, values in entry["cells"].items()}
+        adamw = {key.split("@")[1]: m for key, m in means.items() if key.startswith("adamw@")}
+        if not adamw:
+            continue
+        best = (max if higher else min)(adamw.values())
+        checks = []
+        for lr, value in adamw.items():
+            if not _near_best(entry["metric"], value, best) or f"fop@{lr}" not in means:
+                continue
+            fop = means[f"fop@{lr}"]
+            checks.append(
+                {
+                    "lr": lr,
+                    "adamw": value,
+                    "fop": fop,
+                    "met": fop >= value if higher else fop <= value,
+                }
+            )
+        entry["means"], entry["adamw_useful_rates"] = means, checks
+    return tasks
+
+
+def markdown(tasks: dict[str, Any], command: str) -> str:
+    lines = [f"Command: `{command}` (one thread per worker; final metric, mean [per seed]).", ""]
+    for task_name, entry in tasks.items():
+        optimizers = sorted({key.split("@")[0] for key in entry["cells"]}, key=list(NAMES).index)
+        rates = sorted({float(key.split("@")[1]) for key in entry["cells"]})
+        lines += [f"### {task_name} ({entry['metric']})", ""]
+        lines.append("| lr | " + " | ".join(NAMES[name] for name in optimizers) + " |")
+        lines.append("|---|" + "---|" * len(optimizers))
+        for lr in rates:
+            cells = []
+            for name in optimizers:
+                values = entry["cells"].get(f"{name}@{lr:g}")
+                if not values:
+                    cells.append("-")
+                    continue
+                seeds = ", ".join(f"{v:.4g}" for v in values)
+                cells.append(f"{statistics.fmean(values):.4g} [{seeds}]")
+            lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+        for check in entry.get("adamw_useful_rates", []):
+            verdict = "met" if check["met"] else "NOT met"
+            lines.append(
+                f"\nAt AdamW's useful rate {check['lr']}: FOP {check['fop']:.4g} against AdamW "
+                f"{check['adamw']:.4g}: {verdict}."
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(tasks: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    for axis, (task_name, entry) in zip(axes[0], tasks.items()):
+        optimizers = sorted({key.split("@")[0] for key in entry["cells"]}, key=list(NAMES).index)
+        for position, name in enumerate(optimizers):
+            points = sorted(
+                (float(key.split("@")[1]), values)
+                for key, values in entry["cells"].items()
+                if key.split("@")[0] == name
+            )
+            rates = [lr for lr, _ in points]
+            axis.plot(
+                rates,
+                [statistics.fmean(v) for _, v in points],
+                "-o",
+                color=f"C{position}",
+                label=NAMES[name],
+            )
+            for lr, values in points:
+                axis.scatter([lr] * len(values), values, color=f"C{position}", s=8, alpha=0.5)
+        axis.set_xscale("log")
+        if entry["metric"] == "perplexity":
+            axis.set_yscale("log")
+        axis.set_xlabel("learning rate")
+        axis.set_ylabel(entry["metric"])
+        axis.set_title(task_name)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", default="wikitext_gpt,wikitext_llama,mnist_vit,mnist_mlp")
+    parser.add_argument("--optimizers", default="adamw,fop")
+    parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
+    parser.add_argument("--seeds", default="1,2")
+    parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
+    parser.add_argument("--output_dir", type=Path, default=RESULTS / "rate_curves")
+    parser.add_argument("--quick", action="store_true", help="tiny data and 4 steps (the tests)")
+    args = parser.parse_args(argv)
+    tasks = args.tasks.split(",")
+    unknown = [t for t in tasks if t not in TASK_SETTINGS]
+    if unknown:
+        parser.error(f"unknown tasks {unknown}; choose from {sorted(TASK_SETTINGS)}")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    cache = args.output_dir / "runs.jsonl"
+    jobs = [
+        (task, name, float(lr), int(seed), cache, args.quick)
+        for task in tasks
+        for name in args.optimizers.split(",")
+        for lr in args.lrs.split(",")
+        for seed in args.seeds.split(",")
+    ]
+    runs = []
+    with _executor(args.workers) as executor:
+        for run in executor.map(_one_run, *zip(*jobs)):
+            print(
+                f"[{run['task']}] {run['optimizer']} lr={run['lr']:g} seed {run['seed']}: "
+                f"{run['metric']:.4g}",
+                flush=True,
+            )
+            runs.append(run)
+    command = "python -m benchmarks.rate_curves " + " ".join(sys.argv[1:] if argv is None else argv)
+    tasks_summary = summarise(runs)
+    result = {"command": command, "runs": runs, "tasks": tasks_summary}
+    (args.output_dir / "rate_curves.json").write_text(json.dumps(result, indent=1))
+    report = markdown(tasks_summary, command)
+    (args.output_dir / "rate_curves.md").write_text(report)
+    plot(tasks_summary, args.output_dir / "rate_curves.png")
+    print(report)
+    return result
+
+
+if __name__ == "__main__":
+    main()
