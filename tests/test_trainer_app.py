@@ -232,14 +232,15 @@ def test_fsdp2_config_shards_trains_like_ddp_and_resumes_exactly(tmp_path: Path)
         # The curvature came back from the sharded checkpoint: the last 2 steps are the same.
         torch.testing.assert_close(again[key], final[key], rtol=1e-6, atol=1e-7)
     floor = _distance(ddp_model, one_ulp_model)
-    # The floor is a fraction of what the last two steps moved (measured: 0.085), far below
+    # The floor is a fraction of what the last two steps moved (measured: 0.09), far below
     # what a fault does: with the directions not shared across ranks (each rank keeping zeros
-    # for the layers another owns) FSDP2 lands 33x the floor away from DDP.
+    # for the layers another owns) FSDP2 lands 32x the floor away from DDP.
     assert 0 < floor < 0.25 * _distance(ddp_model, halfway)
     assert _distance(final, ddp_model) < NOISE_FLOOR_FACTOR * floor
 
 
-# How far beyond the one-ulp floor another layout may land (measured: 1.05x).
+# How far beyond the one-ulp floor another layout may land (measured: 0x on an Intel Xeon, where
+# the kernels round alike, 1.05x on an AMD EPYC).
 NOISE_FLOOR_FACTOR = 3.0
 ONE_ULP_TRAINER = ROOT / "tests" / "scripts" / "one_ulp_train.py"
 
