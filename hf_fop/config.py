@@ -56,9 +56,10 @@ class FOPConfig:
     The defaults make FOP a drop-in for AdamW (``lr`` is an AdamW learning rate) and are the
     winners of the ablation in benchmarks/results/ablation: in the eigenbasis of each layer's
     Kronecker factors (refreshed every 2 steps by a warm-started power step and a QR), the
-    metric is the rotated gradient's own running second moment to the power 1/2 with Adam's
-    eps, and the preconditioner acts on the moving average of the gradient: Adam run in that
-    basis, whose steps have Adam's size; FOP's correction comes on top. Every Linear/Conv layer
+    metric is the rotated gradient's own running second moment (that of its two halves) to
+    the power 1/2 with Adam's eps, and the preconditioner acts on the moving average of the
+    gradient: Adam run in that basis, whose steps have about Adam's size; FOP's correction
+    comes on top. Every Linear/Conv layer
     and embedding is preconditioned, long sides in blocks of 1024.
     ``FOPConfig.kronecker()`` is release 0.2's configuration (K-FAC's metric, grafted onto
     AdamW's step); ``graft="none"`` with ``curvature="kronecker"`` and an absolute damping is

@@ -6,7 +6,9 @@ product by the running second moment of the gradient rotated into it,
 
     s = average of (Q_G^T g Q_A)^2   (elementwise, out x in),
 
-and SOAP (Vyas et al., 2024) is the same idea with Adam's square root. Here the metric is
+and SOAP (Vyas et al., 2024) is the same idea with Adam's square root. Here the average is
+taken over the two half-batch gradients g1, g2 that FOP has anyway, (r1^2 + r2^2) / 4 with
+r_k = Q_G^T g_k Q_A (``update_rotated_second_moment``), and the metric is
 m = s_hat^p + lambda (s_hat bias-corrected like Adam's second moment; p = 1 is EK-FAC's natural
 gradient, p = 1/2 SOAP-style; lambda = damping * mean(s_hat^p) per layer in the relative mode,
 as the Kronecker metric's damping is relative to its mean eigenvalue). The metric is diagonal in
