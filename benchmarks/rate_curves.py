@@ -60,6 +60,16 @@ def _one_run(
     }
 
 
+def _cell(key: str) -> tuple[str, float]:
+    """(optimizer, rate) of a cell key "optimizer@rate" (string keys: the summary is JSON)."""
+    name, lr = key.split("@")
+    return name, float(lr)
+
+
+def _optimizers(entry: dict[str, Any]) -> list[str]:
+    return sorted({_cell(key)[0] for key in entry["cells"]}, key=list(NAMES).index)
+
+
 def _near_best(metric_name: str, value: float, best: float) -> bool:
     if metric_name == "accuracy":
         return value >= best * (1 - NEAR_BEST)
@@ -100,8 +110,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(tasks: dict[str, Any], command: str) -> str:
     lines = [f"Command: `{command}` (one thread per worker; final metric, mean [per seed]).", ""]
     for task_name, entry in tasks.items():
-        optimizers = sorted({key.split("@")[0] for key in entry["cells"]}, key=list(NAMES).index)
-        rates = sorted({float(key.split("@")[1]) for key in entry["cells"]})
+        optimizers = _optimizers(entry)
+        rates = sorted({_cell(key)[1] for key in entry["cells"]})
         lines += [f"### {task_name} ({entry['metric']})", ""]
         lines.append("| lr | " + " | ".join(NAMES[name] for name in optimizers) + " |")
         lines.append("|---|" + "---|" * len(optimizers))
@@ -133,12 +143,12 @@ def plot(tasks: dict[str, Any], path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
     for axis, (task_name, entry) in zip(axes[0], tasks.items()):
-        optimizers = sorted({key.split("@")[0] for key in entry["cells"]}, key=list(NAMES).index)
+        optimizers = _optimizers(entry)
         for position, name in enumerate(optimizers):
             points = sorted(
-                (float(key.split("@")[1]), values)
+                (_cell(key)[1], values)
                 for key, values in entry["cells"].items()
-                if key.split("@")[0] == name
+                if _cell(key)[0] == name
             )
             rates = [lr for lr, _ in points]
             axis.plot(

@@ -59,8 +59,8 @@ class FOPConfig:
     metric is the rotated gradient's own running second moment (that of its two halves) to
     the power 1/2 with Adam's eps, and the preconditioner acts on the moving average of the
     gradient: Adam run in that basis, whose steps have about Adam's size; FOP's correction
-    comes on top. Every Linear/Conv layer
-    and embedding is preconditioned, long sides in blocks of 1024.
+    comes on top. Every Linear/Conv layer and embedding is preconditioned, long sides in
+    blocks of 1024.
     ``FOPConfig.kronecker()`` is release 0.2's configuration (K-FAC's metric, grafted onto
     AdamW's step); ``graft="none"`` with ``curvature="kronecker"`` and an absolute damping is
     classic K-FAC practice (heavy-ball momentum, a KL clip, natural-gradient learning rates).

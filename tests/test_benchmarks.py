@@ -343,21 +343,9 @@ def test_rate_curves_compare_fop_with_adamw_at_adamw_useful_rates_only() -> None
 def test_rate_curves_tiny(tmp_path: Path) -> None:
     from benchmarks import rate_curves
 
-    result = rate_curves.main(
-        [
-            "--tasks",
-            "mnist_mlp",
-            "--quick",
-            "--lrs",
-            "1e-3,1e-2",
-            "--seeds",
-            "1",
-            "--workers",
-            "1",
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
+    argv = ["--tasks", "mnist_mlp", "--quick", "--lrs", "1e-3,1e-2", "--seeds", "1"]
+    argv += ["--workers", "1", "--output_dir", str(tmp_path)]
+    result = rate_curves.main(argv)
     finals = {(r["optimizer"], r["lr"]): r["metric"] for r in result["runs"]}
     assert set(finals) == {(o, lr) for o in ("adamw", "fop") for lr in (1e-3, 1e-2)}
     assert all(0.1 < m <= 1.0 for m in finals.values())  # learned above MNIST's chance level
@@ -365,21 +353,7 @@ def test_rate_curves_tiny(tmp_path: Path) -> None:
     assert f"{finals[('fop', 1e-2)]:.4g} [" in report
     assert (tmp_path / "rate_curves.png").stat().st_size > 0
     # A second call reads every run from the cache: the same numbers without training.
-    again = rate_curves.main(
-        [
-            "--tasks",
-            "mnist_mlp",
-            "--quick",
-            "--lrs",
-            "1e-3,1e-2",
-            "--seeds",
-            "1",
-            "--workers",
-            "1",
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
+    again = rate_curves.main(argv)
     assert again["runs"] == result["runs"]
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4
 
