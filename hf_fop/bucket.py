@@ -32,7 +32,7 @@ from hf_fop.eigen_corrected import (
 from hf_fop.factor_sums import gradient_factors
 from hf_fop.fop_math import FOPDirection
 from hf_fop.gradient_probes import gradient_factor, probe_matrices
-from hf_fop.grafting import adam_direction, graft
+from hf_fop.grafting import adam_direction, graft, graft_output
 from hf_fop.layers import LayerAdapter
 
 
@@ -211,7 +211,7 @@ class ShapeBucket:
         updating = _row_flag(present, g_avg, ok)  # where moments may change
         averaged = self._averaged_gradient(g_avg, beta1, step, updating)
         adam = None
-        if config.graft == "adamw" or any(waiting):
+        if config.graft != "none" or any(waiting):
             v = self.second_moment()
             adam = adam_direction(g_avg, v, beta2, config.adamw_eps, step, updating, averaged)
         if any(ready):
@@ -219,6 +219,10 @@ class ShapeBucket:
             if config.graft == "adamw":
                 assert adam is not None
                 result = result._replace(direction=graft(result.direction, _norm(adam)))
+            elif config.graft == "output" and not self.factors_from_gradient:
+                assert adam is not None
+                grafted = graft_output(result.direction, adam, self.A, self.layout_A)
+                result = result._replace(direction=grafted)
             if any(waiting):
                 result = _choose(_row_flag(ready, g_avg), result, _adam_result(adam))
         else:

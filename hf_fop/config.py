@@ -13,7 +13,7 @@ from hf_fop.blocks import Blocking
 Mode = Literal["fop", "kfac"]
 Method = Literal["eigen", "inverse"]
 DampingMode = Literal["relative", "absolute"]
-Graft = Literal["adamw", "none"]
+Graft = Literal["adamw", "output", "none"]
 Curvature = Literal["kronecker", "eigen_corrected"]
 BasisRefresh = Literal["eigh", "qr"]
 FactorSource = Literal["activations", "gradient"]
@@ -22,7 +22,7 @@ MomentumPlacement = Literal["after", "before"]
 MODES: tuple[str, ...] = ("fop", "kfac")
 METHODS: tuple[str, ...] = ("eigen", "inverse")
 DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
-GRAFTS: tuple[str, ...] = ("adamw", "none")
+GRAFTS: tuple[str, ...] = ("adamw", "output", "none")
 CURVATURES: tuple[str, ...] = ("kronecker", "eigen_corrected")
 BASIS_REFRESHES: tuple[str, ...] = ("eigh", "qr")
 FACTOR_SOURCES: tuple[str, ...] = ("activations", "gradient")
@@ -58,9 +58,13 @@ class FOPConfig:
     Kronecker factors (refreshed every 2 steps by a warm-started power step and a QR), the
     metric is the rotated gradient's own running second moment (that of its two halves) to
     the power 1/2 with Adam's eps, and the preconditioner acts on the moving average of the
-    gradient: Adam run in that basis, whose steps have about Adam's size; FOP's correction
-    comes on top. Every Linear/Conv layer and embedding is preconditioned, long sides in
-    blocks of 1024.
+    gradient: Adam run in that basis; FOP's correction comes on top. Each layer's step is then
+    grafted so that it changes the layer's outputs as much as AdamW's step would
+    (``graft="output"``): the user's AdamW rate keeps its meaning, fine-tuning included
+    (benchmarks/results/rate_curves*). Every Linear/Conv layer and embedding is
+    preconditioned, long sides in blocks of 1024. ``graft="none"`` (the previous default)
+    takes the rotated step as it is: smaller than AdamW's at one rate, best at 3-10x AdamW's
+    rate when training from scratch.
     ``FOPConfig.kronecker()`` is release 0.2's configuration (K-FAC's metric, grafted onto
     AdamW's step); ``graft="none"`` with ``curvature="kronecker"`` and an absolute damping is
     classic K-FAC practice (heavy-ball momentum, a KL clip, natural-gradient learning rates).
@@ -90,8 +94,11 @@ class FOPConfig:
     damping_mode: DampingMode = "absolute"
     # "none": the direction is the step, times lr (it has Adam's size with the default metric);
     # "adamw": each layer's direction takes the norm of the AdamW step for that layer
-    # (Distributed Shampoo's grafting; what the Kronecker metric needs to take AdamW's lr).
-    graft: Graft = "none"
+    # (Distributed Shampoo's grafting; what the Kronecker metric needs to take AdamW's lr);
+    # "output": each layer's direction changes the layer's outputs as much as AdamW's step
+    # would, tr(U A U^T) with the factor A (hf_fop/grafting.py). Layers whose factors come from
+    # the gradient (embeddings, factor_source="gradient") have no A and keep their direction.
+    graft: Graft = "output"
     # Trust region on the preconditioned step (K-FAC practice; 1e-3 with graft="none"). None
     # turns it off: a clip that binds at every step makes the learning rate meaningless.
     kl_clip: float | None = None

@@ -312,7 +312,7 @@ class FOP(torch.optim.Optimizer):
         if self.config.momentum_placement == "before":
             # The momentum was taken in the bucket: the direction is the step (decoupled decay).
             grafted_step(params, targets, directions, self.state, group, step, ok, 0.0)
-        elif self.config.graft == "adamw":
+        elif self.config.graft != "none":
             grafted_step(params, targets, directions, self.state, group, step, ok)
         else:
             heavy_ball_step(params, targets, directions, self.state, group, ok)

