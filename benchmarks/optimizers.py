@@ -78,6 +78,8 @@ _STEPS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "": (", defaults", {}),
+    # The previous defaults: the rotated step as it is, not grafted by output change.
+    "_ungrafted": (", defaults, not grafted", {"graft": "none"}),
     # The defaults with every basis refresh a full eigh instead of the power step and QR.
     "_eigh": (", defaults, eigh refresh", {"basis_refresh": "eigh"}),
     # The defaults with SOAP's factors (g g^T, g^T g of the layer's gradient) instead of K-FAC's.

@@ -174,6 +174,41 @@ def plot(tasks: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def step_costs(
+    tasks: list[str], optimizers: list[str], steps: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Seconds per step of each optimizer on each task (its batch, the first rate), a step of
+    each in turn in this process (benchmarks.step_cost), and their ratio to AdamW's."""
+    from benchmarks.step_cost import side_by_side_step_seconds
+
+    torch.set_num_threads(1)
+    lr = float(args.lrs.split(",")[0])
+    costs: dict[str, dict[str, float]] = {}
+    lines = [
+        f"Seconds per step, side by side in one process, one thread, {steps} steps after 3 of "
+        f"warm-up (`python -m benchmarks.rate_curves --step_costs {steps} --tasks "
+        f"{','.join(tasks)} --optimizers {','.join(optimizers)}`); in brackets: x AdamW's.",
+        "",
+        "| task | " + " | ".join(NAMES[name] for name in optimizers) + " |",
+        "|---|" + "---|" * len(optimizers),
+    ]
+    for task_name in tasks:
+        batch = QUICK_SETTINGS[0] if args.quick else TASK_SETTINGS[task_name][0]
+        task = _task(task_name, args.quick)
+        seconds = side_by_side_step_seconds(task, batch, {n: (lr, None) for n in optimizers}, steps)
+        costs[task_name] = seconds
+        base = seconds.get("adamw")
+        cells = [
+            f"{seconds[n]:.3f}" + (f" ({seconds[n] / base:.2f}x)" if base else "")
+            for n in optimizers
+        ]
+        lines.append(f"| {task_name} (batch {batch}) | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    (args.output_dir / "step_costs.json").write_text(json.dumps(costs, indent=1))
+    (args.output_dir / "step_costs.md").write_text("\n".join(lines) + "\n")
+    return costs
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -185,12 +220,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--output_dir", type=Path, default=RESULTS / "rate_curves")
     parser.add_argument("--quick", action="store_true", help="tiny data and 4 steps (the tests)")
+    parser.add_argument(
+        "--step_costs",
+        type=int,
+        metavar="STEPS",
+        help="instead of training: each optimizer's seconds per step on each task, measured "
+        "side by side in this process over STEPS steps (one thread; run it alone)",
+    )
     args = parser.parse_args(argv)
     tasks = args.tasks.split(",")
     unknown = [t for t in tasks if t not in TASK_SETTINGS]
     if unknown:
         parser.error(f"unknown tasks {unknown}; choose from {sorted(TASK_SETTINGS)}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.step_costs is not None:
+        return step_costs(tasks, args.optimizers.split(","), args.step_costs, args)
     cache = args.output_dir / "runs.jsonl"
     jobs = [
         (task, name, float(lr), int(seed), cache, args.quick)

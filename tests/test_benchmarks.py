@@ -423,3 +423,15 @@ def test_lora_fine_tuning_task_trains_the_adapters_and_head_alone() -> None:
     moved = [name for name, value in trained.items() if not torch.equal(now[name], value)]
     assert any("lora_A" in name for name in moved) and any("lora_B" in name for name in moved)
     assert any("classifier" in name for name in moved)
+
+
+def test_rate_curves_step_costs_are_measured_side_by_side_against_adamw(tmp_path: Path) -> None:
+    from benchmarks import rate_curves
+
+    argv = ["--quick", "--step_costs", "1", "--tasks", "mnist_mlp", "--optimizers", "adamw,fop"]
+    costs = rate_curves.main([*argv, "--output_dir", str(tmp_path)])
+    assert set(costs["mnist_mlp"]) == {"adamw", "fop"}
+    assert all(seconds > 0 for seconds in costs["mnist_mlp"].values())
+    table = (tmp_path / "step_costs.md").read_text()
+    assert "(1.00x)" in table and "mnist_mlp (batch 64)" in table
+    assert not (tmp_path / "runs.jsonl").exists()  # nothing trained
