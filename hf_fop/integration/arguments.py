@@ -36,8 +36,9 @@ class FOPTrainingArguments(TrainingArguments):
     A drop-in for AdamW: ``learning_rate``, warmup, schedule, ``weight_decay`` and
     ``adam_beta1`` mean what they mean for AdamW; ``adam_beta2`` and ``adam_epsilon`` set the
     AdamW side (the default step is Adam's in the Kronecker eigenbasis, with its own
-    ``second_moment_decay`` and ``damping``; ``fop_graft="adamw"`` imposes AdamW's step size per
-    layer). Every ``fop_*`` field left at None takes :class:`hf_fop.FOPConfig`'s default;
+    ``second_moment_decay`` and ``damping``, grafted so that each layer's outputs change as
+    much as under AdamW's step; ``fop_graft="adamw"`` imposes the norm of AdamW's step per
+    layer, ``"none"`` takes the rotated step as it is). Every ``fop_*`` field left at None takes :class:`hf_fop.FOPConfig`'s default;
     ``optim_args`` ("block_size=512,inverse_interval=4") overrides any of them.
     """
 
@@ -60,8 +61,9 @@ class FOPTrainingArguments(TrainingArguments):
     fop_graft: str | None = field(
         default=None,
         metadata={
-            "help": "'none' (default: the preconditioned step has Adam's size as it is) or "
-            "'adamw' (each layer's step takes AdamW's size; for curvature=kronecker)."
+            "help": "'output' (default: each layer's step changes its outputs as much as "
+            "AdamW's would), 'adamw' (the norm of AdamW's step; for curvature=kronecker) or "
+            "'none' (the rotated step as it is; best at 3-10x AdamW's rate from scratch)."
         },
     )
     fop_momentum: float | None = field(

@@ -161,8 +161,9 @@ class FOPTrainer(Trainer):
         if settings.get("graft") == "none" and self.args.learning_rate == STOCK_LEARNING_RATE:
             logger.warning(
                 "learning_rate is the stock AdamW default (5e-05), but with fop_graft='none' "
-                "the preconditioned layers take raw natural-gradient steps, which usually want "
-                "1e-3 to 3e-2 (set --learning_rate, and --fop_adamw_lr for embeddings and norms)"
+                "the preconditioned layers take the rotated step as it is, which usually wants "
+                "3-10x AdamW's rate (set --learning_rate, and --fop_adamw_lr for embeddings and "
+                "norms), or leave fop_graft at its default 'output'"
             )
 
     @staticmethod
