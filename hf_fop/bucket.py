@@ -13,6 +13,7 @@ from hf_fop.bucket_data import (
     BucketStatistics,
     BucketStep,
     factor_layouts,
+    factors_from_gradient,
 )
 from hf_fop.config import FOPConfig
 from hf_fop.curvature import (
@@ -32,7 +33,7 @@ from hf_fop.eigen_corrected import (
 from hf_fop.factor_sums import gradient_factors
 from hf_fop.fop_math import FOPDirection
 from hf_fop.gradient_probes import gradient_factor, probe_matrices
-from hf_fop.grafting import adam_direction, graft, graft_output
+from hf_fop.grafting import adam_direction, graft, graft_output, layer_graft
 from hf_fop.layers import LayerAdapter
 
 
@@ -48,7 +49,8 @@ class ShapeBucket:
         self.method = PRECONDITIONERS[config.method]
         self.basis_refresh = config.basis_refresh
         # Kronecker factors of the gradient matrix (g^T g, g g^T) instead of the hooks' A and G.
-        self.factors_from_gradient = config.factor_source == "gradient" or not layer.hooked
+        self.factors_from_gradient = factors_from_gradient(layer, config.factor_source)
+        self.graft = layer_graft(config.graft, self.factors_from_gradient)
         count, device = len(indices), layer.weight.device
         self.A = torch.zeros(count, *self.layout_A.factor_shape, device=device)
         self.G = torch.zeros(count, *self.layout_G.factor_shape, device=device)
@@ -211,15 +213,15 @@ class ShapeBucket:
         updating = _row_flag(present, g_avg, ok)  # where moments may change
         averaged = self._averaged_gradient(g_avg, beta1, step, updating)
         adam = None
-        if config.graft != "none" or any(waiting):
+        if self.graft != "none" or any(waiting):
             v = self.second_moment()
             adam = adam_direction(g_avg, v, beta2, config.adamw_eps, step, updating, averaged)
         if any(ready):
             result = self._preconditioned(stats, g_avg, ready, damping, config, ok, averaged)
-            if config.graft == "adamw":
+            if self.graft == "adamw":
                 assert adam is not None
                 result = result._replace(direction=graft(result.direction, _norm(adam)))
-            elif config.graft == "output" and not self.factors_from_gradient:
+            elif self.graft == "output":
                 assert adam is not None
                 grafted = graft_output(result.direction, adam, self.A, self.layout_A)
                 result = result._replace(direction=grafted)

@@ -31,6 +31,12 @@ def factor_layouts(layer: LayerAdapter, blocking: Blocking) -> tuple[BlockLayout
     return layout_A, blocking.side(layer.out_dim)
 
 
+def factors_from_gradient(layer: LayerAdapter, factor_source: str) -> bool:
+    """Whether the layer's Kronecker factors come from its gradient matrix (g^T g, g g^T)
+    instead of the hooks' A and G: asked for, or a layer without hooks (an embedding)."""
+    return factor_source == "gradient" or not layer.hooked
+
+
 def statistic_shape(kind: str, layout_A: BlockLayout, layout_G: BlockLayout) -> tuple[int, ...]:
     """The shape of one layer's statistic of ``kind`` ("A", "G", "g1" or "probe")."""
     shapes = {

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hf_fop.blocks import BlockLayout
+from hf_fop.blocks import BlockLayout, right_multiply
 
 
 def adam_direction(
@@ -69,12 +69,14 @@ def output_change(direction: Tensor, A: Tensor, layout: BlockLayout) -> Tensor:
     the layer's outputs under the step U, for inputs of second moment A (block-diagonal where
     ``layout`` blocks it)."""
     U = F.pad(direction, (0, layout.padded - layout.dim))
-    if layout.blocked:
-        U = U.unflatten(-1, (layout.count, layout.size)).transpose(
-            -3, -2
-        )  # (..., blocks, out, size)
-        return ((U @ A) * U).sum(dim=(-3, -2, -1))[..., None, None]
-    return ((U @ A) * U).sum(dim=(-2, -1))[..., None, None]
+    return (right_multiply(U, A) * U).sum(dim=(-2, -1), keepdim=True)
+
+
+def layer_graft(graft: str, factors_from_gradient: bool) -> str:
+    """The graft a layer takes: "output" measures the step on the layer's input factor A, so a
+    layer whose factors come from its gradient (an embedding, factor_source="gradient") has
+    none and keeps its direction, and needs no AdamW second moment."""
+    return "none" if graft == "output" and factors_from_gradient else graft
 
 
 def graft_output(direction: Tensor, adam: Tensor, A: Tensor, layout: BlockLayout) -> Tensor:

@@ -284,7 +284,7 @@ class ModelCurvature:
                     "G": bucket.G[row],
                     **{key: value[row] for key, value in bucket.decomposition.items()},
                 }
-                if self.config.graft != "none" or bucket.graft_exp_avg_sq is not None:
+                if bucket.graft != "none" or bucket.graft_exp_avg_sq is not None:
                     state["graft_exp_avg_sq"] = bucket.second_moment()[row]
                 if bucket.rotated_second_moment is not None:
                     state["rotated_second_moment"] = bucket.rotated_second_moment[row]

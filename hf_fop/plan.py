@@ -4,7 +4,7 @@ It reads only the model's module structure and parameter shapes, so it works on 
 on the meta device (``with torch.device("meta"): model = AutoModelForCausalLM.from_config(c)``)
 and allocates nothing. The byte counts are those of the tensors FOP allocates once it has taken
 a step (tests/test_plan.py holds them against a real optimizer): per preconditioned layer its
-two factors, their decomposition, the grafting second moment (``graft`` other than "none"), the rotated
+two factors, their decomposition, the grafting second moment (layers that graft), the rotated
 second moment (``curvature="eigen_corrected"``) and the update's moment; AdamW's two moments
 and step count for every other parameter.
 
@@ -23,10 +23,11 @@ from typing import Any
 from torch import nn
 
 from hf_fop.blocks import BlockLayout
-from hf_fop.bucket_data import factor_layouts
+from hf_fop.bucket_data import factor_layouts, factors_from_gradient
 from hf_fop.config import FOPConfig
 from hf_fop.curvature import PRECONDITIONERS
 from hf_fop.distributed import assign_layers, layouts_cost
+from hf_fop.grafting import layer_graft
 from hf_fop.partition import Partition, configured_partition, unwrap_model
 
 FP32 = 4
@@ -169,7 +170,8 @@ def plan_partition(
         # The cost the distributors balance ranks by: d^3 summed over the decomposed blocks.
         layouts = factor_layouts(adapter, config.blocking)
         costs.append(layouts_cost(*layouts))
-        layers.append(_layer_plan(name, adapter.params, *layouts, config, costs[-1]))
+        graft = layer_graft(config.graft, factors_from_gradient(adapter, config.factor_source))
+        layers.append(_layer_plan(name, adapter.params, *layouts, config, graft, costs[-1]))
     adamw_side = [p for _, p in partition.adamw_decay + partition.adamw_no_decay]
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Plan(
@@ -195,12 +197,13 @@ def _layer_plan(
     layout_A: BlockLayout,
     layout_G: BlockLayout,
     config: FOPConfig,
+    graft: str,
     decomposition_cost: float,
 ) -> LayerPlan:
     shapes = PRECONDITIONERS[config.method].state_shapes(layout_A, layout_G)
     numel = layout_A.factor_numel + layout_G.factor_numel
     numel += sum(math.prod(shape) for shape in shapes.values())
-    if config.graft != "none":
+    if graft != "none":
         numel += layout_G.dim * layout_A.dim  # AdamW's second moment, for the step size
     if config.curvature == "eigen_corrected":
         numel += layout_G.padded * layout_A.padded

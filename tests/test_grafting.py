@@ -25,6 +25,7 @@ def test_output_change_is_the_mean_squared_change_of_the_outputs(block_size: int
     U = torch.randn(3, 5, 10, generator=generator, dtype=torch.float64)  # 3 layers of one shape
     layout = BlockLayout.for_side(10, block_size)
     A = block_gram(inputs, layout) / 64 if layout.blocked else inputs.T @ inputs / 64
+    A = A.expand(3, *A.shape)  # one factor per layer of the stack, as a bucket holds them
     if layout.blocked:
         # Blocked, the factor keeps only the diagonal blocks: the reference sees each block's
         # inputs alone (zeros padded to whole blocks).

@@ -38,8 +38,8 @@ class FOPTrainingArguments(TrainingArguments):
     AdamW side (the default step is Adam's in the Kronecker eigenbasis, with its own
     ``second_moment_decay`` and ``damping``, grafted so that each layer's outputs change as
     much as under AdamW's step; ``fop_graft="adamw"`` imposes the norm of AdamW's step per
-    layer, ``"none"`` takes the rotated step as it is). Every ``fop_*`` field left at None takes :class:`hf_fop.FOPConfig`'s default;
-    ``optim_args`` ("block_size=512,inverse_interval=4") overrides any of them.
+    layer, ``"none"`` takes the rotated step as it is). Every ``fop_*`` field left at None
+    takes :class:`hf_fop.FOPConfig`'s default; ``optim_args`` ("block_size=512,inverse_interval=4") overrides any of them.
     """
 
     optim: str = field(
