@@ -86,12 +86,15 @@ class FOPConfig:
     momentum_placement: MomentumPlacement = "before"
     # Decoupled (AdamW-style); added to the direction with graft="none" and the momentum after.
     weight_decay: float = 0.01
-    # Added to the metric in the eigenbasis. "absolute": as is (the default 1e-8 is Adam's eps
-    # for the exponent 1/2). "relative": damping times the metric's mean per layer (for the
+    # Added to the metric in the eigenbasis. "relative" (the default): damping times the
+    # metric's mean per layer, an eps that scales with the layer's gradients, so rotated
+    # coordinates whose second moment is round-off (a fresh basis, a direction the data never
+    # reached) take a damped step instead of a unit one (docs/design.md, Round-off); for the
     # Kronecker metric, F = A (x) G + damping * mean(eig A) * mean(eig G) I, unchanged when A
-    # or G is multiplied by a constant; G's eigenvalues are ~1e-13 in a fresh transformer).
-    damping: float = 1e-8
-    damping_mode: DampingMode = "absolute"
+    # or G is multiplied by a constant. "absolute": as is (1e-8 is Adam's eps for the exponent
+    # 1/2; the default before release 0.5).
+    damping: float = 1e-2
+    damping_mode: DampingMode = "relative"
     # "none": the direction is the step, times lr (it has Adam's size with the default metric);
     # "adamw": each layer's direction takes the norm of the AdamW step for that layer
     # (Distributed Shampoo's grafting; what the Kronecker metric needs to take AdamW's lr);
