@@ -264,7 +264,12 @@ class ShapeBucket:
         preconditioner = self.preconditioner(damping, config.damping_mode)
         unpadded, g_avg = g_avg, self._padded(g_avg)
         g_diff = None
-        if stats.g1 is not None:
+        # No layer of the bucket has two halves this step (an embedding has no hooks): g_diff
+        # would be 0, its FOP direction exactly K-FAC's, and its second moment that of two
+        # halves that agree (r^2 / 2); so skip the zeros (the probes, the rotation, the FOP
+        # scalars), which on a vocabulary-sized matrix cost more than the step itself.
+        halves_agree = stats.g1 is not None and not any(stats.has_split)
+        if stats.g1 is not None and not halves_agree:
             # g1 as p.grad carries it: clipped, unscaled or rescaled with it after the backward.
             g1 = stats.g1
             if stats.probe is not None:
@@ -281,7 +286,7 @@ class ShapeBucket:
         rotated: dict[str, Tensor] = {}
         if self.rotated_second_moment is not None:
             preconditioner, rotated = self._corrected(
-                preconditioner, g_avg, g_diff, ready, damping, config, ok
+                preconditioner, g_avg, g_diff, ready, damping, config, ok, halves_agree
             )
         base = g_avg
         if averaged is not None:
@@ -311,10 +316,12 @@ class ShapeBucket:
         damping: float,
         config: FOPConfig,
         ok: Tensor,
+        halves_agree: bool = False,
     ) -> tuple[EigenCorrectedPreconditioner, dict[str, Tensor]]:
         """The eigen-corrected metric after this step's gradient ``g`` (and the difference of
-        its halves, ``g_diff``) went into the rotated second moment of the ``ready`` rows (only
-        where ``ok``), and both in the eigenbasis (``rotated_avg``, ``rotated_diff``)."""
+        its halves, ``g_diff``; ``halves_agree``: a difference of zero) went into the rotated
+        second moment of the ``ready`` rows (only where ``ok``), and both in the eigenbasis
+        (``rotated_avg``, ``rotated_diff``)."""
         assert isinstance(kronecker, EigenPreconditioner)  # config: method="eigen"
         assert self.rotated_second_moment is not None
         decay = config.second_moment_decay
@@ -328,6 +335,7 @@ class ShapeBucket:
             decay,
             _row_flag(ready, g, ok),
             rotated.get("rotated_diff"),
+            halves_agree,
         )
         self.moment_updates = [done + has for done, has in zip(self.moment_updates, ready)]
         # Rows without a moment yet divide by one (their metric is never used).

@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import Tensor
 
-from hf_fop.blocks import BlockLayout, left_multiply, right_multiply
+from hf_fop.blocks import BlockLayout, is_blocked, left_multiply, right_multiply
 from hf_fop.fop_math import FOPDirection, fop_direction, kfac_direction
 
 logger = logging.getLogger(__name__)
@@ -130,13 +130,28 @@ def kronecker_damping(mean_A: Tensor, mean_G: Tensor, damping: float, damping_mo
 
 def rotate(matrix: Tensor, basis_A: Tensor, basis_G: Tensor) -> Tensor:
     """Q_G^T V Q_A: a gradient matrix (out x in) in the Kronecker basis (either basis may be
-    block-diagonal, (..., count, size, size): blocks.py)."""
-    return left_multiply(basis_G.mT, right_multiply(matrix, basis_A))
+    block-diagonal, (..., count, size, size): blocks.py).
+
+    A diagonal side (blocks of one) is not rotated: its basis is +-1 per coordinate, and every
+    use of rotated coordinates (squares, ratios of two rotated quantities, rotating back) is
+    blind to those signs, so skipping a vocabulary-sized pass changes no result.
+    """
+    if not _sign_only(basis_A, matrix):
+        matrix = right_multiply(matrix, basis_A)
+    return matrix if _sign_only(basis_G, matrix) else left_multiply(basis_G.mT, matrix)
 
 
 def unrotate(matrix: Tensor, basis_A: Tensor, basis_G: Tensor) -> Tensor:
-    """Q_G V Q_A^T: back from the Kronecker basis."""
-    return left_multiply(basis_G, right_multiply(matrix, basis_A.mT))
+    """Q_G V Q_A^T: back from the Kronecker basis (a diagonal side untouched, as in rotate)."""
+    if not _sign_only(basis_A, matrix):
+        matrix = right_multiply(matrix, basis_A.mT)
+    return matrix if _sign_only(basis_G, matrix) else left_multiply(basis_G, matrix)
+
+
+def _sign_only(basis: Tensor, matrix: Tensor) -> bool:
+    """A basis of blocks of one beside ``matrix``: +-1 per coordinate (or, in
+    carry_second_moment's mixing, their squares, 1)."""
+    return is_blocked(basis, matrix) and basis.shape[-1] == 1
 
 
 class RotatedDiagonalPreconditioner(KroneckerPreconditioner):

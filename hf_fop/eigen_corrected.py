@@ -45,6 +45,7 @@ def update_rotated_second_moment(
     beta2: float,
     ok: Tensor | None = None,
     rotated_diff: Tensor | None = None,
+    halves_agree: bool = False,
 ) -> Tensor:
     """s = beta2 s + (1 - beta2) x, in place (only where the flag ``ok`` holds).
 
@@ -55,11 +56,13 @@ def update_rotated_second_moment(
     longer). A coordinate whose halves disagree while their mean cancels (r^2 at round-off
     level, as in the null space of a fresh eigenbasis) gets a metric the size of the
     disagreement, so neither the step nor M^-1 g_diff (FOP's beta and correction) divides a
-    round-off numerator by a round-off metric.
+    round-off numerator by a round-off metric. ``halves_agree``: r_diff = 0 without the zeros.
     """
     sample = rotated_grad * rotated_grad
     if rotated_diff is not None:
         sample = sample.mul_(0.5).addcmul_(rotated_diff, rotated_diff, value=0.125)
+    elif halves_agree:
+        sample = sample.mul_(0.5)
     updated = second_moment.mul(beta2).add_(sample, alpha=1 - beta2)
     if ok is None:
         return second_moment.copy_(updated)
