@@ -38,7 +38,13 @@ from torch.utils.hooks import RemovableHandle
 
 from hf_fop.blocks import Blocking
 from hf_fop.bucket_data import factor_layouts
-from hf_fop.factor_sums import active_rows, output_second_moment, second_moment, weight_gradient
+from hf_fop.factor_sums import (
+    active_rows,
+    output_second_moment,
+    sampled_rows,
+    second_moment,
+    weight_gradient,
+)
 from hf_fop.gradient_probes import probe_rows
 from hf_fop.layer_backward import LayerBackward, ModuleOutput
 from hf_fop.layers import LayerAdapter, LinearAdapter
@@ -109,6 +115,10 @@ class CurvatureCapture:
         self.layouts = [factor_layouts(layer, blocking) for layer in self.layers]
         self.collect_factors: Any = True
         self.collect_first_half = True
+        # At most about this many rows of a layer call enter A and G (None: all), every k-th
+        # from row_offset mod k (factor_sums.sampled_rows); the optimizer sets both.
+        self.factor_rows: int | None = None
+        self.row_offset = 0
         self._accumulation_steps: int | None = None
         self._observed_steps = 1
         self.stats = [LayerStatistics() for _ in self.layers]
@@ -264,11 +274,19 @@ class CurvatureCapture:
             d_rows = d.float().flatten(0, 1)
             # On the CPU reading a flag costs nothing: select; elsewhere weight (no host sync).
             x_rows, weights = active_rows(x_rows, d_rows, select=x_rows.device.type == "cpu")
+            if self.factor_rows is not None:
+                if weights is not None:
+                    weights, _ = sampled_rows(weights, self.factor_rows, self.row_offset)
+                x_rows, _ = sampled_rows(x_rows, self.factor_rows, self.row_offset)
+                d_rows, d_stride = sampled_rows(d_rows, self.factor_rows, self.row_offset)
+            else:
+                d_stride = 1
             layout_A, layout_G = self.layouts[index]
             A_sum = second_moment(x_rows, layer.has_bias, weights, layout_A)
             stats.A_sum = _accumulate(stats.A_sum, A_sum)
             stats.A_rows = stats.A_rows + (x_rows.shape[0] if weights is None else weights.sum())
-            stats.G_sum = _accumulate(stats.G_sum, output_second_moment(d_rows, layout_G))
+            G_sum = output_second_moment(d_rows, layout_G)
+            stats.G_sum = _accumulate(stats.G_sum, G_sum if d_stride == 1 else G_sum * d_stride)
         if not self.collect_first_half:
             return
         if probe is None:

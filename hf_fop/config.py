@@ -86,15 +86,15 @@ class FOPConfig:
     momentum_placement: MomentumPlacement = "before"
     # Decoupled (AdamW-style); added to the direction with graft="none" and the momentum after.
     weight_decay: float = 0.01
-    # Added to the metric in the eigenbasis. "relative" (the default): damping times the
-    # metric's mean per layer, an eps that scales with the layer's gradients, so rotated
-    # coordinates whose second moment is round-off (a fresh basis, a direction the data never
-    # reached) take a damped step instead of a unit one (docs/design.md, Round-off); for the
-    # Kronecker metric, F = A (x) G + damping * mean(eig A) * mean(eig G) I, unchanged when A
-    # or G is multiplied by a constant. "absolute": as is (1e-8 is Adam's eps for the exponent
-    # 1/2; the default before release 0.5).
-    damping: float = 1e-2
-    damping_mode: DampingMode = "relative"
+    # Added to the metric in the eigenbasis. "absolute": as is (the default 1e-8 is Adam's eps
+    # for the exponent 1/2). "relative": damping times the metric's mean per layer, an eps that
+    # scales with the layer's gradients: at 1e-2 rotated coordinates whose second moment is
+    # round-off take a damped step instead of a unit one, and a one-ulp change of the inputs
+    # moves the weights 45% less, at 0.5% of perplexity on the decoders (docs/design.md,
+    # Round-off). For the Kronecker metric, F = A (x) G + damping * mean(eig A) * mean(eig G) I,
+    # unchanged when A or G is multiplied by a constant.
+    damping: float = 1e-8
+    damping_mode: DampingMode = "absolute"
     # "none": the direction is the step, times lr (it has Adam's size with the default metric);
     # "adamw": each layer's direction takes the norm of the AdamW step for that layer
     # (Distributed Shampoo's grafting; what the Kronecker metric needs to take AdamW's lr);
@@ -126,6 +126,12 @@ class FOPConfig:
     curvature_interval: int = 1
     inverse_interval: int = 2
     factor_decay: float = 0.95
+    # At most about this many rows (positions) of each layer call enter A and G, every k-th
+    # with an offset that moves each curvature step (None: every row). The factors average
+    # over steps, so a large batch's every position adds cost (2 N side^2 flops per factor)
+    # more than information: at batch 8,192 the MLP's step falls from 2.9x AdamW's to 2.1x
+    # at the same accuracy (docs/benchmarks.md).
+    factor_rows: int | None = 2048
     # Which layers are preconditioned: "all-linear" (every Linear, Conv1D and Conv2d), "auto"
     # (those inside repeated blocks, or every one when the model has no blocks), a regular
     # expression over module names, or an explicit list of module names. Embeddings join each
@@ -174,7 +180,8 @@ class FOPConfig:
         )
         _check(
             math.isfinite(self.damping) and self.damping > 0,
-            f"damping must be a finite number > 0 (relative damping: try 0.1 to 1), got {self.damping}",
+            f"damping must be a finite number > 0 (relative: 1e-2 for the default metric, 0.1 to 1 "
+            f"for the Kronecker one; absolute: Adam's 1e-8), got {self.damping}",
         )
         _check(
             self.kl_clip is None or self.kl_clip > 0,
@@ -230,6 +237,11 @@ class FOPConfig:
         _check(
             0 <= self.factor_decay < 1,
             f"factor_decay must be in [0, 1), got {self.factor_decay}",
+        )
+        _check(
+            self.factor_rows is None
+            or (isinstance(self.factor_rows, int) and self.factor_rows >= 1),
+            f"factor_rows must be an integer >= 1, or None for every row, got {self.factor_rows!r}",
         )
         _check(self.max_factor_dim >= 1, f"max_factor_dim must be >= 1, got {self.max_factor_dim}")
         _check(

@@ -29,6 +29,21 @@ def active_rows(x_rows: Tensor, d_rows: Tensor, select: bool) -> tuple[Tensor, T
     return x_rows, None
 
 
+def sampled_rows(rows: Tensor, limit: int | None, offset: int) -> tuple[Tensor, int]:
+    """Every k-th row of ``rows`` (k = ceil(rows / limit)), starting at ``offset`` mod k, and
+    k itself, by which a sum over the kept rows is scaled to estimate the sum over all.
+
+    A layer's factors are running averages over many steps, so a step's share of them needs a
+    few thousand rows, not every position of a large batch; their products cost 2 N side^2
+    flops, more than the layer's own forward once N rows outnumber its other side. The offset
+    moves with the step, so over k steps every position takes its turn.
+    """
+    if limit is None or rows.shape[0] <= limit:
+        return rows, 1
+    stride = -(-rows.shape[0] // limit)
+    return rows[offset % stride :: stride], stride
+
+
 def second_moment(
     x_rows: Tensor, bias: bool, weights: Tensor | None = None, layout: BlockLayout | None = None
 ) -> Tensor:

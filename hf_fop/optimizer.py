@@ -247,6 +247,8 @@ class FOP(torch.optim.Optimizer):
         # factor_source="gradient": the factors come from the gradients, not from the hooks.
         self.capture.collect_factors = due if self.config.factor_source == "activations" else False
         self.capture.collect_first_half = self.config.wants_halves
+        self.capture.factor_rows = self.config.factor_rows
+        self.capture.row_offset = step // interval
 
     def _step(self) -> None:
         """Steps 1-5 of the module docstring, on a batch that reached the model."""

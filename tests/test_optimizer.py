@@ -177,6 +177,8 @@ def test_non_finite_gradient_skips_the_step(bad: float) -> None:
         ("damping", 0.0),
         ("curvature_interval", 0),
         ("inverse_interval", 0),
+        ("factor_rows", 0),
+        ("factor_rows", 2.5),
         ("mode", "adam"),
         ("method", "cholesky"),
         ("momentum", 1.5),

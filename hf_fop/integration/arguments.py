@@ -49,13 +49,15 @@ class FOPTrainingArguments(TrainingArguments):
     fop_damping: float | None = field(
         default=None,
         metadata={
-            "help": "Damping added to the metric in the eigenbasis (default 1e-8, absolute: Adam's eps)."
+            "help": "Damping added to the metric in the eigenbasis (default 1e-8, absolute: "
+            "Adam's eps)."
         },
     )
     fop_damping_mode: str | None = field(
         default=None,
         metadata={
-            "help": "'absolute' (default) or 'relative' (times the metric's mean per layer)."
+            "help": "'absolute' (default) or 'relative' (times the metric's mean per layer; "
+            "1e-2 halves round-off's effect)."
         },
     )
     fop_graft: str | None = field(
@@ -81,6 +83,13 @@ class FOPTrainingArguments(TrainingArguments):
     )
     fop_inverse_interval: int | None = field(
         default=None, metadata={"help": "Refresh the eigenbases every N steps (default 2)."}
+    )
+    fop_factor_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "At most about this many positions of each layer call enter the Kronecker "
+            "factors (default 2048)."
+        },
     )
     fop_factor_decay: float | None = field(
         default=None, metadata={"help": "Running-average decay of the factors (default 0.95)."}
