@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hf_fop_trainer.metrics import load_metric
 from torch import nn
 
 from benchmarks.optimizers import make_optimizer
 from benchmarks.tasks import TASKS, Task, build_task
-from hf_fop.metrics import load_metric
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OPTIMIZERS = ("sgd", "adamw", "kfac", "fop")

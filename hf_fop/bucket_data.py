@@ -4,7 +4,7 @@ the directions it computes, and the layout of a layer's factors."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -14,8 +14,17 @@ from hf_fop.fop_math import FOPDirection
 from hf_fop.gradient_probes import PROBES
 from hf_fop.layers import LayerAdapter
 
-if TYPE_CHECKING:
-    from hf_fop.bucket import ShapeBucket
+
+class BucketRows(Protocol):
+    """What this module needs of a bucket (bucket.ShapeBucket): which layers its rows hold and
+    how their factors are laid out. A protocol, so the data does not import its producer."""
+
+    indices: list[int]
+    layout_A: BlockLayout
+    layout_G: BlockLayout
+
+    def __len__(self) -> int: ...
+
 
 # The per-layer FOP scalars a step reports besides its direction.
 SCALARS = ("beta", "eta", "rho", "kfac_cosine")
@@ -61,12 +70,12 @@ class BucketStatistics:
     probe: Tensor | None = None
 
     @classmethod
-    def empty(cls, bucket: ShapeBucket) -> BucketStatistics:
+    def empty(cls, bucket: BucketRows) -> BucketStatistics:
         return cls(None, None, [False] * len(bucket), None, [False] * len(bucket))
 
     @classmethod
     def stacked(
-        cls, bucket: ShapeBucket, per_kind: dict[str, list[Tensor | None]], like: Tensor
+        cls, bucket: BucketRows, per_kind: dict[str, list[Tensor | None]], like: Tensor
     ) -> BucketStatistics:
         """The bucket's rows of every layer's statistics (``per_kind``: kind -> per layer)."""
         gathered = {kind: [values[i] for i in bucket.indices] for kind, values in per_kind.items()}
@@ -93,7 +102,7 @@ class BucketStatistics:
 class BucketStep:
     """The directions a bucket's layers take this step (before the learning rate)."""
 
-    bucket: ShapeBucket
+    bucket: BucketRows
     rows: list[int]  # rows of the bucket that have gradients, in order
     direction: Tensor  # (layers, out, in); zeros in the rows without a gradient
     g_avg: Tensor  # (layers, out, in); zeros likewise

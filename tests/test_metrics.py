@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from hf_fop.metrics import load_metric
+from hf_fop_trainer.metrics import load_metric
 
 
 def test_accuracy_by_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from hf_fop_trainer.arguments import DataArguments, ModelArguments
+from hf_fop_trainer.cpu_fsdp import allow_fsdp_on_cpu
 from hf_fop_trainer.data import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
@@ -31,12 +32,11 @@ from hf_fop_trainer.data import (
     load_splits,
     long_tailed,
 )
+from hf_fop_trainer.metrics import load_metric
 from hf_fop_trainer.models import add_lora, build_image_model, build_text_model
 from transformers import HfArgumentParser, TrainerCallback, default_data_collator, set_seed
 
 from hf_fop.integration import FOPTrainer, FOPTrainingArguments
-from hf_fop.integration.cpu_fsdp import allow_fsdp_on_cpu
-from hf_fop.metrics import load_metric
 
 logger = logging.getLogger("hf_fop_trainer")
 

@@ -1,6 +1,6 @@
 """evaluate metrics shipped with hf-fop, loaded by path so that evaluation works offline.
 
-from hf_fop.metrics import load_metric
+from hf_fop_trainer.metrics import load_metric
 accuracy = load_metric("accuracy")
 groups = load_metric("group_accuracy")  # many / medium / few-shot accuracy
 """
