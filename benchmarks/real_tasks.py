@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -256,36 +256,41 @@ PRETRAINING = {"lr": 3e-3, "batch": 16, "steps": 500, "seed": 0}  # AdamW, on Wi
 
 
 def _pretrained_llama(quick: bool) -> dict[str, Tensor]:
-    """The benchmarks' Llama-style decoder after AdamW on WikiText-2 (``PRETRAINING``, warm-up
-    then cosine, clipping at 1.0, one thread): trained here once and cached under
-    ``$HF_FOP_CACHE``, so the fine-tuning task starts, as fine-tuning does, from a model that
-    AdamW trained and that no hub has to supply."""
+    """The benchmarks' Llama-style decoder after AdamW on WikiText-2 (``PRETRAINING``, the
+    benchmarks' own AdamW run: warm-up then cosine, clipping at 1.0; one thread): trained here
+    once and cached under ``$HF_FOP_CACHE``, so the fine-tuning task starts, as fine-tuning
+    does, from a model that AdamW trained and that no hub has to supply."""
     from hf_fop_trainer.shipped import cache_dir
 
-    from benchmarks.drop_in import warmup_cosine
+    from benchmarks.drop_in import train_run
 
     steps = 4 if quick else PRETRAINING["steps"]
     path = cache_dir() / f"llama-wikitext2-adamw-{steps}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     source = _wikitext("wikitext_llama", _llama, quick)
+    trained: list[nn.Module] = []
+
+    def make_and_keep() -> nn.Module:  # the model train_run builds, kept to save its weights
+        trained.append(source.make_model())
+        return trained[-1]
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same weights whichever process trains them first
     try:
-        torch.manual_seed(PRETRAINING["seed"])
-        model = source.make_model()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAINING["lr"], weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
-        generator = torch.Generator().manual_seed(PRETRAINING["seed"])
-        for _ in range(steps):
-            loss = source.sample(PRETRAINING["batch"], generator)(model)
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
+        lr, batch, seed = PRETRAINING["lr"], PRETRAINING["batch"], PRETRAINING["seed"]
+        train_run(
+            replace(source, make_model=make_and_keep),
+            "adamw",
+            lr,
+            batch,
+            steps,
+            seed,
+            eval_every=steps,
+        )
     finally:
         torch.set_num_threads(threads)
+    (model,) = trained
     weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")

@@ -269,7 +269,7 @@ class ShapeBucket:
         # halves that agree (r^2 / 2); so skip the zeros (the probes, the rotation, the FOP
         # scalars), which on a vocabulary-sized matrix cost more than the step itself.
         halves_agree = stats.g1 is not None and not any(stats.has_split)
-        if stats.g1 is not None and not halves_agree:
+        if stats.g1 is not None and any(stats.has_split):
             # g1 as p.grad carries it: clipped, unscaled or rescaled with it after the backward.
             g1 = stats.g1
             if stats.probe is not None:

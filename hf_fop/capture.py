@@ -274,13 +274,11 @@ class CurvatureCapture:
             d_rows = d.float().flatten(0, 1)
             # On the CPU reading a flag costs nothing: select; elsewhere weight (no host sync).
             x_rows, weights = active_rows(x_rows, d_rows, select=x_rows.device.type == "cpu")
-            if self.factor_rows is not None:
-                if weights is not None:
-                    weights, _ = sampled_rows(weights, self.factor_rows, self.row_offset)
-                x_rows, _ = sampled_rows(x_rows, self.factor_rows, self.row_offset)
-                d_rows, d_stride = sampled_rows(d_rows, self.factor_rows, self.row_offset)
-            else:
-                d_stride = 1
+            limit, offset = self.factor_rows, self.row_offset
+            if weights is not None:
+                weights, _ = sampled_rows(weights, limit, offset)
+            x_rows, _ = sampled_rows(x_rows, limit, offset)
+            d_rows, d_stride = sampled_rows(d_rows, limit, offset)
             layout_A, layout_G = self.layouts[index]
             A_sum = second_moment(x_rows, layer.has_bias, weights, layout_A)
             stats.A_sum = _accumulate(stats.A_sum, A_sum)
