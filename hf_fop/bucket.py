@@ -16,13 +16,7 @@ from hf_fop.bucket_data import (
     factors_from_gradient,
 )
 from hf_fop.config import FOPConfig
-from hf_fop.curvature import (
-    PRECONDITIONERS,
-    EigenPreconditioner,
-    KroneckerPreconditioner,
-    flat_eigenvalues,
-    running_factor_weight,
-)
+from hf_fop.curvature import EigenPreconditioner, flat_eigenvalues, running_factor_weight
 from hf_fop.eigen_corrected import (
     EigenCorrectedPreconditioner,
     carry_second_moment,
@@ -46,7 +40,6 @@ class ShapeBucket:
         self.indices, self.names = indices, names
         self.in_dim, self.out_dim = layer.in_dim, layer.out_dim
         self.layout_A, self.layout_G = factor_layouts(layer, config.blocking)
-        self.method = PRECONDITIONERS[config.method]
         self.basis_refresh = config.basis_refresh
         # Kronecker factors of the gradient matrix (g^T g, g g^T) instead of the hooks' A and G.
         self.factors_from_gradient = factors_from_gradient(layer, config.factor_source)
@@ -55,7 +48,7 @@ class ShapeBucket:
         self.A = torch.zeros(count, *self.layout_A.factor_shape, device=device)
         self.G = torch.zeros(count, *self.layout_G.factor_shape, device=device)
         self.factor_updates = [0] * count
-        shapes = self.method.state_shapes(self.layout_A, self.layout_G)
+        shapes = EigenPreconditioner.state_shapes(self.layout_A, self.layout_G)
         self.decomposition = {
             key: torch.zeros(count, *shape, device=device) for key, shape in shapes.items()
         }
@@ -73,15 +66,15 @@ class ShapeBucket:
             self.rotated_second_moment = torch.zeros(
                 count, self.layout_G.padded, self.layout_A.padded, device=device
             )
-        self._cache: tuple[tuple[float, str], KroneckerPreconditioner] | None = None
+        self._cache: tuple[tuple[float, str], EigenPreconditioner] | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def preconditioner(self, damping: float, damping_mode: str) -> KroneckerPreconditioner:
+    def preconditioner(self, damping: float, damping_mode: str) -> EigenPreconditioner:
         """The damped preconditioner of every layer, cached between refreshes."""
         if self._cache is None or self._cache[0] != (damping, damping_mode):
-            built = self.method.from_state(self.decomposition, damping, damping_mode)
+            built = EigenPreconditioner.from_state(self.decomposition, damping, damping_mode)
             self._cache = ((damping, damping_mode), built)
         return self._cache[1]
 
@@ -125,7 +118,9 @@ class ShapeBucket:
             }
         else:  # the first decomposition is always a full one
             layouts = (self.layout_A, self.layout_G)
-            computed = self.method.from_factors(A, G, damping, damping_mode, layouts).state()
+            computed = EigenPreconditioner.from_factors(
+                A, G, damping, damping_mode, layouts
+            ).state()
         # Written into the bucket's own tensors: their layout (eigh returns column-major
         # eigenvectors) stays that of a loaded checkpoint, so a resumed run multiplies in the
         # same order and continues bit for bit.
@@ -309,7 +304,7 @@ class ShapeBucket:
 
     def _corrected(
         self,
-        kronecker: KroneckerPreconditioner,
+        kronecker: EigenPreconditioner,
         g: Tensor,
         g_diff: Tensor | None,
         ready: list[bool],
@@ -322,7 +317,6 @@ class ShapeBucket:
         its halves, ``g_diff``; ``halves_agree``: a difference of zero) went into the rotated
         second moment of the ``ready`` rows (only where ``ok``), and both in the eigenbasis
         (``rotated_avg``, ``rotated_diff``)."""
-        assert isinstance(kronecker, EigenPreconditioner)  # config: method="eigen"
         assert self.rotated_second_moment is not None
         decay = config.second_moment_decay
         rotated = {"rotated_avg": kronecker.rotate(g)}

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_fop.curvature import PRECONDITIONERS
+from hf_fop.curvature import EigenPreconditioner
 
 CURVATURE = "curvature"
 # The FOP group's settings that a checkpoint does not override (the optimizer's own win).
@@ -44,7 +44,8 @@ LEGACY_KEYS = frozenset(
         "G",
         "factor_updates",
         "graft_exp_avg_sq",
-        *(key for cls in PRECONDITIONERS.values() for key in cls.STATE_KEYS),
+        *EigenPreconditioner.STATE_KEYS,
+        *("A_damped", "G_damped", "A_inv", "G_inv"),  # method="inverse", retired in 0.6
     )
 )
 

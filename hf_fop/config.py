@@ -11,7 +11,6 @@ from typing import Literal
 from hf_fop.blocks import Blocking
 
 Mode = Literal["fop", "kfac"]
-Method = Literal["eigen", "inverse"]
 DampingMode = Literal["relative", "absolute"]
 Graft = Literal["adamw", "output", "none"]
 Curvature = Literal["kronecker", "eigen_corrected"]
@@ -20,7 +19,6 @@ FactorSource = Literal["activations", "gradient"]
 MomentumPlacement = Literal["after", "before"]
 
 MODES: tuple[str, ...] = ("fop", "kfac")
-METHODS: tuple[str, ...] = ("eigen", "inverse")
 DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
 GRAFTS: tuple[str, ...] = ("adamw", "output", "none")
 CURVATURES: tuple[str, ...] = ("kronecker", "eigen_corrected")
@@ -106,11 +104,10 @@ class FOPConfig:
     # turns it off: a clip that binds at every step makes the learning rate meaningless.
     kl_clip: float | None = None
     mode: Mode = "fop"
-    method: Method = "eigen"
     # The metric in the Kronecker eigenbasis (hf_fop/eigen_corrected.py): "kronecker" is
     # K-FAC's product of the factors' eigenvalues; "eigen_corrected" the running second moment
     # of the rotated gradient (decay ``second_moment_decay``) to the power ``exponent``: 1 is
-    # EK-FAC's natural gradient, 0.5 SOAP-style. Needs method="eigen".
+    # EK-FAC's natural gradient, 0.5 SOAP-style.
     curvature: Curvature = "eigen_corrected"
     exponent: float = 0.5
     second_moment_decay: float = 0.95
@@ -146,7 +143,7 @@ class FOPConfig:
     # A factor side longer than this is split into equal diagonal blocks no larger than it
     # (hf_fop/blocks.py): memory and refresh cost grow linearly with the side instead of as its
     # square and cube (Llama-3.2-1B's state: 1.6x AdamW's instead of 4.1x). None: whole
-    # factors. Needs method="eigen".
+    # factors.
     block_size: int | None = 1024
     # Factor sides longer than this keep their diagonal alone: the layer is preconditioned by
     # its other factor (an untied vocabulary head, as SOAP leaves long sides unrotated). None:
@@ -188,7 +185,6 @@ class FOPConfig:
             f"kl_clip must be > 0, or None to turn the clip off, got {self.kl_clip}",
         )
         _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
-        _check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         _check(
             self.damping_mode in DAMPING_MODES,
             f"damping_mode must be one of {DAMPING_MODES}, got {self.damping_mode!r}",
@@ -209,14 +205,6 @@ class FOPConfig:
         _check(
             self.factor_source in FACTOR_SOURCES,
             f"factor_source must be one of {FACTOR_SOURCES}, got {self.factor_source!r}",
-        )
-        _check(
-            self.method == "eigen" or (self.curvature, self.basis_refresh) == ("kronecker", "eigh"),
-            "method='inverse' (explicit inverses, no eigenbasis) takes the Kronecker metric with "
-            "full decompositions: set curvature='kronecker' and basis_refresh='eigh' with it "
-            "(FOPConfig.kronecker(method='inverse') has both), or "
-            f"keep method='eigen' (got curvature={self.curvature!r}, "
-            f"basis_refresh={self.basis_refresh!r})",
         )
         _check(
             math.isfinite(self.exponent) and 0 < self.exponent <= 1,
@@ -253,16 +241,6 @@ class FOPConfig:
             self.block_size is None or (isinstance(self.block_size, int) and self.block_size >= 2),
             f"block_size must be an integer >= 2, or None for whole factors, got {self.block_size!r}",
         )
-        _check(
-            not self.precondition_embeddings or self.method == "eigen",
-            "precondition_embeddings keeps an embedding's vocabulary side diagonal, which "
-            "method='inverse' cannot: use method='eigen', or precondition_embeddings=False",
-        )
-        _check(
-            self.block_size is None or self.method == "eigen",
-            "block_size (block-diagonal factors) works in the Kronecker eigenbasis: use "
-            f"method='eigen' (got method={self.method!r})",
-        )
         betas = self.adamw_betas
         _check(
             len(betas) == 2 and all(0 <= b < 1 for b in betas),
@@ -278,15 +256,12 @@ class FOPConfig:
     @classmethod
     def kronecker(cls, **changes: object) -> FOPConfig:
         """Release 0.2's defaults (``KRONECKER_SETTINGS``) with ``changes``: the Kronecker
-        metric, grafted, as K-FAC papers and ``method="inverse"`` have it."""
+        metric, grafted, as K-FAC papers have it."""
         return cls(**{**KRONECKER_SETTINGS, **changes})
 
     @property
     def blocking(self) -> Blocking:
-        """How every factor side is laid out (blocks.py); explicit inverses (method="inverse")
-        keep every side whole."""
-        if self.method != "eigen":
-            return Blocking()
+        """How every factor side is laid out (blocks.py)."""
         return Blocking(self.block_size, self.diagonal_above)
 
     @property
@@ -303,12 +278,21 @@ class FOPConfig:
 
     def replace(self, **changes: object) -> FOPConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        for name in sorted(unknown & set(RETIRED)):
+            raise TypeError(f"{name}: {RETIRED[name]}")
         if unknown:
             raise TypeError(
                 f"unknown FOP setting(s) {sorted(unknown)}; valid ones are "
                 f"{sorted(f.name for f in dataclasses.fields(self))}"
             )
         return dataclasses.replace(self, **changes)
+
+
+# Settings of earlier releases that left the code (git tag v0.5.0 keeps them), and what to do.
+RETIRED: dict[str, str] = {
+    "method": "FOP works in the Kronecker eigenbasis only since release 0.6 (method='inverse' "
+    "retired): leave the setting out",
+}
 
 
 def _check(condition: bool, message: str) -> None:

@@ -1,13 +1,10 @@
 """Kronecker-factored curvature: running factors, robust decompositions, damped preconditioners.
 
 A layer's Fisher is approximated by F = A (x) G, so F vec(V) = vec(G V A) for a gradient matrix V
-(out x in). Two strategies give the damped products F V and F^-1 V behind one interface:
-
-- ``EigenPreconditioner`` (default): exact Tikhonov damping, (A (x) G + lambda I)^-1, from the
-  eigendecompositions of A and G. FOP runs in the Kronecker eigenbasis, where both operators are
-  elementwise: 6 matmuls per layer against K-FAC's 4.
-- ``InversePreconditioner``: damping split between the factors by their mean eigenvalues,
-  F ~ (A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi I), applied through explicit inverses.
+(out x in). ``EigenPreconditioner`` holds the eigendecompositions of A and G: exact Tikhonov
+damping, (A (x) G + lambda I)^-1, and the Kronecker eigenbasis in which the default metric
+(eigen_corrected.py) is diagonal. FOP runs in that basis, where both Fisher products are
+elementwise: 6 matmuls per layer against K-FAC's 4.
 
 Damping convention. ``damping_mode="relative"`` (default): lambda = damping * mean(eig A) *
 mean(eig G), the layer's mean Kronecker eigenvalue times ``damping``, so the split reads
@@ -78,7 +75,7 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
             return eigenvalues.clamp(min=0).float(), eigenvectors.float()
     raise RuntimeError(
         "the eigendecomposition of a Kronecker factor failed in fp32 and fp64; the factor holds "
-        "non-finite values. Check the model's activations, or use method='inverse'."
+        "non-finite values. Check the model's activations (a loss scale that overflowed?)."
     )
 
 
@@ -93,31 +90,6 @@ def flat_eigenvalues(eigenvalues: Tensor, layout: BlockLayout | None) -> Tensor:
     """Per-block eigenvalues (..., count, size) of a blocked side as one (..., count * size)
     row, laid out like the padded side; whole sides' are that already."""
     return eigenvalues.flatten(-2) if layout is not None and layout.blocked else eigenvalues
-
-
-class KroneckerPreconditioner:
-    """Damped Fisher products of a stack of layers, and the K-FAC and FOP steps built from them.
-
-    A subclass stores its decomposition as the attributes named in ``STATE_KEYS`` and defines
-    ``fisher`` / ``inverse_fisher``; the directions and the state follow from those.
-    """
-
-    STATE_KEYS: tuple[str, ...] = ()
-
-    def fisher(self, matrix: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def inverse_fisher(self, matrix: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def kfac(self, g_avg: Tensor) -> FOPDirection:
-        return kfac_direction(g_avg, self.inverse_fisher)
-
-    def fop(self, g_avg: Tensor, g_diff: Tensor, zero_tol: float) -> FOPDirection:
-        return fop_direction(g_avg, g_diff, self.fisher, self.inverse_fisher, zero_tol)
-
-    def state(self) -> dict[str, Tensor]:
-        return {key: getattr(self, key) for key in self.STATE_KEYS}
 
 
 def kronecker_damping(mean_A: Tensor, mean_G: Tensor, damping: float, damping_mode: str) -> Tensor:
@@ -154,19 +126,24 @@ def _sign_only(basis: Tensor, matrix: Tensor) -> bool:
     return is_blocked(basis, matrix) and basis.shape[-1] == 1
 
 
-class RotatedDiagonalPreconditioner(KroneckerPreconditioner):
+class RotatedDiagonalPreconditioner:
     """F = Q diag(m) Q^T with Q = Q_A (x) Q_G: a metric ``m`` (out x in, > 0) that is diagonal
     in the Kronecker eigenbasis. Both Fisher products are elementwise there, so the FOP scalars
-    cost no matmuls beyond rotating g_avg and g_diff in and the direction out.
+    cost no matmuls beyond rotating g_avg and g_diff in and the direction out. A subclass
+    stores what it is built from as the attributes named in ``STATE_KEYS``.
 
     ``kfac`` and ``fop`` take g_avg and g_diff already rotated (``rotated_avg``,
     ``rotated_diff``) when the caller needed them anyway (the eigen-corrected metric's second
     moment), so each is rotated once per step.
     """
 
+    STATE_KEYS: tuple[str, ...] = ()
     eigvecs_A: Tensor
     eigvecs_G: Tensor
     metric: Tensor
+
+    def state(self) -> dict[str, Tensor]:
+        return {key: getattr(self, key) for key in self.STATE_KEYS}
 
     def rotate(self, matrix: Tensor) -> Tensor:
         return rotate(matrix, self.eigvecs_A, self.eigvecs_G)
@@ -264,93 +241,3 @@ class EigenPreconditioner(RotatedDiagonalPreconditioner):
             "eigvals_G": (layout_G.padded,),
             "eigvecs_G": layout_G.factor_shape,
         }
-
-
-class InversePreconditioner(KroneckerPreconditioner):
-    """F^-1 V = G_d^-1 V A_d^-1 with factored Tikhonov damping (Martens & Grosse, 2015)."""
-
-    STATE_KEYS = ("A_damped", "G_damped", "A_inv", "G_inv")
-
-    def __init__(self, A_damped: Tensor, G_damped: Tensor, A_inv: Tensor, G_inv: Tensor) -> None:
-        self.A_damped, self.G_damped = A_damped, G_damped
-        self.A_inv, self.G_inv = A_inv, G_inv
-
-    @classmethod
-    def from_factors(
-        cls,
-        A: Tensor,
-        G: Tensor,
-        damping: float,
-        damping_mode: str = "relative",
-        layouts: tuple[BlockLayout, BlockLayout] | None = None,
-    ) -> InversePreconditioner:
-        if layouts is not None and any(layout.blocked for layout in layouts):
-            raise ValueError("block-diagonal factors need method='eigen'")
-        A_damped, G_damped = split_damping(A, G, damping, damping_mode)
-        return cls(A_damped, G_damped, _spd_inverse(A_damped), _spd_inverse(G_damped))
-
-    @classmethod
-    def from_state(
-        cls, state: dict[str, Tensor], damping: float, damping_mode: str = "relative"
-    ) -> InversePreconditioner:
-        return cls(*(state[key] for key in cls.STATE_KEYS))
-
-    @staticmethod
-    def state_shapes(layout_A: BlockLayout, layout_G: BlockLayout) -> dict[str, tuple[int, ...]]:
-        in_dim, out_dim = layout_A.dim, layout_G.dim
-        return {
-            "A_damped": (in_dim, in_dim),
-            "G_damped": (out_dim, out_dim),
-            "A_inv": (in_dim, in_dim),
-            "G_inv": (out_dim, out_dim),
-        }
-
-    def fisher(self, matrix: Tensor) -> Tensor:
-        return self.G_damped @ matrix @ self.A_damped
-
-    def inverse_fisher(self, matrix: Tensor) -> Tensor:
-        return self.G_inv @ matrix @ self.A_inv
-
-
-def split_damping(
-    A: Tensor, G: Tensor, damping: float, damping_mode: str = "relative"
-) -> tuple[Tensor, Tensor]:
-    """A + pi sqrt(lambda) I and G + sqrt(lambda) / pi I, pi = sqrt(mean eig(A) / mean eig(G)).
-
-    With relative damping this is A + sqrt(damping) mean(eig A) I and likewise for G. Batched
-    over leading dimensions like the preconditioners.
-    """
-    tiny = torch.finfo(torch.float32).tiny
-    mean_A = torch.clamp(_mean_diagonal(A), min=tiny)
-    mean_G = torch.clamp(_mean_diagonal(G), min=tiny)
-    pi = torch.sqrt(mean_A / mean_G)
-    root = torch.sqrt(kronecker_damping(mean_A, mean_G, damping, damping_mode))
-    return _add_to_diagonal(A, pi * root), _add_to_diagonal(G, root / pi)
-
-
-def _mean_diagonal(matrix: Tensor) -> Tensor:
-    return matrix.diagonal(dim1=-2, dim2=-1).sum(-1) / matrix.shape[-1]
-
-
-def _add_to_diagonal(matrix: Tensor, value: Tensor) -> Tensor:
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    return matrix + value[..., None, None] * eye
-
-
-def _spd_inverse(matrix: Tensor) -> Tensor:
-    """Inverse of SPD matrices (..., d, d) through Cholesky in fp64; eigh where that fails."""
-    try:
-        return torch.cholesky_inverse(torch.linalg.cholesky(matrix.double())).float()
-    except RuntimeError:
-        if matrix.dim() > 2:
-            flat = matrix.reshape(-1, *matrix.shape[-2:])
-            return torch.stack([_spd_inverse(m) for m in flat]).reshape(matrix.shape)
-        eigenvalues, eigenvectors = symmetric_eigh(matrix)
-        floor = torch.clamp(eigenvalues.max() * 1e-7, min=torch.finfo(torch.float32).tiny)
-        return (eigenvectors / torch.clamp(eigenvalues, min=floor)) @ eigenvectors.T
-
-
-PRECONDITIONERS: dict[str, type[EigenPreconditioner] | type[InversePreconditioner]] = {
-    "eigen": EigenPreconditioner,
-    "inverse": InversePreconditioner,
-}

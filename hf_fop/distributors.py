@@ -30,6 +30,7 @@ from hf_fop.bucket_data import (
     statistic_shape,
     step_statistics,
 )
+from hf_fop.curvature import EigenPreconditioner
 from hf_fop.distributed import Communicator, assign_layers, layouts_cost
 from hf_fop.fop_math import inner
 from hf_fop.layers import LayerAdapter
@@ -110,7 +111,7 @@ class ReplicatedDistributor:
                 bucket.decompose(mine, damping, damping_mode, ok)
             bucket.mark_ready(rows)
             if self.communicator.active:
-                for key in bucket.method.STATE_KEYS:
+                for key in EigenPreconditioner.STATE_KEYS:
                     for row in rows:
                         shared.append(bucket.decomposition[key][row])
                         owned.append(row in mine)

@@ -24,6 +24,7 @@ from hf_fop.bucket import ShapeBucket
 from hf_fop.bucket_data import BucketStatistics, BucketStep
 from hf_fop.capture import CurvatureCapture
 from hf_fop.config import FOPConfig
+from hf_fop.curvature import EigenPreconditioner
 from hf_fop.distributed import Communicator
 from hf_fop.distributors import Distributor, make_distributor
 from hf_fop.layers import LayerAdapter
@@ -347,7 +348,7 @@ class ModelCurvature:
                 "graft_exp_avg_sq": (bucket.out_dim, bucket.in_dim),
                 "rotated_second_moment": (bucket.layout_G.padded, bucket.layout_A.padded),
                 "gradient_exp_avg": (bucket.out_dim, bucket.in_dim),
-                **bucket.method.state_shapes(*layouts),
+                **EigenPreconditioner.state_shapes(*layouts),
             }
             for name in bucket.names:
                 for key, value in saved[name].items():
@@ -376,7 +377,7 @@ def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
             targets[key][row] = value.to(device=bucket.A.device, dtype=torch.float32)
     bucket.factor_updates[row] = int(state.get("factor_updates", int("A" in state)))
     # Layouts before "decomposed" saved the decomposition only once it existed.
-    bucket.ready[row] = bool(state.get("decomposed", bucket.method.STATE_KEYS[0] in state))
+    bucket.ready[row] = bool(state.get("decomposed", EigenPreconditioner.STATE_KEYS[0] in state))
 
 
 def float_statistics(statistics: dict[str, Tensor | float]) -> dict[str, float]:

@@ -25,7 +25,7 @@ from torch import nn
 from hf_fop.blocks import BlockLayout
 from hf_fop.bucket_data import factor_layouts, factors_from_gradient
 from hf_fop.config import FOPConfig
-from hf_fop.curvature import PRECONDITIONERS
+from hf_fop.curvature import EigenPreconditioner
 from hf_fop.distributed import assign_layers, layouts_cost
 from hf_fop.grafting import layer_graft
 from hf_fop.partition import Partition, configured_partition, unwrap_model
@@ -200,7 +200,7 @@ def _layer_plan(
     graft: str,
     decomposition_cost: float,
 ) -> LayerPlan:
-    shapes = PRECONDITIONERS[config.method].state_shapes(layout_A, layout_G)
+    shapes = EigenPreconditioner.state_shapes(layout_A, layout_G)
     numel = layout_A.factor_numel + layout_G.factor_numel
     numel += sum(math.prod(shape) for shape in shapes.values())
     if graft != "none":

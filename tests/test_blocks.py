@@ -237,7 +237,6 @@ def test_a_side_longer_than_diagonal_above_keeps_its_diagonal_and_the_layer_its_
     [
         ({"block_size": 1}, "block_size must be"),
         ({"diagonal_above": 0}, "diagonal_above must be"),
-        ({"block_size": 64, "method": "inverse"}, "method='eigen'"),
     ],
 )
 def test_bad_block_settings_say_what_to_do(settings: dict, message: str) -> None:

@@ -212,8 +212,6 @@ def test_a_non_finite_step_leaves_the_rotated_moment_and_its_count_alone() -> No
 def test_settings_of_the_corrected_metric_are_checked() -> None:
     from hf_fop import FOPConfig
 
-    with pytest.raises(ValueError, match="method='eigen'"):
-        FOPConfig(curvature="eigen_corrected", method="inverse")
     with pytest.raises(ValueError, match="exponent"):
         FOPConfig(curvature="eigen_corrected", exponent=0.0)
     with pytest.raises(ValueError, match="curvature must be one of"):

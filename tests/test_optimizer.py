@@ -97,10 +97,9 @@ def test_adamw_fallback_matches_torch_adamw() -> None:
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["eigen", "inverse"])
-def test_resumed_run_equals_uninterrupted_run(method: str) -> None:
+def test_resumed_run_equals_uninterrupted_run() -> None:
     tokens, labels = token_data()
-    settings = kronecker(method=method, curvature_interval=2, inverse_interval=3, lr=0.03)
+    settings = kronecker(curvature_interval=2, inverse_interval=3, lr=0.03)
     torch.manual_seed(0)
     model = TokenClassifier()
     initial = copy.deepcopy(model.state_dict())
@@ -169,6 +168,11 @@ def test_non_finite_gradient_skips_the_step(bad: float) -> None:
     assert not torch.equal(model.blocks[1][1].weight, before[0]["blocks.1.1.weight"])
 
 
+def test_a_retired_setting_says_what_to_do() -> None:
+    with pytest.raises(TypeError, match="method='inverse' retired"):
+        FOP(TokenClassifier(), method="inverse")
+
+
 @pytest.mark.parametrize(
     ("setting", "value"),
     [
@@ -180,7 +184,6 @@ def test_non_finite_gradient_skips_the_step(bad: float) -> None:
         ("factor_rows", 0),
         ("factor_rows", 2.5),
         ("mode", "adam"),
-        ("method", "cholesky"),
         ("momentum", 1.5),
         ("kl_clip", -1.0),
         ("targets", "(unclosed"),

@@ -94,9 +94,6 @@ class FOPTrainingArguments(TrainingArguments):
     fop_factor_decay: float | None = field(
         default=None, metadata={"help": "Running-average decay of the factors (default 0.95)."}
     )
-    fop_method: str | None = field(
-        default=None, metadata={"help": "'eigen' (default) or 'inverse'."}
-    )
     fop_targets: str | None = field(
         default=None,
         metadata={
