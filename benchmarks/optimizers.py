@@ -29,10 +29,11 @@ from hf_fop.config import KRONECKER_SETTINGS
 
 PEER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon", "soap": "SOAP"}
 
-# The preconditioned variants: (label, FOP settings). ``kfac`` / ``fop`` run the defaults; every
-# suffixed variant is a step from release 0.2's settings (``_kronecker``: the Kronecker metric,
-# grafted onto AdamW, the blocks' layers only) toward them, so the ablation reads as a ladder.
-# "_mb" takes the momentum before the preconditioner (Adam's and SOAP's order); the
+# The preconditioned variants: (label, FOP settings). ``kfac`` / ``fop`` run the defaults; the
+# ladder's variants are steps from release 0.2's metric toward them, so the ablation reads as a
+# ladder (its rungs with the momentum after the preconditioner left the code in release 0.6;
+# tag v0.5.0 keeps them). "_mb": the Kronecker metric, grafted onto AdamW, the blocks' layers
+# only, with the momentum before the preconditioner (Adam's and SOAP's order); the
 # eigen-corrected ones (``curvature="eigen_corrected"``) replace K-FAC's product of eigenvalues by
 # the rotated gradient's second moment to the power 1 (EK-FAC) or 1/2 (SOAP-style), damped by
 # 0.01 of its mean. ``_eigenadam`` is Adam in the K-FAC eigenbasis, run SOAP's way on every
@@ -43,10 +44,8 @@ PEER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon", "soap": "SOAP"}
 # which none of the benchmark models reaches). ``_soap`` is the same in SOAP's own basis:
 # Kronecker factors of the gradient (g g^T, g^T g).
 _EIGEN_CORRECTED = {"curvature": "eigen_corrected", "damping": 0.01}
-_BEFORE = {"momentum_placement": "before"}
 _EIGEN_ADAM = {
     **_EIGEN_CORRECTED,
-    **_BEFORE,
     "exponent": 0.5,
     "damping": 1e-8,
     "damping_mode": "absolute",
@@ -59,16 +58,11 @@ _EIGEN_ADAM = {
     "precondition_embeddings": True,
 }
 _STEPS: dict[str, tuple[str, dict[str, Any]]] = {
-    "_kronecker": (", Kronecker metric, grafted (0.2 defaults)", {}),
-    "_nograft": (", no graft", {"graft": "none", "adamw_lr": 1e-3}),
-    "_mb": (", momentum before", _BEFORE),
-    # Earlier probes: the eigen-corrected metric with the momentum after the preconditioner.
-    "_ekfac": (", eigen-corrected ^1", {**_EIGEN_CORRECTED, "exponent": 1.0}),
-    "_sqrt": (", eigen-corrected ^1/2", {**_EIGEN_CORRECTED, "exponent": 0.5}),
-    "_ekfac_mb": (", eigen-corrected ^1, momentum before", {**_EIGEN_CORRECTED, **_BEFORE}),
+    "_mb": (", momentum before", {}),
+    "_ekfac_mb": (", eigen-corrected ^1, momentum before", _EIGEN_CORRECTED),
     "_sqrt_mb": (
         ", eigen-corrected ^1/2, momentum before",
-        {**_EIGEN_CORRECTED, **_BEFORE, "exponent": 0.5},
+        {**_EIGEN_CORRECTED, "exponent": 0.5},
     ),
     "_eigenadam": (", Adam in its eigenbasis, every layer", _EIGEN_ADAM),
     "_soap": (

@@ -1,6 +1,6 @@
 """One exploratory run with any optimizer settings, seed 0 unless given (not a tuned comparison):
 
-    python -m benchmarks.probe --task wikitext_gpt --optimizer kfac_sqrt --lr 3e-3 \
+    python -m benchmarks.probe --task wikitext_gpt --optimizer kfac_sqrt_mb --lr 3e-3 \
         --steps 250 --batch 16 --settings '{"damping": 0.01}' [--identity_bases] [--seed 1]
 
 Prints the metric at half the budget and at the end, as one JSON line. ``--identity_bases``
@@ -29,7 +29,7 @@ def identity_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--task", default="digits_vit")
-    parser.add_argument("--optimizer", default="kfac_sqrt")
+    parser.add_argument("--optimizer", default="kfac_sqrt_mb")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=256)

@@ -103,7 +103,7 @@ def schedule(config: dict[str, Any]) -> dict[str, Any]:
 def unavoidable_flops(fop: FOPConfig, hidden: int, layers: int, batch: int) -> float:
     """Flops per step that the method of config ``fop`` adds to AdamW's step at the least."""
     corrected = fop.curvature == "eigen_corrected"
-    rotations = 2 + (fop.mode == "fop") + (corrected and fop.momentum_placement == "before")
+    rotations = 2 + (fop.mode == "fop") + corrected
     total = 0.0
     for in_dim, out, rows in layer_shapes(hidden, layers, fop.targets == "all-linear"):
         rotation = 2.0 * out * in_dim * (out + in_dim)

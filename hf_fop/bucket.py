@@ -58,10 +58,8 @@ class ShapeBucket:
         # curvature="eigen_corrected": the rotated gradient's second moment and its count.
         self.rotated_second_moment: Tensor | None = None
         self.moment_updates = [0] * count
-        # momentum_placement="before": the moving average of each layer's gradient matrix.
-        self.gradient_exp_avg: Tensor | None = None
-        if config.momentum_placement == "before":
-            self.gradient_exp_avg = torch.zeros(count, self.out_dim, self.in_dim, device=device)
+        # The momentum: the moving average of each layer's gradient matrix.
+        self.gradient_exp_avg = torch.zeros(count, self.out_dim, self.in_dim, device=device)
         if config.curvature == "eigen_corrected":
             self.rotated_second_moment = torch.zeros(
                 count, self.layout_G.padded, self.layout_A.padded, device=device
@@ -234,11 +232,9 @@ class ShapeBucket:
 
     def _averaged_gradient(
         self, g_avg: Tensor, beta1: float, step: int, updating: Tensor
-    ) -> Tensor | None:
-        """momentum_placement="before": the bias-corrected moving average of the gradient
-        (updated where ``updating``), which the preconditioner then acts on; else None."""
-        if self.gradient_exp_avg is None:
-            return None
+    ) -> Tensor:
+        """The bias-corrected moving average of the gradient (updated where ``updating``),
+        which the preconditioner then acts on."""
         average = self.gradient_exp_avg
         torch.where(updating, average.lerp(g_avg, 1 - beta1), average, out=average)
         return average / (1 - beta1**step)
@@ -251,11 +247,11 @@ class ShapeBucket:
         damping: float,
         config: FOPConfig,
         ok: Tensor,
-        averaged: Tensor | None = None,
+        averaged: Tensor,
     ) -> FOPDirection:
-        """FOP's (or K-FAC's) direction of every row; meaningful in the ``ready`` rows. With
-        ``averaged`` (momentum before the preconditioner) it is that of the averaged gradient,
-        FOP's correction still from this step's two halves."""
+        """FOP's (or K-FAC's) direction of every row, meaningful in the ``ready`` rows: that of
+        the averaged gradient ``averaged`` (the momentum), FOP's correction from this step's
+        two halves, the metric from this step's gradient ``g_avg``."""
         preconditioner = self.preconditioner(damping, config.damping_mode)
         unpadded, g_avg = g_avg, self._padded(g_avg)
         g_diff = None
@@ -283,10 +279,8 @@ class ShapeBucket:
             preconditioner, rotated = self._corrected(
                 preconditioner, g_avg, g_diff, ready, damping, config, ok, halves_agree
             )
-        base = g_avg
-        if averaged is not None:
-            base = self._padded(averaged)
-            rotated.pop("rotated_avg", None)
+        base = self._padded(averaged)
+        rotated.pop("rotated_avg", None)
         if config.mode == "kfac" or g_diff is None:
             rotated.pop("rotated_diff", None)  # the halves fed the metric only
             result = preconditioner.kfac(base, **rotated)

@@ -17,8 +17,9 @@ DTensors, and a layer's curvature appears only on the rank that holds it (DCP sa
 once and any rank can read it back). The FOP param group carries the layer
 names, so a checkpoint of other layers fails at load naming the layer.
 
-Two older layouts still load: curvature by layer name under a top-level ``"curvature"`` key,
-and release 0.1's flat keys in each weight's state.
+The two older layouts (curvature by layer name under a top-level ``"curvature"`` key, and
+release 0.1's flat keys in each weight's state) were written while the momentum came after the
+preconditioner, a state release 0.6 no longer has: loading one fails saying so.
 """
 
 from __future__ import annotations
@@ -28,25 +29,16 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from hf_fop.curvature import EigenPreconditioner
-
 CURVATURE = "curvature"
 # The FOP group's settings that a checkpoint does not override (the optimizer's own win).
 OWN_SETTINGS = ("damping", "kl_clip")
 
 # Release 0.1's per-layer curvature keys, kept flat in each layer weight's optimizer state.
-LEGACY_KEYS = frozenset(
-    (
-        "A",
-        "G",
-        "factor_updates",
-        "graft_exp_avg_sq",
-        *EigenPreconditioner.STATE_KEYS,
-        *("A_damped", "G_damped", "A_inv", "G_inv"),  # method="inverse", retired in 0.6
-    )
+LEGACY_KEYS = frozenset(("A", "G", "factor_updates", "A_damped", "eigvecs_A"))
+OLDER_LAYOUT = (
+    "this checkpoint is in the layout of hf-fop 0.3 or older, whose momentum came after the "
+    "preconditioner; release 0.6 keeps it before, so the run cannot continue exactly. Resume "
+    "it with hf-fop 0.5 (git tag v0.5.0), or load the model's weights alone and start FOP fresh."
 )
 
 
@@ -74,28 +66,35 @@ def nest_curvature(
         state[key] = {**state.get(key, {}), CURVATURE: layer_state}
 
 
+def mark_stateless(state: dict[Hashable, dict[str, Any]], keys: Sequence[Hashable]) -> None:
+    """An empty entry for each of ``keys`` without one: a preconditioned layer's bias keeps no
+    state of its own (its momentum and curvature are nested with its weight), yet
+    torch.distributed.checkpoint's strict load wants an entry for every trained parameter."""
+    for key in keys:
+        state.setdefault(key, {})
+
+
 def take_curvature(
     state_dict: dict[str, Any], weight_keys: dict[str, Hashable]
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Split a saved optimizer state_dict of any layout into (torch's part, curvature by layer
     name). ``state_dict`` is left as it was."""
     state_dict = dict(state_dict)
-    state = dict(state_dict["state"])
+    # Empty entries (mark_stateless) are not torch's to load: they would key state by the
+    # parameters of a load made before sharding.
+    state = {key: entry for key, entry in state_dict["state"].items() if entry}
     state_dict["state"] = state
-    if CURVATURE in state_dict:  # by layer name, top level
-        return state_dict, state_dict.pop(CURVATURE)
-    nested = any(CURVATURE in state.get(key, {}) for key in weight_keys.values())
-    names = {CURVATURE} if nested else LEGACY_KEYS
-    # Release 0.1 saved nothing for a layer before its first curvature step: it starts fresh.
-    curvature: dict[str, dict[str, Any]] = {} if nested else {name: {} for name in weight_keys}
+    entries = [state.get(key, {}) for key in weight_keys.values()]
+    if CURVATURE in state_dict or any(LEGACY_KEYS & entry.keys() for entry in entries):
+        raise ValueError(OLDER_LAYOUT)
+    curvature: dict[str, dict[str, Any]] = {}
     for name, key in weight_keys.items():
         entry = state.pop(key, None)
         if entry is None:
             continue
-        taken = {k: v for k, v in entry.items() if k in names}
-        if taken:
-            curvature[name] = taken[CURVATURE] if nested else taken
-        rest = {k: v for k, v in entry.items() if k not in names}
+        if CURVATURE in entry:
+            curvature[name] = entry[CURVATURE]
+        rest = {k: v for k, v in entry.items() if k != CURVATURE}
         if rest:  # (an entry of curvature alone: torch's loader would create empty state)
             state[key] = rest
     return state_dict, curvature
@@ -110,21 +109,16 @@ def saved_layer_names(state_dict: dict[str, Any]) -> list[str] | None:
 @dataclass
 class PendingLoad:
     """What FOP's load pre-hook took from a checkpoint, for its post-hook once torch has
-    loaded the rest: the curvature by layer name, the saved per-parameter state, the saved keys
-    by parameter id, and the FOP group's own settings as they were before the load."""
+    loaded the rest: the curvature by layer name and the FOP group's own settings as they were
+    before the load."""
 
     curvature: dict[str, dict[str, Any]]
-    saved_state: dict[Hashable, dict[str, Any]]
-    keys: dict[int, Hashable]
     settings: dict[str, Any]
 
 
-def keep_own_settings(
-    group: dict[str, Any], state: dict[Tensor, dict[str, Any]], loading: PendingLoad
-) -> None:
+def keep_own_settings(group: dict[str, Any], loading: PendingLoad) -> None:
     """After torch's load into the FOP group: the damping and KL clip the group had win over
-    the checkpoint's (with a warning), and the preconditioned layers' moving average is fp32
-    again (torch casts floating state to the parameter's dtype)."""
+    the checkpoint's (with a warning)."""
     for key, own in loading.settings.items():
         if group[key] != own:
             warnings.warn(
@@ -134,7 +128,3 @@ def keep_own_settings(
                 stacklevel=6,
             )
             group[key] = own
-    for param in group["params"]:
-        saved = loading.saved_state.get(loading.keys[id(param)], {})
-        if "exp_avg" in saved:
-            state[param]["exp_avg"] = saved["exp_avg"].to(param.device, torch.float32)

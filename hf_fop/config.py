@@ -16,7 +16,6 @@ Graft = Literal["adamw", "output", "none"]
 Curvature = Literal["kronecker", "eigen_corrected"]
 BasisRefresh = Literal["eigh", "qr"]
 FactorSource = Literal["activations", "gradient"]
-MomentumPlacement = Literal["after", "before"]
 
 MODES: tuple[str, ...] = ("fop", "kfac")
 DAMPING_MODES: tuple[str, ...] = ("relative", "absolute")
@@ -26,13 +25,12 @@ BASIS_REFRESHES: tuple[str, ...] = ("eigh", "qr")
 FACTOR_SOURCES: tuple[str, ...] = ("activations", "gradient")
 
 
-# Release 0.2's defaults, kept as a named set: K-FAC's metric l_G l_A with damping relative to
-# its mean, each layer's direction grafted onto AdamW's step with the momentum after the
-# preconditioner, factors from the hooks every 5 steps (eigh), the blocks' layers only.
+# Release 0.2's metric, kept as a named set: K-FAC's l_G l_A with damping relative to its mean,
+# each layer's direction grafted onto AdamW's step, factors from the hooks every 5 steps
+# (eigh), the blocks' layers only (release 0.2 took the momentum after the preconditioner).
 KRONECKER_SETTINGS: dict[str, object] = {
     "curvature": "kronecker",
     "exponent": 1.0,
-    "momentum_placement": "after",
     "graft": "adamw",
     "damping": 1.0,
     "damping_mode": "relative",
@@ -63,9 +61,7 @@ class FOPConfig:
     preconditioned, long sides in blocks of 1024. ``graft="none"`` (the previous default)
     takes the rotated step as it is: smaller than AdamW's at one rate, best at 3-10x AdamW's
     rate when training from scratch.
-    ``FOPConfig.kronecker()`` is release 0.2's configuration (K-FAC's metric, grafted onto
-    AdamW's step); ``graft="none"`` with ``curvature="kronecker"`` and an absolute damping is
-    classic K-FAC practice (heavy-ball momentum, a KL clip, natural-gradient learning rates).
+    ``FOPConfig.kronecker()`` is release 0.2's metric (K-FAC's, grafted onto AdamW's step).
 
     Preconditioned layers use ``lr``, ``momentum``, ``weight_decay``, ``damping`` and ``kl_clip``;
     the AdamW fallback (embeddings, norms, heads, everything not preconditioned) uses the
@@ -73,16 +69,11 @@ class FOPConfig:
     """
 
     lr: float = 1e-3
-    # The first-moment decay (Trainer: adam_beta1). With the momentum before the
-    # preconditioner (default): the average of the gradient; after it: Adam's average of the
-    # grafted direction, or heavy-ball momentum as in torch.optim.SGD with graft="none".
+    # The first-moment decay (Trainer: adam_beta1), taken before the preconditioner as Adam and
+    # SOAP take it: the preconditioner acts on the bias-corrected moving average of the
+    # gradient, and the result is the step (grafted, or with graft="none" as it is, times lr).
     momentum: float = 0.9
-    # Where that momentum enters: "after" the preconditioner, a moving average of the
-    # (grafted) directions; "before", as Adam and SOAP do: the preconditioner acts on the
-    # bias-corrected moving average of the gradient, and the result is the step (grafted onto
-    # AdamW's whole step, or with graft="none" taken as it is, SOAP's way, times lr).
-    momentum_placement: MomentumPlacement = "before"
-    # Decoupled (AdamW-style); added to the direction with graft="none" and the momentum after.
+    # Decoupled, as AdamW's.
     weight_decay: float = 0.01
     # Added to the metric in the eigenbasis. "absolute": as is (the default 1e-8 is Adam's eps
     # for the exponent 1/2). "relative": damping times the metric's mean per layer, an eps that
@@ -199,10 +190,6 @@ class FOPConfig:
             f"basis_refresh must be one of {BASIS_REFRESHES}, got {self.basis_refresh!r}",
         )
         _check(
-            self.momentum_placement in ("after", "before"),
-            f"momentum_placement must be 'after' or 'before', got {self.momentum_placement!r}",
-        )
-        _check(
             self.factor_source in FACTOR_SOURCES,
             f"factor_source must be one of {FACTOR_SOURCES}, got {self.factor_source!r}",
         )
@@ -292,6 +279,8 @@ class FOPConfig:
 RETIRED: dict[str, str] = {
     "method": "FOP works in the Kronecker eigenbasis only since release 0.6 (method='inverse' "
     "retired): leave the setting out",
+    "momentum_placement": "the momentum is taken before the preconditioner since release 0.6 "
+    "(momentum_placement='after' retired): leave the setting out",
 }
 
 

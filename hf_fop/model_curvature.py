@@ -290,8 +290,7 @@ class ModelCurvature:
                 if bucket.rotated_second_moment is not None:
                     state["rotated_second_moment"] = bucket.rotated_second_moment[row]
                     state["moment_updates"] = torch.tensor(bucket.moment_updates[row])
-                if bucket.gradient_exp_avg is not None:
-                    state["gradient_exp_avg"] = bucket.gradient_exp_avg[row]
+                state["gradient_exp_avg"] = bucket.gradient_exp_avg[row]
                 return state
         raise KeyError(f"no preconditioned layer named {name!r}")
 
@@ -367,8 +366,7 @@ def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
     targets = {"A": bucket.A, "G": bucket.G, **bucket.decomposition}
     if "graft_exp_avg_sq" in state:
         targets["graft_exp_avg_sq"] = bucket.second_moment()
-    if bucket.gradient_exp_avg is not None:
-        targets["gradient_exp_avg"] = bucket.gradient_exp_avg
+    targets["gradient_exp_avg"] = bucket.gradient_exp_avg
     if bucket.rotated_second_moment is not None:
         targets["rotated_second_moment"] = bucket.rotated_second_moment
         bucket.moment_updates[row] = int(state.get("moment_updates", 0))

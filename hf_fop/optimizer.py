@@ -9,10 +9,10 @@ distributors.py, the update rules in update_rules.py):
    so a bad step changes nothing, and the host reads it later (pending_verdict.py);
 3. refresh the curvature: fold the estimates in, decompose where due (batched per layer shape);
 4. the directions: eta * M^-1 (m + beta g_perp) per layer (M^-1 m in K-FAC mode), m the
-   moving average of the gradient (or the gradient, with the momentum after), M the metric in
-   the Kronecker eigenbasis; grafted onto AdamW's step size where asked; a KL-norm clip;
-5. the updates: weight decay (and the momentum, when it comes after) on the preconditioned
-   layers, AdamW on the rest.
+   moving average of the gradient, M the metric in the Kronecker eigenbasis; grafted where
+   asked; a KL-norm clip;
+5. the updates: decoupled weight decay and the step on the preconditioned layers, AdamW on
+   the rest.
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ from hf_fop.plan import plan_partition
 from hf_fop.sharding import follow_sharded_parameters
 from hf_fop.update_rules import (
     adamw_step,
-    grafted_step,
-    heavy_ball_step,
     parameter_updates,
+    preconditioned_step,
     take_empty_step,
 )
 
@@ -174,8 +173,7 @@ class FOP(torch.optim.Optimizer):
         self._verdict.settle()  # the last step's flag: waits, if at all, for that step only
         self._follow_sharding()
         if self.curvature.is_empty_step(local_grads(self.param_groups)):
-            after = self.config.momentum_placement == "after"
-            take_empty_step(self.param_groups, self.state, self.config.graft, after)
+            take_empty_step(self.param_groups, self.state)
         else:
             self._step()
         self.curvature.reset()
@@ -205,8 +203,13 @@ class FOP(torch.optim.Optimizer):
         self._follow_sharding()
 
     def _nest_curvature(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        weights = self._weight_keys(param_indices(self.param_groups))
+        indices = param_indices(self.param_groups)
+        weights = self._weight_keys(indices)
         checkpoint.nest_curvature(state_dict["state"], weights, self.curvature.state_dict())
+        group = self.fop_group
+        if group is not None:  # an entry for each: DCP's strict load asks for one
+            own = [indices[id(p)] for p in group["params"] if p.requires_grad]
+            checkpoint.mark_stateless(state_dict["state"], own)
         return state_dict
 
     def _take_curvature(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -218,7 +221,7 @@ class FOP(torch.optim.Optimizer):
         self.curvature.check_state_dict(curvature, checkpoint.saved_layer_names(state_dict))
         group = self.fop_group
         settings = {key: group[key] for key in checkpoint.OWN_SETTINGS} if group else {}
-        self._loading = checkpoint.PendingLoad(curvature, torch_state["state"], keys, settings)
+        self._loading = checkpoint.PendingLoad(curvature, settings)
         return torch_state
 
     def _weight_keys(self, keys: dict[int, Hashable]) -> dict[str, Hashable | None]:
@@ -231,7 +234,7 @@ class FOP(torch.optim.Optimizer):
         assert loading is not None, "torch runs _take_curvature first"
         self.curvature.load_state_dict(loading.curvature)
         if self.fop_group is not None:
-            checkpoint.keep_own_settings(self.fop_group, self.state, loading)
+            checkpoint.keep_own_settings(self.fop_group, loading)
         self._arm_capture()
 
     # --------------------------------------------------------------------------------- internal
@@ -310,14 +313,8 @@ class FOP(torch.optim.Optimizer):
         scale = None
         if pairs and group["kl_clip"] is not None:
             scale = kl_clip_scale(torch.where(ok, vg, 0.0), lr, group["kl_clip"])
-        params, targets, directions = parameter_updates(self.layers, pairs, scale)
-        if self.config.momentum_placement == "before":
-            # The momentum was taken in the bucket: the direction is the step (decoupled decay).
-            grafted_step(params, targets, directions, self.state, group, step, ok, 0.0)
-        elif self.config.graft != "none":
-            grafted_step(params, targets, directions, self.state, group, step, ok)
-        else:
-            heavy_ball_step(params, targets, directions, self.state, group, ok)
+        targets, directions = parameter_updates(self.layers, pairs, scale)
+        preconditioned_step(targets, directions, group, ok)
         group["step"] = step
         folded = any(any(s.has_factors) for s in statistics if s.A is not None)
         report: dict[str, Tensor | float] = {}

@@ -207,14 +207,8 @@ def _layer_plan(
         numel += layout_G.dim * layout_A.dim  # AdamW's second moment, for the step size
     if config.curvature == "eigen_corrected":
         numel += layout_G.padded * layout_A.padded
-    if config.momentum_placement == "before":
-        numel += layout_G.dim * layout_A.dim  # the gradient's moving average
+    numel += layout_G.dim * layout_A.dim  # the gradient's moving average (the momentum)
     moment_bytes = 0
-    if config.momentum and config.momentum_placement == "after":
-        # grafted: an fp32 moving average; "none": SGD's buffer, like the parameter.
-        moment_bytes = sum(
-            p.numel() * (FP32 if config.graft != "none" else p.element_size()) for p in params
-        )
     flops = EIGH_FLOPS_PER_CUBE * decomposition_cost
     return LayerPlan(
         name, layout_G.dim, layout_A.dim, layout_A, layout_G, numel * FP32, moment_bytes, flops

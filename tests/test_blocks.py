@@ -157,10 +157,9 @@ def test_blocks_that_cover_every_side_change_nothing() -> None:
     [
         {"curvature": "kronecker"},
         {"curvature": "eigen_corrected"},
-        {"curvature": "eigen_corrected", "momentum_placement": "before"},
         {"curvature": "eigen_corrected", "exponent": 0.5, "basis_refresh": "qr"},
     ],
-    ids=["kronecker", "eigen-corrected", "eigen-corrected-momentum-before", "qr-refresh"],
+    ids=["kronecker", "eigen-corrected", "qr-refresh"],
 )
 def test_a_blocked_run_resumes_exactly(settings: dict) -> None:
     tokens, labels = token_data()

@@ -305,7 +305,6 @@ def test_identity_bases_with_momentum_before_the_preconditioner_are_adam(
         damping=1e-8 / 2**0.5,  # Adam's eps on the sqrt(2) smaller root (below)
         damping_mode="absolute",
         second_moment_decay=0.999,
-        momentum_placement="before",
         basis_refresh="eigh",  # identity_eigh stands in for eigh
         graft=graft,
         weight_decay=0.0,

@@ -76,7 +76,7 @@ def test_embedding_step_is_the_damped_kronecker_inverse_of_its_gradient(mode: st
     "settings",
     [
         {},
-        {"curvature": "eigen_corrected", "momentum_placement": "before", "graft": "none"},
+        {"curvature": "eigen_corrected", "graft": "none"},
         {"block_size": 8, "basis_refresh": "qr", "inverse_interval": 2},
     ],
     ids=["defaults", "soap-like", "blocked-qr"],

@@ -147,7 +147,7 @@ def test_curvature_stays_fp32_for_bf16_parameters() -> None:
     optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     state = optimizer.curvature.layer_state(optimizer.layer_names[0])
     assert state["A"].dtype == torch.float32 and state["eigvecs_G"].dtype == torch.float32
-    assert optimizer.state[optimizer.layers[0].weight]["exp_avg"].dtype == torch.float32
+    assert state["gradient_exp_avg"].dtype == torch.float32  # the momentum
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -47,7 +47,7 @@ def _one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         {"curvature": "eigen_corrected", "block_size": 7},
         {"graft": "none", "damping_mode": "absolute"},
         {**KRONECKER, "momentum": 0.0},
-        {"momentum_placement": "before", "factor_source": "gradient"},
+        {"factor_source": "gradient"},
         {"precondition_embeddings": True, "curvature": "eigen_corrected", "block_size": 8},
     ],
     ids=[
@@ -56,7 +56,7 @@ def _one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         "eigen-corrected-padded",
         "no-graft",
         "kronecker",
-        "momentum-before",
+        "gradient-factors",
         "embeddings",
     ],
 )
