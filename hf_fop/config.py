@@ -28,6 +28,9 @@ FACTOR_SOURCES: tuple[str, ...] = ("activations", "gradient")
 # Release 0.2's metric, kept as a named set: K-FAC's l_G l_A with damping relative to its mean,
 # each layer's direction grafted onto AdamW's step, factors from the hooks every 5 steps
 # (eigh), the blocks' layers only (release 0.2 took the momentum after the preconditioner).
+# It stays beside the default metric because its steps keep round-off at round-off: two ranks
+# against one process differ by 1.7e-5 of the movement after 4 steps, the eigen-corrected
+# metric by up to 2.2x (docs/design.md, "Why the Kronecker metric stays").
 KRONECKER_SETTINGS: dict[str, object] = {
     "curvature": "kronecker",
     "exponent": 1.0,
