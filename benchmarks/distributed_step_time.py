@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,10 +29,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from transformers import ViTConfig, ViTForImageClassification
 
-from benchmarks.report import write_json
 from hf_fop import FOP
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    """A benchmark's result as indented JSON at ``path``, echoed to stdout."""
+    text = json.dumps(result, indent=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(text)
 
 
 def _model(hidden: int, layers: int) -> ViTForImageClassification:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from benchmarks.optimizers import NAMES, VARIANTS, default_damping, make_optimizer
-from benchmarks.real_tasks import REAL_TASKS, RealTask
+from benchmarks.real_tasks import REAL_TASKS, RealTask, real_task
 from benchmarks.step_cost import side_by_side_step_seconds
 from benchmarks.tuning import bracketed_search
 from hf_fop import FOP, FOPConfig
@@ -65,7 +65,7 @@ LR_GRID = {
 
 @functools.cache
 def _task(name: str, quick: bool) -> RealTask:
-    return REAL_TASKS[name](quick)
+    return real_task(name, quick)
 
 
 def warmup_cosine(steps: int) -> Any:
@@ -555,7 +555,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--task", default="mnist_vit", choices=sorted(REAL_TASKS))
+    parser.add_argument(
+        "--task",
+        default="mnist_vit",
+        help=f"one of {', '.join(sorted(REAL_TASKS))}, or hf:<a datasets image set or folder>",
+    )
     parser.add_argument("--batches", default="1024")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--tune_steps", type=int, default=None, help="default: --steps")

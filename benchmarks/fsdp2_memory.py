@@ -24,8 +24,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.distributed_step_time import _free_port, _model, add_run_arguments, timed_steps
-from benchmarks.report import write_json
+from benchmarks.distributed_step_time import (
+    _free_port,
+    _model,
+    add_run_arguments,
+    timed_steps,
+    write_json,
+)
 from benchmarks.step_cost import tensor_bytes
 from hf_fop import FOP
 

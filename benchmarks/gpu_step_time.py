@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.distributed_step_time import write_json
 from benchmarks.optimizers import make_optimizer
-from benchmarks.report import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

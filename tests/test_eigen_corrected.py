@@ -289,9 +289,8 @@ def test_identity_bases_with_momentum_before_the_preconditioner_are_adam(
     import copy
 
     import hf_fop.curvature
-    from benchmarks.probe import identity_eigh
     from hf_fop import FOP
-    from tests.helpers import image_data, tiny_gpt2, tiny_vit
+    from tests.helpers import identity_eigh, image_data, tiny_gpt2, tiny_vit
 
     monkeypatch.setattr(hf_fop.curvature, "symmetric_eigh", identity_eigh)
     torch.manual_seed(0)
