@@ -14,6 +14,7 @@ from hf_fop.bucket_data import (
     BucketStep,
     factor_layouts,
     factors_from_gradient,
+    layer_state_shapes,
 )
 from hf_fop.config import FOPConfig
 from hf_fop.curvature import EigenPreconditioner, flat_eigenvalues, running_factor_weight
@@ -45,25 +46,27 @@ class ShapeBucket:
         self.factors_from_gradient = factors_from_gradient(layer, config.factor_source)
         self.graft = layer_graft(config.graft, self.factors_from_gradient)
         count, device = len(indices), layer.weight.device
-        self.A = torch.zeros(count, *self.layout_A.factor_shape, device=device)
-        self.G = torch.zeros(count, *self.layout_G.factor_shape, device=device)
-        self.factor_updates = [0] * count
-        shapes = EigenPreconditioner.state_shapes(self.layout_A, self.layout_G)
-        self.decomposition = {
-            key: torch.zeros(count, *shape, device=device) for key, shape in shapes.items()
+        # Every per-layer tensor, stacked, as layer_state_shapes declares them.
+        self.shapes = layer_state_shapes(self.layout_A, self.layout_G, self.graft, config.curvature)
+        state = {
+            key: torch.zeros(count, *shape, device=device) for key, shape in self.shapes.items()
         }
-        self.ready = [False] * count  # a decomposition exists
-        # AdamW's second moment per layer, for grafting (and for layers without curvature yet).
-        self.graft_exp_avg_sq: Tensor | None = None
-        # curvature="eigen_corrected": the rotated gradient's second moment and its count.
-        self.rotated_second_moment: Tensor | None = None
-        self.moment_updates = [0] * count
+        self.A, self.G = state.pop("A"), state.pop("G")
+        self.decomposition = {key: state.pop(key) for key in EigenPreconditioner.STATE_KEYS}
         # The momentum: the moving average of each layer's gradient matrix.
-        self.gradient_exp_avg = torch.zeros(count, self.out_dim, self.in_dim, device=device)
-        if config.curvature == "eigen_corrected":
-            self.rotated_second_moment = torch.zeros(
-                count, self.layout_G.padded, self.layout_A.padded, device=device
-            )
+        self.gradient_exp_avg = state.pop("gradient_exp_avg")
+        # AdamW's second moment per layer, for grafting (created at first use without grafting,
+        # for layers without curvature yet).
+        self.graft_exp_avg_sq: Tensor | None = state.pop("graft_exp_avg_sq", None)
+        # curvature="eigen_corrected": the rotated gradient's second moment.
+        self.rotated_second_moment: Tensor | None = state.pop("rotated_second_moment", None)
+        assert not state, f"layer_state_shapes declares {sorted(state)}, which no attribute holds"
+        # Host-side counts per layer: estimates folded in, a decomposition present, moments.
+        self.factor_updates, self.ready, self.moment_updates = (
+            [0] * count,
+            [False] * count,
+            [0] * count,
+        )
         self._cache: tuple[tuple[float, str], EigenPreconditioner] | None = None
 
     def __len__(self) -> int:
@@ -163,6 +166,21 @@ class ShapeBucket:
         A, G = gradient_factors(g, self.layout_A, self.layout_G)
         present = [x is not None for x in grads]
         return BucketStatistics(A, G, present, stats.g1, stats.has_split, stats.probe)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Every stacked per-layer tensor the bucket holds, by its name in layer_state_shapes
+        (what a checkpoint saves and loads, row by row)."""
+        tensors = {
+            "A": self.A,
+            "G": self.G,
+            **self.decomposition,
+            "gradient_exp_avg": self.gradient_exp_avg,
+        }
+        if self.graft_exp_avg_sq is not None:
+            tensors["graft_exp_avg_sq"] = self.graft_exp_avg_sq
+        if self.rotated_second_moment is not None:
+            tensors["rotated_second_moment"] = self.rotated_second_moment
+        return tensors
 
     def second_moment(self) -> Tensor:
         """AdamW's second moment of each layer's gradient matrix (created at first use)."""

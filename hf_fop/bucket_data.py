@@ -46,6 +46,30 @@ def factors_from_gradient(layer: LayerAdapter, factor_source: str) -> bool:
     return factor_source == "gradient" or not layer.hooked
 
 
+def layer_state_shapes(
+    layout_A: BlockLayout, layout_G: BlockLayout, graft: str, curvature: str
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor a preconditioned layer keeps, by name, with its shape: the one declaration
+    that allocation (bucket.py), checkpoints (save, load, shape checks) and the plan's byte
+    counts read. Adding a tensor to a layer's state means adding it here (and using it)."""
+    matrix = (layout_G.dim, layout_A.dim)
+    shapes = {
+        "A": layout_A.factor_shape,
+        "G": layout_G.factor_shape,
+        # The Kronecker eigenbasis (curvature.EigenPreconditioner.STATE_KEYS).
+        "eigvals_A": (layout_A.padded,),
+        "eigvecs_A": layout_A.factor_shape,
+        "eigvals_G": (layout_G.padded,),
+        "eigvecs_G": layout_G.factor_shape,
+        "gradient_exp_avg": matrix,  # the momentum
+    }
+    if graft != "none":  # AdamW's second moment, for the step size
+        shapes["graft_exp_avg_sq"] = matrix
+    if curvature == "eigen_corrected":  # the metric: the rotated gradient's second moment
+        shapes["rotated_second_moment"] = (layout_G.padded, layout_A.padded)
+    return shapes
+
+
 def statistic_shape(kind: str, layout_A: BlockLayout, layout_G: BlockLayout) -> tuple[int, ...]:
     """The shape of one layer's statistic of ``kind`` ("A", "G", "g1" or "probe")."""
     shapes = {

@@ -278,19 +278,11 @@ class ModelCurvature:
         for bucket in self.buckets:
             if name in bucket.names:
                 row = bucket.names.index(name)
-                state = {
-                    "factor_updates": torch.tensor(bucket.factor_updates[row]),
-                    "decomposed": torch.tensor(int(bucket.ready[row])),
-                    "A": bucket.A[row],
-                    "G": bucket.G[row],
-                    **{key: value[row] for key, value in bucket.decomposition.items()},
-                }
-                if bucket.graft != "none" or bucket.graft_exp_avg_sq is not None:
-                    state["graft_exp_avg_sq"] = bucket.second_moment()[row]
+                state = {key: value[row] for key, value in bucket.state_tensors().items()}
+                state["factor_updates"] = torch.tensor(bucket.factor_updates[row])
+                state["decomposed"] = torch.tensor(int(bucket.ready[row]))
                 if bucket.rotated_second_moment is not None:
-                    state["rotated_second_moment"] = bucket.rotated_second_moment[row]
                     state["moment_updates"] = torch.tensor(bucket.moment_updates[row])
-                state["gradient_exp_avg"] = bucket.gradient_exp_avg[row]
                 return state
         raise KeyError(f"no preconditioned layer named {name!r}")
 
@@ -340,15 +332,8 @@ class ModelCurvature:
                 "the default) or one file per rank, not a full state dict gathered on rank 0."
             )
         for bucket in self.buckets:
-            layouts = (bucket.layout_A, bucket.layout_G)
-            expected = {
-                "A": bucket.layout_A.factor_shape,
-                "G": bucket.layout_G.factor_shape,
-                "graft_exp_avg_sq": (bucket.out_dim, bucket.in_dim),
-                "rotated_second_moment": (bucket.layout_G.padded, bucket.layout_A.padded),
-                "gradient_exp_avg": (bucket.out_dim, bucket.in_dim),
-                **EigenPreconditioner.state_shapes(*layouts),
-            }
+            # (AdamW's second moment may exist without grafting: a layer that waited for curvature)
+            expected = {"graft_exp_avg_sq": (bucket.out_dim, bucket.in_dim), **bucket.shapes}
             for name in bucket.names:
                 for key, value in saved[name].items():
                     if key in expected and tuple(value.shape) != expected[key]:
@@ -363,13 +348,10 @@ class ModelCurvature:
 
 
 def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
-    targets = {"A": bucket.A, "G": bucket.G, **bucket.decomposition}
+    targets = bucket.state_tensors()
     if "graft_exp_avg_sq" in state:
         targets["graft_exp_avg_sq"] = bucket.second_moment()
-    targets["gradient_exp_avg"] = bucket.gradient_exp_avg
-    if bucket.rotated_second_moment is not None:
-        targets["rotated_second_moment"] = bucket.rotated_second_moment
-        bucket.moment_updates[row] = int(state.get("moment_updates", 0))
+    bucket.moment_updates[row] = int(state.get("moment_updates", 0))
     for key, value in state.items():
         if key in targets:
             targets[key][row] = value.to(device=bucket.A.device, dtype=torch.float32)

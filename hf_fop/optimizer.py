@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hf_fop import checkpoint
+import hf_fop.checkpoint as checkpoint
 from hf_fop.bucket_data import BucketStatistics
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator

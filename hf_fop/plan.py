@@ -23,9 +23,8 @@ from typing import Any
 from torch import nn
 
 from hf_fop.blocks import BlockLayout
-from hf_fop.bucket_data import factor_layouts, factors_from_gradient
+from hf_fop.bucket_data import factor_layouts, factors_from_gradient, layer_state_shapes
 from hf_fop.config import FOPConfig
-from hf_fop.curvature import EigenPreconditioner
 from hf_fop.distributed import assign_layers, layouts_cost
 from hf_fop.grafting import layer_graft
 from hf_fop.partition import Partition, configured_partition, unwrap_model
@@ -200,14 +199,8 @@ def _layer_plan(
     graft: str,
     decomposition_cost: float,
 ) -> LayerPlan:
-    shapes = EigenPreconditioner.state_shapes(layout_A, layout_G)
-    numel = layout_A.factor_numel + layout_G.factor_numel
-    numel += sum(math.prod(shape) for shape in shapes.values())
-    if graft != "none":
-        numel += layout_G.dim * layout_A.dim  # AdamW's second moment, for the step size
-    if config.curvature == "eigen_corrected":
-        numel += layout_G.padded * layout_A.padded
-    numel += layout_G.dim * layout_A.dim  # the gradient's moving average (the momentum)
+    shapes = layer_state_shapes(layout_A, layout_G, graft, config.curvature)
+    numel = sum(math.prod(shape) for shape in shapes.values())
     moment_bytes = 0
     flops = EIGH_FLOPS_PER_CUBE * decomposition_cost
     return LayerPlan(
