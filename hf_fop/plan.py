@@ -43,13 +43,10 @@ class LayerPlan:
     in_dim: int
     layout_A: BlockLayout
     layout_G: BlockLayout
-    curvature_bytes: int  # factors, decomposition, grafting and rotated moments
-    moment_bytes: int  # the update's moment of the layer's parameters
+    # Everything the layer keeps (bucket_data.layer_state_shapes): factors, decomposition,
+    # moments; all with its owner under FSDP2.
+    state_bytes: int
     refresh_flops: float
-
-    @property
-    def state_bytes(self) -> int:
-        return self.curvature_bytes + self.moment_bytes
 
 
 @dataclass
@@ -83,14 +80,13 @@ class Plan:
     @property
     def state_bytes_per_rank(self) -> int:
         """The most any rank holds: under FSDP2 (``sharded``) each layer's curvature on its
-        owner and every moment split across the ranks; otherwise (one process, DDP) all."""
+        owner and AdamW's moments split across the ranks; otherwise (one process, DDP) all."""
         if not self.sharded or self.world_size == 1:
             return self.state_bytes
-        shared = sum(x.moment_bytes for x in self.layers) + self.adamw_side_bytes
         owned = [0] * self.world_size
         for layer, owner in zip(self.layers, self.owners):
-            owned[owner] += layer.curvature_bytes
-        return max(owned) + math.ceil(shared / self.world_size)
+            owned[owner] += layer.state_bytes
+        return max(owned) + math.ceil(self.adamw_side_bytes / self.world_size)
 
     @property
     def refresh_flops_per_rank(self) -> float:
@@ -170,7 +166,7 @@ def plan_partition(
         layouts = factor_layouts(adapter, config.blocking)
         costs.append(layouts_cost(*layouts))
         graft = layer_graft(config.graft, factors_from_gradient(adapter, config.factor_source))
-        layers.append(_layer_plan(name, adapter.params, *layouts, config, graft, costs[-1]))
+        layers.append(_layer_plan(name, *layouts, config, graft, costs[-1]))
     adamw_side = [p for _, p in partition.adamw_decay + partition.adamw_no_decay]
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Plan(
@@ -192,7 +188,6 @@ def adamw_state_bytes(param: nn.Parameter) -> int:
 
 def _layer_plan(
     name: str,
-    params: list[nn.Parameter],
     layout_A: BlockLayout,
     layout_G: BlockLayout,
     config: FOPConfig,
@@ -201,11 +196,8 @@ def _layer_plan(
 ) -> LayerPlan:
     shapes = layer_state_shapes(layout_A, layout_G, graft, config.curvature)
     numel = sum(math.prod(shape) for shape in shapes.values())
-    moment_bytes = 0
     flops = EIGH_FLOPS_PER_CUBE * decomposition_cost
-    return LayerPlan(
-        name, layout_G.dim, layout_A.dim, layout_A, layout_G, numel * FP32, moment_bytes, flops
-    )
+    return LayerPlan(name, layout_G.dim, layout_A.dim, layout_A, layout_G, numel * FP32, flops)
 
 
 def _grouped(layers: list[LayerPlan]) -> dict[tuple[str, str, str, str], list[LayerPlan]]:
