@@ -40,13 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from benchmarks.optimizers import NAMES, VARIANTS, default_damping, make_optimizer
+from benchmarks.optimizers import NAMES, VARIANTS, default_damping
 from benchmarks.real_tasks import REAL_TASKS, RealTask, real_task
 from benchmarks.step_cost import side_by_side_step_seconds
+from benchmarks.training import train_run
 from benchmarks.tuning import bracketed_search
-from hf_fop import FOP, FOPConfig
+from hf_fop import FOPConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAMW_GRID = (3e-4, 1e-3, 3e-3)
@@ -66,65 +66,6 @@ LR_GRID = {
 @functools.cache
 def _task(name: str, quick: bool) -> RealTask:
     return real_task(name, quick)
-
-
-def warmup_cosine(steps: int) -> Any:
-    warmup = max(1, steps // 10)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def train_run(
-    task: RealTask,
-    name: str,
-    lr: float,
-    batch: int,
-    steps: int,
-    seed: int,
-    eval_every: int,
-    damping: float | None = None,
-    **settings: Any,
-) -> list[dict[str, float]]:
-    """One run: the metric (and FOP's statistics) every ``eval_every`` steps and at the end
-    (``settings``: more FOP settings, for exploratory runs)."""
-    torch.manual_seed(seed)
-    model = task.make_model()
-    optimizer = make_optimizer(name, model, lr, damping, **settings)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
-    generator = torch.Generator().manual_seed(seed)
-    curve: list[dict[str, float]] = []
-    seconds, window = 0.0, []
-    for step in range(1, steps + 1):
-        start = time.perf_counter()
-        loss = task.sample(batch, generator)(model)
-        if not torch.isfinite(loss):
-            curve.append({"step": step, "metric": _worst(task), "diverged": 1})
-            return curve
-        optimizer.zero_grad()
-        loss.backward()
-        if task.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), task.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        seconds += time.perf_counter() - start
-        if isinstance(optimizer, FOP):
-            window.append(optimizer.statistics())
-        if step % eval_every == 0 or step == steps:
-            # Seconds measured here carry the other worker's load; see the module docstring.
-            point = {"step": step, "measured_seconds": seconds, "metric": task.evaluate(model)}
-            for key in ("rho_abs_mean", "kfac_cosine_mean", "kl_scale"):
-                values = [w[key] for w in window if key in w]
-                if values:
-                    point[key] = sum(values) / len(values)
-            curve.append(point)
-            window = []
-    return curve
 
 
 def cached_run(
@@ -172,10 +113,6 @@ def _identity(key: str, fields: int) -> str:
     """A cached run's key without the ``eval_every`` that older caches appended to its
     ``fields`` fields."""
     return json.dumps(json.loads(key)[:fields], default=str)
-
-
-def _worst(task: RealTask) -> float:
-    return 0.0 if task.higher_is_better else float("inf")
 
 
 def _score(task: RealTask, curve: list[dict[str, float]]) -> float:

@@ -4,7 +4,7 @@
         --optimizers adamw,fop --lrs 1e-3,3e-3,1e-2 --seeds 1,2 --workers 2
 
 Every (task, optimizer, rate, seed) trains once with the drop-in benchmark's loop and schedule
-(``benchmarks.drop_in.train_run``: warm-up then cosine, the task's clipping) at the task's
+(``benchmarks.training.train_run``: warm-up then cosine, the task's clipping) at the task's
 batch and steps (``TASK_SETTINGS``), in ``--workers`` processes of one thread each: the result
 is a metric, not a time. Runs are cached in ``runs.jsonl`` under ``--output_dir`` by their key
 (task, optimizer, resolved settings, rate, batch, steps, seed); the key does not see the code,

@@ -262,7 +262,7 @@ def _pretrained_llama(quick: bool) -> dict[str, Tensor]:
     does, from a model that AdamW trained and that no hub has to supply."""
     from hf_fop_trainer.shipped import cache_dir
 
-    from benchmarks.drop_in import train_run
+    from benchmarks.training import train_run
 
     steps = 4 if quick else PRETRAINING["steps"]
     path = cache_dir() / f"llama-wikitext2-adamw-{steps}.pt"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.drop_in import warmup_cosine
 from benchmarks.optimizers import OptimizerPair, make_optimizer, muon_weights
 from benchmarks.tasks import small_vit
+from benchmarks.training import warmup_cosine
 from benchmarks.tuning import bracketed_search
 
 

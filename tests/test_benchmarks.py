@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import ablation, drop_in, step_cost
+from benchmarks import ablation, drop_in, step_cost, training
 from benchmarks.real_tasks import real_task
 from hf_fop import FOPConfig
 
@@ -124,7 +124,7 @@ def test_a_cached_run_serves_every_request_whose_evaluations_it_holds(
     fine = drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 2, None)
     assert [p["step"] for p in fine] == [2, 4, 6]
     # Evaluating does not change the training: the same run evaluated once ends the same.
-    once = drop_in.train_run(task, "adamw", 1e-3, 64, 6, 0, 6)
+    once = training.train_run(task, "adamw", 1e-3, 64, 6, 0, 6)
     assert once[-1]["metric"] == fine[-1]["metric"]
 
     def trains(*args: object, **kwargs: object) -> None:

@@ -1,0 +1,94 @@
+"""One benchmark run: a task's model trained by one optimizer under the shared schedule (linear
+warm-up over the first 10% of the steps, then cosine decay to zero), evaluated along the way.
+Every benchmark that trains (drop_in, rate_curves, the decoder pretrained for fine-tuning in
+real_tasks) trains through ``train_run``."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.optimizers import make_optimizer
+from hf_fop import FOP
+
+
+class RealTask(Protocol):
+    """What a run needs of a task (real_tasks.RealTask): a protocol, so that the registry, which
+    trains its pretrained decoder through ``train_run``, is not imported back."""
+
+    make_model: Callable[[], nn.Module]
+    sample: Callable[[int, torch.Generator], Callable[[nn.Module], Tensor]]
+    evaluate: Callable[[nn.Module], float]
+    max_grad_norm: float | None
+
+    @property
+    def higher_is_better(self) -> bool: ...
+
+
+def warmup_cosine(steps: int) -> Any:
+    warmup = max(1, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_run(
+    task: RealTask,
+    name: str,
+    lr: float,
+    batch: int,
+    steps: int,
+    seed: int,
+    eval_every: int,
+    damping: float | None = None,
+    **settings: Any,
+) -> list[dict[str, float]]:
+    """One run: the metric (and FOP's statistics) every ``eval_every`` steps and at the end
+    (``settings``: more FOP settings, for exploratory runs)."""
+    torch.manual_seed(seed)
+    model = task.make_model()
+    optimizer = make_optimizer(name, model, lr, damping, **settings)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
+    generator = torch.Generator().manual_seed(seed)
+    curve: list[dict[str, float]] = []
+    seconds, window = 0.0, []
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        loss = task.sample(batch, generator)(model)
+        if not torch.isfinite(loss):
+            curve.append({"step": step, "metric": worst_metric(task), "diverged": 1})
+            return curve
+        optimizer.zero_grad()
+        loss.backward()
+        if task.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), task.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        seconds += time.perf_counter() - start
+        if isinstance(optimizer, FOP):
+            window.append(optimizer.statistics())
+        if step % eval_every == 0 or step == steps:
+            # Seconds measured here carry the other worker's load; see the module docstring.
+            point = {"step": step, "measured_seconds": seconds, "metric": task.evaluate(model)}
+            for key in ("rho_abs_mean", "kfac_cosine_mean", "kl_scale"):
+                values = [w[key] for w in window if key in w]
+                if values:
+                    point[key] = sum(values) / len(values)
+            curve.append(point)
+            window = []
+    return curve
+
+
+def worst_metric(task: RealTask) -> float:
+    """The metric a diverged run reports: the worst there is."""
+    return 0.0 if task.higher_is_better else float("inf")
