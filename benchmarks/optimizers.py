@@ -86,6 +86,8 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The defaults with the activation factors gathered every 2nd / 4th step (the basis refreshed
     # every 2nd / 4th): the factor products, the defaults' main cost, on fewer steps.
     "_factors2": (", defaults, factors every 2 steps", {"curvature_interval": 2}),
+    # The defaults with the basis refreshed every 4th step (factors still every step).
+    "_basis4": (", defaults, basis every 4 steps", {"inverse_interval": 4}),
     "_factors4": (
         ", defaults, factors every 4 steps",
         {"curvature_interval": 4, "inverse_interval": 4},
