@@ -38,7 +38,7 @@ LEGACY_KEYS = frozenset(("A", "G", "factor_updates", "A_damped", "eigvecs_A"))
 OLDER_LAYOUT = (
     "this checkpoint is in the layout of hf-fop 0.3 or older, whose momentum came after the "
     "preconditioner; release 0.6 keeps it before, so the run cannot continue exactly. Resume "
-    "it with hf-fop 0.5 (git tag v0.5.0), or load the model's weights alone and start FOP fresh."
+    "it with hf-fop 0.5 (git tag v0.5.0, commit 631596d), or load the model's weights alone and start FOP fresh."
 )
 
 

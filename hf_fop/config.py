@@ -278,7 +278,8 @@ class FOPConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Settings of earlier releases that left the code (git tag v0.5.0 keeps them), and what to do.
+# Settings of earlier releases that left the code (git tag v0.5.0, commit 631596d, keeps them),
+# and what to do.
 RETIRED: dict[str, str] = {
     "method": "FOP works in the Kronecker eigenbasis only since release 0.6 (method='inverse' "
     "retired): leave the setting out",
