@@ -528,13 +528,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--report", type=Path, default=None, help="only rewrite the table and plot of a JSON"
     )
     parser.add_argument(
-        "--peers_summary",
-        nargs="+",
-        type=Path,
-        default=None,
-        help="only write one table of the five optimizers from these JSONs (to --output_dir)",
-    )
-    parser.add_argument(
         "--remeasure_costs",
         type=Path,
         default=None,
@@ -552,18 +545,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["machine"] += f"; step costs measured again ({args.cost_steps} steps)"
         write_report(result, args.remeasure_costs.with_suffix(""))
         return result
-    if args.peers_summary is not None:
-        results = [json.loads(path.read_text()) for path in args.peers_summary]
-        table = peers_table(results)
-        commands = "\n".join(f"- `{r['command']}`" for r in results)
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / "drop_in_peers.md").write_text(
-            "Final metric mean [min, max] over the reporting seeds (perplexity: the one at the "
-            "intermediate step / the final one); seeds that reached the target, at the mean "
-            f"step. From:\n\n{commands}\n\n{table}\n"
-        )
-        print(table)
-        return {"summary": table}
     if args.report is not None:
         result = json.loads(args.report.read_text())
         write_report(result, args.report.with_suffix(""))
@@ -583,46 +564,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suffix = "" if args.damping is None else f"_damping{args.damping:g}"
     write_report(result, args.output_dir / f"drop_in_{result['task']}{suffix}")
     return result
-
-
-PEERS = ("adamw", "muon", "soap", "kfac", "fop")
-
-
-def peers_table(results: list[dict[str, Any]]) -> str:
-    """One row per task and batch, one column per optimizer: the final metric (mean [min,
-    max] over the reporting seeds), the intermediate one where asked, and steps to target."""
-    lines = [
-        "| task, batch (budget) | target | " + " | ".join(NAMES[n] for n in PEERS) + " |",
-        "|---|---|" + "---|" * len(PEERS),
-    ]
-    for result in results:
-        rows = {(r["batch"], r["optimizer"]): r for r in summarise(result)}
-        accuracy = result["metric"] == "accuracy"
-        fmt = (lambda v: f"{v:.3f}") if accuracy else (lambda v: f"{v:.0f}")
-        for batch in result["batches"]:
-            cells = []
-            for name in PEERS:
-                r = rows.get((batch, name))
-                if r is None:
-                    cells.append("-")
-                    continue
-                text = f"{fmt(r['final_mean'])} [{fmt(min(r['finals']))}, {fmt(max(r['finals']))}]"
-                if r["at_report_step"]:
-                    text = f"{fmt(statistics.mean(r['at_report_step']))} / " + text
-                steps = r["steps_to_target"]
-                text += f"; {r['reached']} at {steps:.0f}" if steps is not None else "; not reached"
-                if r.get("lr_interior") is False or r.get("damping_interior") is False:
-                    text += " (edge pick)"
-                cells.append(text)
-            budget = f"{result['steps']} steps"
-            if result.get("report_at"):
-                budget += f", also step {result['report_at']}"
-            target = next(r["target"] for (b, _), r in rows.items() if b == batch)
-            lines.append(
-                f"| {result['task']}, {batch} ({budget}) | "
-                f"{'-' if target is None else fmt(target)} | " + " | ".join(cells) + " |"
-            )
-    return "\n".join(lines)
 
 
 def write_report(result: dict[str, Any], stem: Path) -> None:

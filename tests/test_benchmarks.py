@@ -222,17 +222,6 @@ def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
     assert [p["metric"] for p in curve] == [
         p["metric"] for p in saved["results"]["512"]["soap"]["curves"][0]
     ]
-    # The cross-optimizer table: a row per batch, the metric at step 4 and at the end.
-    drop_in.main(
-        ["--peers_summary", str(tmp_path / "drop_in_mnist_mlp.json"), "--output_dir", str(tmp_path)]
-    )
-    peers = (tmp_path / "drop_in_peers.md").read_text()
-    soap = rows[(512, "soap")]
-    assert (
-        f"| mnist_mlp, 512 (12 steps, also step 5) | {rows[(512, 'adamw')]['target']:.3f} |"
-        in peers
-    )
-    assert f"{soap['at_report_step'][0]:.3f} / {soap['final_mean']:.3f}" in peers
     # The ablation's table and goals from the same run: FOP against the better peer, one seed.
     ablation_text = ablation.main(["--results", str(tmp_path)])
     fop = rows[(512, "fop")]
