@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from hf_fop.blocks import Blocking, BlockLayout
+from hf_fop.curvature import EigenPreconditioner
 from hf_fop.fop_math import FOPDirection
 from hf_fop.gradient_probes import PROBES
 from hf_fop.layers import LayerAdapter
@@ -56,11 +57,7 @@ def layer_state_shapes(
     shapes = {
         "A": layout_A.factor_shape,
         "G": layout_G.factor_shape,
-        # The Kronecker eigenbasis (curvature.EigenPreconditioner.STATE_KEYS).
-        "eigvals_A": (layout_A.padded,),
-        "eigvecs_A": layout_A.factor_shape,
-        "eigvals_G": (layout_G.padded,),
-        "eigvecs_G": layout_G.factor_shape,
+        **EigenPreconditioner.state_shapes(layout_A, layout_G),  # the Kronecker eigenbasis
         "gradient_exp_avg": matrix,  # the momentum
     }
     if graft != "none":  # AdamW's second moment, for the step size

@@ -36,9 +36,10 @@ OWN_SETTINGS = ("damping", "kl_clip")
 # Release 0.1's per-layer curvature keys, kept flat in each layer weight's optimizer state.
 LEGACY_KEYS = frozenset(("A", "G", "factor_updates", "A_damped", "eigvecs_A"))
 OLDER_LAYOUT = (
-    "this checkpoint is in the layout of hf-fop 0.3 or older, whose momentum came after the "
-    "preconditioner; release 0.6 keeps it before, so the run cannot continue exactly. Resume "
-    "it with hf-fop 0.5 (git tag v0.5.0, commit 631596d), or load the model's weights alone and start FOP fresh."
+    "this checkpoint is in an older layout (curvature by layer name, or flat in each weight's "
+    "state), written while FOP's momentum came after the preconditioner; release 0.6 keeps it "
+    "before, so the run cannot continue exactly. Resume it with hf-fop 0.5 (git tag v0.5.0, "
+    "commit 631596d), or load the model's weights alone and start FOP fresh."
 )
 
 

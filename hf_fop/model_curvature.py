@@ -24,7 +24,6 @@ from hf_fop.bucket import ShapeBucket
 from hf_fop.bucket_data import BucketStatistics, BucketStep
 from hf_fop.capture import CurvatureCapture
 from hf_fop.config import FOPConfig
-from hf_fop.curvature import EigenPreconditioner
 from hf_fop.distributed import Communicator
 from hf_fop.distributors import Distributor, make_distributor
 from hf_fop.layers import LayerAdapter
@@ -355,9 +354,8 @@ def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
     for key, value in state.items():
         if key in targets:
             targets[key][row] = value.to(device=bucket.A.device, dtype=torch.float32)
-    bucket.factor_updates[row] = int(state.get("factor_updates", int("A" in state)))
-    # Layouts before "decomposed" saved the decomposition only once it existed.
-    bucket.ready[row] = bool(state.get("decomposed", EigenPreconditioner.STATE_KEYS[0] in state))
+    bucket.factor_updates[row] = int(state.get("factor_updates", 0))
+    bucket.ready[row] = bool(state.get("decomposed", 0))
 
 
 def float_statistics(statistics: dict[str, Tensor | float]) -> dict[str, float]:
