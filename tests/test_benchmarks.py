@@ -15,6 +15,19 @@ from hf_fop import FOPConfig
 
 
 @pytest.mark.slow
+def _steps(task, model: torch.nn.Module, optimizer, batch: int, steps: int) -> list[float]:
+    """``steps`` training steps of ``model`` on ``task``'s batches (seed 1); their losses."""
+    generator = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        loss = task.sample(batch, generator)(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_step_cost_tiny(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     result = step_cost.main(
@@ -332,15 +345,8 @@ def test_minilm_fine_tuning_task_starts_from_the_shipped_weights_and_trains_tiny
     layers = set(optimizer.layer_names)
     assert sum(".encoder.layer." in name for name in layers) == 6 * 6
     assert "classifier" in layers
-    generator = torch.Generator().manual_seed(1)
     before = model.classifier.weight.detach().clone()
-    losses = []
-    for _ in range(3):
-        loss = task.sample(16, generator)(model)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _steps(task, model, optimizer, batch=16, steps=3)
     assert all(math.isfinite(x) for x in losses)
     assert not torch.equal(model.classifier.weight, before)
     assert 0.0 <= task.evaluate(model) <= 1.0
@@ -365,13 +371,7 @@ def test_lora_fine_tuning_task_trains_the_adapters_and_head_alone() -> None:
     frozen = {
         name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad
     }
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        loss = task.sample(16, generator)(model)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        assert math.isfinite(loss.item())
+    assert all(math.isfinite(x) for x in _steps(task, model, optimizer, batch=16, steps=3))
     now = dict(model.named_parameters())
     assert all(torch.equal(now[name], value) for name, value in frozen.items())
     moved = [name for name, value in trained.items() if not torch.equal(now[name], value)]
@@ -403,14 +403,8 @@ def test_decoder_fine_tuning_task_starts_from_adamw_pretraining_and_trains_tiny(
     layers = set(optimizer.layer_names)
     assert sum(".layers." in name for name in layers) == 4 * 7
     assert "model.embed_tokens" in layers
-    generator = torch.Generator().manual_seed(1)
     start = task.evaluate(model)
-    for _ in range(4):
-        loss = task.sample(8, generator)(model)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        assert math.isfinite(loss.item())
+    assert all(math.isfinite(x) for x in _steps(task, model, optimizer, batch=8, steps=4))
     assert task.evaluate(model) < start
 
 
