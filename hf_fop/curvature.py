@@ -132,9 +132,8 @@ class RotatedDiagonalPreconditioner:
     cost no matmuls beyond rotating g_avg and g_diff in and the direction out. A subclass
     stores what it is built from as the attributes named in ``STATE_KEYS``.
 
-    ``kfac`` and ``fop`` take g_avg and g_diff already rotated (``rotated_avg``,
-    ``rotated_diff``) when the caller needed them anyway (the eigen-corrected metric's second
-    moment), so each is rotated once per step.
+    ``fop`` takes g_diff already rotated (``rotated_diff``) when the caller needed it anyway
+    (the eigen-corrected metric's second moment), so it is rotated once per step.
     """
 
     STATE_KEYS: tuple[str, ...] = ()
@@ -157,25 +156,27 @@ class RotatedDiagonalPreconditioner:
     def inverse_fisher(self, matrix: Tensor) -> Tensor:
         return self.unrotate(self.rotate(matrix) / self.metric)
 
-    def kfac(self, g_avg: Tensor, rotated_avg: Tensor | None = None) -> FOPDirection:
-        rotated = self.rotate(g_avg) if rotated_avg is None else rotated_avg
+    def kfac(self, g_avg: Tensor) -> FOPDirection:
         metric = self.metric
-        result = kfac_direction(rotated, lambda m: m / metric)
+        result = kfac_direction(self.rotate(g_avg), lambda m: m / metric)
         return result._replace(direction=self.unrotate(result.direction))
 
     def fop(
         self,
         g_avg: Tensor,
-        g_diff: Tensor,
+        g_diff: Tensor | None,
         zero_tol: float,
-        rotated_avg: Tensor | None = None,
         rotated_diff: Tensor | None = None,
     ) -> FOPDirection:
+        """``rotated_diff``: g_diff already in the eigenbasis (then ``g_diff`` is not read)."""
         # Rotations preserve inner products, so every FOP scalar is computed in the eigenbasis.
+        if rotated_diff is None:
+            assert g_diff is not None
+            rotated_diff = self.rotate(g_diff)
         metric = self.metric
         result = fop_direction(
-            self.rotate(g_avg) if rotated_avg is None else rotated_avg,
-            self.rotate(g_diff) if rotated_diff is None else rotated_diff,
+            self.rotate(g_avg),
+            rotated_diff,
             fisher=lambda m: m * metric,
             inverse_fisher=lambda m: m / metric,
             zero_tol=zero_tol,

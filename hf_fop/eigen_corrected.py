@@ -43,11 +43,10 @@ def update_rotated_second_moment(
     second_moment: Tensor,
     rotated_grad: Tensor,
     beta2: float,
-    ok: Tensor | None = None,
     rotated_diff: Tensor | None = None,
     halves_agree: bool = False,
 ) -> Tensor:
-    """s = beta2 s + (1 - beta2) x, in place (only where the flag ``ok`` holds).
+    """s = beta2 s + (1 - beta2) x, as a new tensor.
 
     x = r^2 for the rotated batch gradient r. Given the rotated difference of the two halves'
     gradients, r_diff = r1 - r2, x = (r1^2 + r2^2) / 4 = r^2 / 2 + r_diff^2 / 8 instead. Each
@@ -63,10 +62,7 @@ def update_rotated_second_moment(
         sample = sample.mul_(0.5).addcmul_(rotated_diff, rotated_diff, value=0.125)
     elif halves_agree:
         sample = sample.mul_(0.5)
-    updated = second_moment.mul(beta2).add_(sample, alpha=1 - beta2)
-    if ok is None:
-        return second_moment.copy_(updated)
-    return torch.where(ok, updated, second_moment, out=second_moment)
+    return second_moment.mul(beta2).add_(sample, alpha=1 - beta2)
 
 
 def carry_second_moment(

@@ -24,41 +24,24 @@ from torch import Tensor
 from hf_fop.blocks import BlockLayout, right_multiply
 
 
+def update_adam_second_moment(exp_avg_sq: Tensor, grad: Tensor, beta2: float) -> Tensor:
+    """v = beta2 v + (1 - beta2) g^2, AdamW's second moment, as a new tensor."""
+    return exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
 def adam_direction(
-    grad: Tensor,
-    exp_avg_sq: Tensor,
-    beta2: float,
-    eps: float,
-    step: int,
-    ok: Tensor | None = None,
-    numerator: Tensor | None = None,
+    numerator: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int
 ) -> Tensor:
-    """g / (sqrt(v_hat) + eps): AdamW's step for this layer before momentum and the rate
-    (``numerator`` / (sqrt(v_hat) + eps) where given: m_hat makes it AdamW's whole step).
-
-    Updates the second-moment average ``exp_avg_sq`` in place (v = beta2 v + (1 - beta2) g^2;
-    v_hat = v / (1 - beta2^step)), exactly as AdamW would; only where the device flag ``ok``
-    is true, when given (a step that turns out skipped leaves it as it was).
-    """
-    updated = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-    if ok is None:
-        exp_avg_sq.copy_(updated)
-    else:
-        torch.where(ok, updated, exp_avg_sq, out=exp_avg_sq)
-    denominator = (updated / (1 - beta2**step)).sqrt_().add_(eps)
-    return (grad if numerator is None else numerator) / denominator
+    """numerator / (sqrt(v_hat) + eps), v_hat = v / (1 - beta2^step) for the second moment v
+    after this step's gradient: AdamW's step before the rate (``numerator`` = m_hat), or
+    before momentum (the gradient)."""
+    return numerator / (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
 
 
-def adam_step_norm(
-    grad: Tensor, exp_avg_sq: Tensor, beta2: float, eps: float, step: int, ok: Tensor | None = None
-) -> Tensor:
-    """||g / (sqrt(v_hat) + eps)|| per matrix (shape (..., 1, 1)): the size of AdamW's step."""
-    direction = adam_direction(grad, exp_avg_sq, beta2, eps, step, ok)
-    return torch.linalg.vector_norm(direction, dim=(-2, -1), keepdim=True)
-
-
-def graft(direction: Tensor, norm: Tensor) -> Tensor:
-    """Each matrix of ``direction`` rescaled to its ``norm`` (a zero matrix stays zero)."""
+def graft(direction: Tensor, adam: Tensor) -> Tensor:
+    """Each matrix of ``direction`` rescaled to the norm of AdamW's step ``adam`` (a zero
+    matrix stays zero)."""
+    norm = torch.linalg.vector_norm(adam, dim=(-2, -1), keepdim=True)
     size = torch.linalg.vector_norm(direction, dim=(-2, -1), keepdim=True)
     safe = torch.where(size > 0, size, torch.ones_like(size))
     return direction * torch.where(size > 0, norm / safe, torch.zeros_like(size))

@@ -26,6 +26,7 @@ from hf_fop.capture import CurvatureCapture
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
 from hf_fop.distributors import Distributor, make_distributor
+from hf_fop.fop_update import UpdateRule
 from hf_fop.layers import LayerAdapter
 from hf_fop.sharding import is_sharded
 
@@ -184,7 +185,6 @@ class ModelCurvature:
             for bucket, (factor_updates, ready, moment_updates) in zip(self.buckets, saved):
                 bucket.factor_updates, bucket.ready = factor_updates, ready
                 bucket.moment_updates = moment_updates
-                bucket.invalidate()
 
         return restore
 
@@ -200,18 +200,18 @@ class ModelCurvature:
     def directions(
         self,
         statistics: list[BucketStatistics],
-        damping: float,
-        betas: tuple[float, float],
+        group: dict[str, Any],
         step: int,
         gradients: list[Tensor | None],
         ok: Tensor,
     ) -> list[BucketStep]:
-        """Every held bucket's step (``ShapeBucket.step``); ``gradients`` are the layers' full
-        gradient matrices (``full_gradients``)."""
+        """Every held bucket's step (``ShapeBucket.step``) under the FOP ``group``'s settings;
+        ``gradients`` are the layers' full gradient matrices (``full_gradients``)."""
         out = []
         for bucket, stats in zip(self.buckets, statistics):
             grads = [gradients[i] for i in bucket.indices]
-            bucket_step = bucket.step(stats, grads, damping, betas, self.config, step, ok)
+            rule = UpdateRule.of(self.config, group, bucket.graft)
+            bucket_step = bucket.step(stats, grads, rule, step, ok)
             if bucket_step is not None:
                 for row in bucket_step.waiting:
                     self._report_waiting(bucket.indices[row])
@@ -277,10 +277,10 @@ class ModelCurvature:
         for bucket in self.buckets:
             if name in bucket.names:
                 row = bucket.names.index(name)
-                state = {key: value[row] for key, value in bucket.state_tensors().items()}
+                state = {key: value[row] for key, value in bucket.state.items()}
                 state["factor_updates"] = torch.tensor(bucket.factor_updates[row])
                 state["decomposed"] = torch.tensor(int(bucket.ready[row]))
-                if bucket.rotated_second_moment is not None:
+                if "rotated_second_moment" in bucket.state:
                     state["moment_updates"] = torch.tensor(bucket.moment_updates[row])
                 return state
         raise KeyError(f"no preconditioned layer named {name!r}")
@@ -301,7 +301,6 @@ class ModelCurvature:
         for bucket in self.buckets:
             for row, name in enumerate(bucket.names):
                 _load_layer(bucket, row, saved[name])
-            bucket.invalidate()
 
     def check_state_dict(
         self, saved: dict[str, dict[str, Any]], saved_names: Sequence[str] | None = None
@@ -347,9 +346,9 @@ class ModelCurvature:
 
 
 def _load_layer(bucket: ShapeBucket, row: int, state: dict[str, Any]) -> None:
-    targets = bucket.state_tensors()
     if "graft_exp_avg_sq" in state:
-        targets["graft_exp_avg_sq"] = bucket.second_moment()
+        bucket.adam_second_moment()
+    targets = bucket.state
     bucket.moment_updates[row] = int(state.get("moment_updates", 0))
     for key, value in state.items():
         if key in targets:

@@ -308,7 +308,7 @@ class FOP(torch.optim.Optimizer):
         lr, damping = group["lr"], group["damping"]
         refreshed = self.curvature.refresh(statistics, group["step"], damping, ok, gradients)
         step = group["step"] + 1  # 1-based, for the bias corrections
-        steps = self.curvature.directions(statistics, damping, group["betas"], step, gradients, ok)
+        steps = self.curvature.directions(statistics, group, step, gradients, ok)
         pairs, layer_statistics, vg = self.curvature.distributor.share_directions(steps, gradients)
         scale = None
         if pairs and group["kl_clip"] is not None:

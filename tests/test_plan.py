@@ -15,16 +15,7 @@ def _allocated_bytes(optimizer: FOP) -> int:
     """Every tensor the optimizer holds after a step: torch's state and each bucket's."""
     tensors = [t for state in optimizer.state.values() for t in state.values()]
     for bucket in optimizer.curvature.buckets:
-        tensors += [bucket.A, bucket.G, *bucket.decomposition.values()]
-        tensors += [
-            t
-            for t in (
-                bucket.graft_exp_avg_sq,
-                bucket.rotated_second_moment,
-                bucket.gradient_exp_avg,
-            )
-            if t is not None
-        ]
+        tensors += list(bucket.state.values())
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
