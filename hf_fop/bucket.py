@@ -45,6 +45,8 @@ class ShapeBucket:
         self.state = {
             key: torch.zeros(count, *shape, device=device) for key, shape in self.shapes.items()
         }
+        # The step's finiteness flag (begin_step).
+        self.keep = torch.ones((), dtype=torch.bool, device=device)
         # Host-side counts per layer: estimates folded in, a decomposition present, moments.
         self.factor_updates, self.ready, self.moment_updates = (
             [0] * count,
@@ -68,28 +70,40 @@ class ShapeBucket:
         """The eigenbasis (and, for the Kronecker metric, the eigenvalues) of the factors."""
         return {key: self.state[key] for key in EigenPreconditioner.STATE_KEYS}
 
-    def fold(self, A: Tensor, G: Tensor, present: list[bool], decay: float, ok: Tensor) -> None:
-        """Fold this step's estimates into the running factors (see running_factor_weight).
+    def begin_step(self, keep: Tensor) -> None:
+        """The step's finiteness flag (a device scalar): whatever the step computes is kept
+        only where it holds (``_commit``); the host's counts are put back by the optimizer once
+        it reads the flag."""
+        self.keep = keep
 
-        ``ok`` (a device flag) false leaves the factors exactly as they were (a lerp toward
-        themselves); the host's counts are put back by the optimizer once it reads the flag."""
+    def _commit(
+        self, key: str, value: Tensor, rows: list[int] | None = None, keep: Tensor | None = None
+    ) -> None:
+        """``value`` into the state tensor ``key`` (into its ``rows`` where given) where the
+        step is kept (``keep``: a narrower mask that includes the flag): the one place where a
+        skipped step is undone."""
+        keep = self.keep if keep is None else keep
+        target = self.state[key]
+        if rows is None:
+            torch.where(keep, value, target, out=target)
+        else:
+            target[rows] = torch.where(keep, value, target[rows])
+
+    def fold(self, A: Tensor, G: Tensor, present: list[bool], decay: float) -> None:
+        """Fold this step's estimates into the running factors (see running_factor_weight)."""
         weights = [
             running_factor_weight(done, decay) if has else 0.0
             for has, done in zip(present, self.factor_updates)
         ]
-        A, G = torch.where(ok, A, self.A), torch.where(ok, G, self.G)
-        if len(set(weights)) == 1:
-            self.A.lerp_(A, weights[0])
-            self.G.lerp_(G, weights[0])
-        else:
+        weight: float | Tensor = weights[0]
+        if len(set(weights)) > 1:
             weight = torch.tensor(weights, device=self.A.device)[:, None, None]
-            self.A.lerp_(A, weight)
-            self.G.lerp_(G, weight)
+        self._commit("A", self.A.lerp(A, weight))
+        self._commit("G", self.G.lerp(G, weight))
         self.factor_updates = [done + has for done, has in zip(self.factor_updates, present)]
 
-    def decompose(self, rows: list[int], damping: float, damping_mode: str, ok: Tensor) -> None:
-        """Decompose the running factors of ``rows``; kept only where the device flag ``ok``
-        is true (the old decomposition stays otherwise)."""
+    def decompose(self, rows: list[int], damping: float, damping_mode: str) -> None:
+        """Decompose the running factors of ``rows``."""
         everything = rows == list(range(len(self)))
         A, G = (self.A, self.G) if everything else (self.A[rows], self.G[rows])
         if self.basis_refresh == "qr" and all(self.ready[row] for row in rows):
@@ -115,10 +129,7 @@ class ShapeBucket:
         # eigenvectors) stays that of a loaded checkpoint, so a resumed run multiplies in the
         # same order and continues bit for bit.
         for key, value in computed.items():
-            if everything:
-                torch.where(ok, value, self.state[key], out=self.state[key])
-            else:
-                self.state[key][rows] = torch.where(ok, value, self.state[key][rows])
+            self._commit(key, value, None if everything else rows)
         self.mark_ready(rows)
 
     def moment_bases(self, rows: list[int]) -> tuple[Tensor, Tensor] | None:
@@ -128,13 +139,12 @@ class ShapeBucket:
             return None
         return self.state["eigvecs_A"][rows], self.state["eigvecs_G"][rows]
 
-    def carry_moment(self, rows: list[int], old: tuple[Tensor, Tensor], ok: Tensor) -> None:
+    def carry_moment(self, rows: list[int], old: tuple[Tensor, Tensor]) -> None:
         """Express the rotated second moment of ``rows`` in their refreshed bases (rows
         without a decomposition before hold zeros, which stay zeros)."""
         new_A, new_G = self.state["eigvecs_A"][rows], self.state["eigvecs_G"][rows]
-        moment = self.state["rotated_second_moment"]
-        carried = carry_second_moment(moment[rows], *old, new_A, new_G)
-        moment[rows] = torch.where(ok, carried, moment[rows])
+        moment = self.state["rotated_second_moment"][rows]
+        self._commit("rotated_second_moment", carry_second_moment(moment, *old, new_A, new_G), rows)
 
     def mark_ready(self, rows: list[int]) -> None:
         for row in rows:
@@ -167,12 +177,10 @@ class ShapeBucket:
         grads: list[Tensor | None],
         rule: UpdateRule,
         step: int,
-        ok: Tensor,
     ) -> BucketStep | None:
         """Every layer's direction by ``fop_update`` (None when no layer has a gradient), and
-        its new state kept in the rows with a gradient where ``ok`` (the step's finiteness
-        flag) holds; elsewhere the state stays and the direction is zero. ``step`` is 1-based.
-        """
+        its new state kept in the rows with a gradient where the step is kept; elsewhere the
+        state stays and the direction is zero. ``step`` is 1-based."""
         g_avg = _stacked_gradients(grads)
         if g_avg is None:
             return None
@@ -197,17 +205,12 @@ class ShapeBucket:
             ready,
             (self.layout_A, self.layout_G),
         )
-        keep = _row_flag(present, g_avg, ok)
-        self._commit(new, keep)
+        keep = _row_flag(present, g_avg, self.keep)
+        for key, value in new.items():
+            self._commit(key, value, keep=keep)
         result = result._replace(direction=torch.where(keep, result.direction, 0.0))
         rows = [row for row, has in enumerate(present) if has]
         return BucketStep(self, rows, result.direction, g_avg, result, waiting)
-
-    def _commit(self, new: dict[str, Tensor], keep: Tensor) -> None:
-        """A step's new state, kept where ``keep`` holds (the rows with a gradient, where the
-        step's finiteness flag is true): where a skipped step is undone on the device."""
-        for key, value in new.items():
-            torch.where(keep, value, self.state[key], out=self.state[key])
 
     def _difference(self, stats: BucketStatistics, g_avg: Tensor) -> Tensor | None:
         """g_diff = g1 - g2 = 2 (g1 - g_avg) of every row (0 in a row without two halves this

@@ -95,7 +95,6 @@ class ReplicatedDistributor:
         due: list[tuple[ShapeBucket, int]],
         damping: float,
         damping_mode: str,
-        ok: Tensor,
     ) -> None:
         """Decompose the (bucket, row) pairs due, in layer order: each rank its share by cost,
         then one collective gives every rank all of them."""
@@ -108,7 +107,7 @@ class ReplicatedDistributor:
             rows = [r for (b, r), o in zip(due, owners) if b is bucket]
             mine = [r for (b, r), o in zip(due, owners) if b is bucket and o == rank]
             if mine:
-                bucket.decompose(mine, damping, damping_mode, ok)
+                bucket.decompose(mine, damping, damping_mode)
             bucket.mark_ready(rows)
             if self.communicator.active:
                 for key in EigenPreconditioner.STATE_KEYS:
@@ -147,12 +146,11 @@ class ShardedDistributor(ReplicatedDistributor):
         due: list[tuple[ShapeBucket, int]],
         damping: float,
         damping_mode: str,
-        ok: Tensor,
     ) -> None:
         """The owner decomposes its own layers (all this rank's buckets hold); nothing is shared."""
         self.decomposed_by_rank = sorted(b.indices[r] for b, r in due)
         for bucket in {id(b): b for b, _ in due}.values():
-            bucket.decompose([r for b, r in due if b is bucket], damping, damping_mode, ok)
+            bucket.decompose([r for b, r in due if b is bucket], damping, damping_mode)
 
     def share_directions(
         self, steps: list[BucketStep], gradients: list[Tensor | None]

@@ -132,11 +132,9 @@ class ModelCurvature:
         statistics: list[BucketStatistics],
         step: int,
         damping: float,
-        ok: Tensor,
         gradients: list[Tensor | None] | None = None,
     ) -> bool:
-        """Fold the estimates into the running factors and decompose what is due, on the
-        device only where ``ok`` (the step's finiteness flag) is true. Returns whether any
+        """Fold the estimates into the running factors and decompose what is due. Returns whether any
         decomposition was refreshed. Buckets whose factors come from the gradient
         (``factor_source="gradient"``, or layers without hooks) take their estimates from
         ``gradients`` (every layer's full gradient matrix) on curvature steps."""
@@ -150,7 +148,7 @@ class ModelCurvature:
             ]
         for bucket, stats in zip(self.buckets, statistics):
             if stats.A is not None and any(stats.has_factors):
-                bucket.fold(stats.A, stats.G, stats.has_factors, config.factor_decay, ok)
+                bucket.fold(stats.A, stats.G, stats.has_factors, config.factor_decay)
         inverse_step = step % config.inverse_interval == 0
         due = sorted(
             (
@@ -164,11 +162,17 @@ class ModelCurvature:
         if due:
             rows = {id(b): (b, [r for c, r in due if c is b]) for b, _ in due}.values()
             old_bases = [(b, r, b.moment_bases(r)) for b, r in rows]
-            self.distributor.decompose(due, damping, config.damping_mode, ok)
+            self.distributor.decompose(due, damping, config.damping_mode)
             for bucket, bucket_rows, bases in old_bases:
                 if bases is not None:
-                    bucket.carry_moment(bucket_rows, bases, ok)
+                    bucket.carry_moment(bucket_rows, bases)
         return bool(due)
+
+    def begin_step(self, keep: Tensor) -> None:
+        """The step's finiteness flag (a device scalar): the buckets keep what the step
+        computes only where it holds (``ShapeBucket.begin_step``)."""
+        for bucket in self.buckets:
+            bucket.begin_step(keep)
 
     def host_counters(self, group: dict[str, Any] | None) -> Callable[[], None]:
         """What puts the host's counts (the FOP group's step, each layer's estimates folded in
@@ -203,7 +207,6 @@ class ModelCurvature:
         group: dict[str, Any],
         step: int,
         gradients: list[Tensor | None],
-        ok: Tensor,
     ) -> list[BucketStep]:
         """Every held bucket's step (``ShapeBucket.step``) under the FOP ``group``'s settings;
         ``gradients`` are the layers' full gradient matrices (``full_gradients``)."""
@@ -211,7 +214,7 @@ class ModelCurvature:
         for bucket, stats in zip(self.buckets, statistics):
             grads = [gradients[i] for i in bucket.indices]
             rule = UpdateRule.of(self.config, group, bucket.graft)
-            bucket_step = bucket.step(stats, grads, rule, step, ok)
+            bucket_step = bucket.step(stats, grads, rule, step)
             if bucket_step is not None:
                 for row in bucket_step.waiting:
                     self._report_waiting(bucket.indices[row])

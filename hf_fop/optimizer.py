@@ -306,9 +306,10 @@ class FOP(torch.optim.Optimizer):
         ranks, the KL clip, the updates. Where the device flag ``ok`` is false nothing on the
         device changes (the host's counts are put back once the flag is read)."""
         lr, damping = group["lr"], group["damping"]
-        refreshed = self.curvature.refresh(statistics, group["step"], damping, ok, gradients)
+        self.curvature.begin_step(ok)
+        refreshed = self.curvature.refresh(statistics, group["step"], damping, gradients)
         step = group["step"] + 1  # 1-based, for the bias corrections
-        steps = self.curvature.directions(statistics, group, step, gradients, ok)
+        steps = self.curvature.directions(statistics, group, step, gradients)
         pairs, layer_statistics, vg = self.curvature.distributor.share_directions(steps, gradients)
         scale = None
         if pairs and group["kl_clip"] is not None:

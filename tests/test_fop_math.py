@@ -233,10 +233,10 @@ def test_running_factors_start_as_the_plain_mean_then_decay_exponentially() -> N
 
     layer = make_adapter(torch.nn.Linear(2, 3, bias=False))
     bucket = ShapeBucket([0], ["layer"], layer, FOPConfig())
-    decay, ok = 0.9, torch.tensor(True)
+    decay = 0.9
     estimates = [random_spd(2, dtype=torch.float32) for _ in range(40)]
     for k, estimate in enumerate(estimates):
-        bucket.fold(estimate[None], torch.eye(3)[None], [True], decay, ok)
+        bucket.fold(estimate[None], torch.eye(3)[None], [True], decay)
         if k < 10:  # 1 / (k + 1) >= 1 - decay: the plain mean of the estimates so far
             expected = torch.stack(estimates[: k + 1]).mean(0)
         else:  # then an exponential average with weight 1 - decay
@@ -244,5 +244,6 @@ def test_running_factors_start_as_the_plain_mean_then_decay_exponentially() -> N
         torch.testing.assert_close(bucket.A[0], expected, rtol=1e-5, atol=1e-6)
     # A skipped step (the device flag false) leaves the factor as it was.
     before = bucket.A.clone()
-    bucket.fold(estimates[0][None], torch.eye(3)[None], [True], decay, torch.tensor(False))
+    bucket.begin_step(torch.tensor(False))
+    bucket.fold(estimates[0][None], torch.eye(3)[None], [True], decay)
     assert torch.equal(bucket.A, before)
