@@ -34,7 +34,7 @@ from hf_fop.curvature import EigenPreconditioner
 from hf_fop.distributed import Communicator, assign_layers, layouts_cost
 from hf_fop.fop_math import inner
 from hf_fop.layers import LayerAdapter
-from hf_fop.sharding import is_sharded
+from hf_fop.sharding import full_tensor, is_sharded, local_rows, local_tensor
 
 # Layer index -> its direction (before the learning rate), for every layer with a gradient.
 Directions = list[tuple[int, Tensor]]
@@ -116,6 +116,25 @@ class ReplicatedDistributor:
                         owned.append(row in mine)
         self.communicator.share_owned(shared, owned)
 
+    # ---------------------------------------------------------------------- gradients, updates
+
+    def gradient_matrices(self) -> list[Tensor | None]:
+        """Every layer's gradient as one out x in' matrix (None where it got none)."""
+        return [layer.grad_matrix() for layer in self.layers]
+
+    def parameter_updates(
+        self, pairs: Directions, scale: Tensor | None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """(tensors to update, directions) from each layer's direction matrix: split into
+        weight and bias (views) and scaled by the KL clip in one foreach call."""
+        targets, directions = [], []
+        for index, direction in pairs:
+            layer = self.layers[index]
+            for param, update in zip(layer.params, layer.split_matrix(direction)):
+                targets.append(param)
+                directions.append(update)
+        return targets, _scaled(directions, scale)
+
     # ----------------------------------------------------------------------------- directions
 
     def share_directions(
@@ -136,6 +155,19 @@ class ShardedDistributor(ReplicatedDistributor):
     def _owners(self) -> list[int]:
         costs = [layouts_cost(*layouts) for layouts in self.layouts]
         return assign_layers(costs, self.communicator.world_size)
+
+    def gradient_matrices(self) -> list[Tensor | None]:
+        """Every layer's whole gradient matrix: gathered from the shards (a collective; every
+        rank gathers the same layers in the same order)."""
+        return [layer.grad_matrix(full_tensor) for layer in self.layers]
+
+    def parameter_updates(
+        self, pairs: Directions, scale: Tensor | None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """(this rank's shards, their rows of the directions): each rank updates its own rows."""
+        targets, directions = super().parameter_updates(pairs, None)
+        directions = [local_rows(d, p) for d, p in zip(directions, targets)]
+        return [local_tensor(p) for p in targets], _scaled(directions, scale)
 
     def agree_overflow(self, overflow: Tensor) -> None:
         """Each rank checked its own shards: all must agree to skip."""
@@ -194,6 +226,12 @@ def make_distributor(
     if any(is_sharded(layer.weight) for layer in layers):
         return ShardedDistributor(layers, communicator, blocking)
     return ReplicatedDistributor(layers, communicator, blocking)
+
+
+def _scaled(directions: list[Tensor], scale: Tensor | None) -> list[Tensor]:
+    if scale is None or not directions:
+        return directions
+    return list(torch._foreach_mul(directions, scale))
 
 
 def _direction_dot_gradient(steps: list[BucketStep]) -> Tensor:

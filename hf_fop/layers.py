@@ -12,12 +12,16 @@ from __future__ import annotations
 import math
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hf_fop.sharding import full_tensor
+
+def _as_is(tensor: Tensor) -> Tensor:
+    return tensor
+
 
 # Every adapter class, the most recently defined first (LayerAdapter.__init_subclass__).
 ADAPTERS: list[type[LayerAdapter]] = []
@@ -98,19 +102,19 @@ class LayerAdapter(ABC):
     def has_bias(self) -> bool:
         return self.bias is not None
 
-    def grad_matrix(self) -> Tensor | None:
+    def grad_matrix(self, whole: Callable[[Tensor], Tensor] = _as_is) -> Tensor | None:
         """The current gradient as one out x in' matrix, or None when the layer got none.
 
-        Under FSDP2 the gradient is gathered whole first (a collective: every rank calls this
-        for the same layers in the same order)."""
+        ``whole``: what makes a gradient whole (the distributor's: under FSDP2 an all-gather,
+        which every rank calls for the same layers in the same order)."""
         if self.weight.grad is None:
             return None
-        matrix = self.weight_matrix(full_tensor(self.weight.grad))
+        matrix = self.weight_matrix(whole(self.weight.grad))
         if self.bias is not None:
             bias_grad = self.bias.grad
             if bias_grad is None:
                 bias_grad = torch.zeros(self.bias.shape, device=matrix.device, dtype=matrix.dtype)
-            matrix = torch.cat([matrix, full_tensor(bias_grad).reshape(-1, 1)], dim=1)
+            matrix = torch.cat([matrix, whole(bias_grad).reshape(-1, 1)], dim=1)
         return matrix
 
     def split_matrix(self, matrix: Tensor) -> list[Tensor]:

@@ -237,7 +237,7 @@ class ModelCurvature:
 
     def full_gradients(self) -> list[Tensor | None]:
         """Every preconditioned layer's gradient matrix, whole (gathered under FSDP2)."""
-        return [layer.grad_matrix() for layer in self.layers]
+        return self.distributor.gradient_matrices()
 
     def _report_waiting(self, index: int) -> None:
         """Say why a targeted layer gets gradients but has no curvature (once)."""

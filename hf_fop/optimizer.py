@@ -46,12 +46,7 @@ from hf_fop.partition import configured_partition, unwrap_model
 from hf_fop.pending_verdict import DecidedAtFirstUse, PendingVerdict
 from hf_fop.plan import plan_partition
 from hf_fop.sharding import follow_sharded_parameters
-from hf_fop.update_rules import (
-    adamw_step,
-    parameter_updates,
-    preconditioned_step,
-    take_empty_step,
-)
+from hf_fop.update_rules import adamw_step, preconditioned_step, take_empty_step
 
 logger = logging.getLogger("hf_fop")
 
@@ -314,7 +309,7 @@ class FOP(torch.optim.Optimizer):
         scale = None
         if pairs and group["kl_clip"] is not None:
             scale = kl_clip_scale(torch.where(ok, vg, 0.0), lr, group["kl_clip"])
-        targets, directions = parameter_updates(self.layers, pairs, scale)
+        targets, directions = self.curvature.distributor.parameter_updates(pairs, scale)
         preconditioned_step(targets, directions, group, ok)
         group["step"] = step
         folded = any(any(s.has_factors) for s in statistics if s.A is not None)

@@ -21,8 +21,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-from hf_fop.layers import LayerAdapter
-from hf_fop.sharding import local_rows, local_tensor
+from hf_fop.sharding import local_tensor
 
 logger = logging.getLogger("hf_fop")
 
@@ -128,20 +127,3 @@ def preconditioned_step(
     if weight_decay:
         torch._foreach_mul_(targets, torch.where(ok, 1 - lr * weight_decay, 1.0))
     torch._foreach_add_(targets, directions, alpha=-lr)
-
-
-def parameter_updates(
-    layers: list[LayerAdapter], pairs: list[tuple[int, Tensor]], scale: Tensor | None
-) -> tuple[list[Tensor], list[Tensor]]:
-    """(tensors to update, directions) from each layer's direction matrix: split into weight
-    and bias (views), cut to this rank's rows under FSDP2, scaled by the KL clip in one
-    foreach call."""
-    targets, directions = [], []
-    for index, direction in pairs:
-        layer = layers[index]
-        for param, update in zip(layer.params, layer.split_matrix(direction)):
-            targets.append(local_tensor(param))
-            directions.append(local_rows(update, param))
-    if scale is not None and directions:
-        directions = list(torch._foreach_mul(directions, scale))
-    return targets, directions
