@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_fop import FOP, FOPConfig, partition_model
+from hf_fop import FOP, partition_model
 from hf_fop.config import KRONECKER_SETTINGS
 
 PEER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "muon": "Muon", "soap": "SOAP"}
@@ -103,15 +103,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     for mode, mode_label in (("kfac", "K-FAC"), ("fop", "FOP"))
 }
 NAMES = {**PEER_NAMES, **{name: label for name, (label, _) in VARIANTS.items()}}
-SECOND_ORDER = tuple(VARIANTS)
-
-
-def default_damping(name: str) -> float | None:
-    """The damping ``name`` runs with unless told otherwise (None: not a preconditioned one)."""
-    if name not in VARIANTS:
-        return None
-    return VARIANTS[name][1].get("damping", FOPConfig().damping)
-
 
 WEIGHT_DECAY = 0.01
 

@@ -3,20 +3,25 @@
     python -m benchmarks.rate_curves --tasks wikitext_gpt,wikitext_llama,mnist_vit,mnist_mlp \
         --optimizers adamw,fop --lrs 1e-3,3e-3,1e-2 --seeds 1,2 --workers 2
 
-Every (task, optimizer, rate, seed) trains once with the drop-in benchmark's loop and schedule
+Every (task, optimizer, rate, seed) trains once with the benchmarks' loop and schedule
 (``benchmarks.training.train_run``: warm-up then cosine, the task's clipping) at the task's
 batch and steps (``TASK_SETTINGS``), in ``--workers`` processes of one thread each: the result
-is a metric, not a time. Runs are cached in ``runs.jsonl`` under ``--output_dir`` by their key
-(task, optimizer, resolved settings, rate, batch, steps, seed); the key does not see the code,
-so delete that file after a change of the maths. Writes ``rate_curves.{json,md,png}`` there:
-per task, each optimizer's mean and per-seed final metric at every rate, and FOP's defaults
-against AdamW at every rate where AdamW ends within 10% of its own best.
+is a metric, not a time. The ladder is also the tuner: with ``--extensions N`` an optimizer
+whose best mean sits at an edge of the rates tried gets the next rate past it (about x3), up
+to N times, so every optimizer's best rate is bracketed. Runs are cached in ``runs.jsonl``
+under ``--output_dir`` by their key (task, optimizer, resolved settings, rate, batch, steps,
+seed); the key does not see the code, so delete that file after a change of the maths. Writes
+``rate_curves.{json,md,png}`` there: per task, each optimizer's mean and per-seed final metric
+at every rate, and FOP's defaults against AdamW at every rate where AdamW ends within 10% of
+its own best. ``--step_costs`` measures seconds per step instead, side by side in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -24,10 +29,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.drop_in import RESULTS, _executor, _task, cached_run
 from benchmarks.optimizers import NAMES
+from benchmarks.real_tasks import RealTask, real_task
+from benchmarks.training import RESULTS, cached_run, executor
 
-# (batch, steps) of each task: those of the curvature ablation's runs.
+# (batch, steps) of each task.
 TASK_SETTINGS = {
     "wikitext_gpt": (16, 250),
     "wikitext_llama": (16, 250),
@@ -43,14 +49,18 @@ NEAR_BEST = 0.10  # AdamW's useful rates: within 10% of its best final metric
 QUICK_SETTINGS = (64, 4)  # --quick: the tasks' tiny data (the tests)
 
 
+@functools.cache
+def _task(name: str, quick: bool) -> RealTask:
+    return real_task(name, quick)
+
+
 def _one_run(
     task_name: str, name: str, lr: float, seed: int, cache: Path, quick: bool
 ) -> dict[str, Any]:
     torch.set_num_threads(1)
     batch, steps = QUICK_SETTINGS if quick else TASK_SETTINGS[task_name]
     task = _task(task_name, quick)
-    curve = cached_run(cache, task, name, lr, batch, steps, seed, steps, None, final_only=True)
-    final = curve[-1]
+    final = cached_run(cache, task, name, lr, batch, steps, seed)[-1]
     return {
         "task": task_name,
         "metric_name": task.metric,
@@ -76,6 +86,27 @@ def _near_best(metric_name: str, value: float, best: float) -> bool:
     if metric_name == "accuracy":
         return value >= best * (1 - NEAR_BEST)
     return value <= best * (1 + NEAR_BEST)
+
+
+def next_rate(lr: float, up: bool) -> float:
+    """The rate about x3 above (or below) ``lr`` on a 1-3-10 ladder (1e-2 -> 3e-2 -> 1e-1)."""
+    three = round(lr / 10 ** math.floor(math.log10(lr) + 1e-9)) == 3
+    factor = 10 / 3 if three == up else 3.0
+    return float(f"{lr * factor if up else lr / factor:.0e}")
+
+
+def past_the_edge(means: dict[float, float], higher_is_better: bool) -> float | None:
+    """The rate to try next when the best of ``means`` (rate -> mean final metric) is the
+    highest or the lowest rate tried; None when it is bracketed (or one rate was tried)."""
+    if len(means) < 2:
+        return None
+    rates = sorted(means)
+    best = (max if higher_is_better else min)(rates, key=lambda lr: means[lr])
+    if best == rates[-1]:
+        return next_rate(best, up=True)
+    if best == rates[0]:
+        return next_rate(best, up=False)
+    return None
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -175,6 +206,26 @@ def plot(tasks: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def _extended(
+    ladder: dict[tuple[str, str], list[float]], runs: list[dict[str, Any]]
+) -> dict[tuple[str, str], list[float]]:
+    """The rates each (task, optimizer) of ``ladder`` takes next: one past the edge where its
+    best mean so far is at an edge (``past_the_edge``), none where it is bracketed."""
+    extended = {}
+    for task, name in ladder:
+        done = [r for r in runs if (r["task"], r["optimizer"]) == (task, name)]
+        if not done:
+            continue
+        by_rate: dict[float, list[float]] = {}
+        for run in done:
+            by_rate.setdefault(run["lr"], []).append(run["metric"])
+        means = {lr: statistics.fmean(values) for lr, values in by_rate.items()}
+        rate = past_the_edge(means, done[0]["metric_name"] == "accuracy")
+        if rate is not None and rate not in means:
+            extended[task, name] = [rate]
+    return extended
+
+
 def step_costs(
     tasks: list[str], optimizers: list[str], steps: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -219,6 +270,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--seeds", default="1,2")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
+    parser.add_argument(
+        "--extensions",
+        type=int,
+        default=0,
+        help="times an optimizer whose best rate is at an edge of the ladder gets the next one",
+    )
     parser.add_argument("--output_dir", type=Path, default=RESULTS / "rate_curves")
     parser.add_argument("--quick", action="store_true", help="tiny data and 4 steps (the tests)")
     parser.add_argument(
@@ -237,22 +294,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.step_costs is not None:
         return step_costs(tasks, args.optimizers.split(","), args.step_costs, args)
     cache = args.output_dir / "runs.jsonl"
-    jobs = [
-        (task, name, float(lr), int(seed), cache, args.quick)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    ladder = {
+        (task, name): [float(lr) for lr in args.lrs.split(",")]
         for task in tasks
         for name in args.optimizers.split(",")
-        for lr in args.lrs.split(",")
-        for seed in args.seeds.split(",")
-    ]
-    runs = []
-    with _executor(args.workers) as executor:
-        for run in executor.map(_one_run, *zip(*jobs)):
-            print(
-                f"[{run['task']}] {run['optimizer']} lr={run['lr']:g} seed {run['seed']}: "
-                f"{run['metric']:.4g}",
-                flush=True,
-            )
-            runs.append(run)
+    }
+    runs: list[dict[str, Any]] = []
+    with executor(args.workers) as pool:
+        for extension in range(args.extensions + 1):
+            if extension:
+                ladder = _extended(ladder, runs)
+            jobs = [
+                (task, name, lr, seed, cache, args.quick)
+                for (task, name), rates in ladder.items()
+                for lr in rates
+                for seed in seeds
+            ]
+            for run in pool.map(_one_run, *zip(*jobs)) if jobs else ():
+                print(
+                    f"[{run['task']}] {run['optimizer']} lr={run['lr']:g} seed {run['seed']}: "
+                    f"{run['metric']:.4g}",
+                    flush=True,
+                )
+                runs.append(run)
     command = "python -m benchmarks.rate_curves " + " ".join(sys.argv[1:] if argv is None else argv)
     tasks_summary = summarise(runs)
     result = {"command": command, "runs": runs, "tasks": tasks_summary}

@@ -1,26 +1,34 @@
 """One benchmark run: a task's model trained by one optimizer under the shared schedule (linear
-warm-up over the first 10% of the steps, then cosine decay to zero), evaluated along the way.
-Every benchmark that trains (drop_in, rate_curves, the decoder pretrained for fine-tuning in
-real_tasks) trains through ``train_run``."""
+warm-up over the first 10% of the steps, then cosine decay to zero), evaluated along the way,
+and the cache of finished runs. Every benchmark that trains (rate_curves, the decoder pretrained
+for fine-tuning in real_tasks) trains through ``train_run``."""
 
 from __future__ import annotations
 
+import json
 import math
+import multiprocessing as mp
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from benchmarks.optimizers import make_optimizer
-from hf_fop import FOP
+from benchmarks.optimizers import VARIANTS, make_optimizer
+from hf_fop import FOP, FOPConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class RealTask(Protocol):
     """What a run needs of a task (real_tasks.RealTask): a protocol, so that the registry, which
     trains its pretrained decoder through ``train_run``, is not imported back."""
 
+    name: str
     make_model: Callable[[], nn.Module]
     sample: Callable[[int, torch.Generator], Callable[[nn.Module], Tensor]]
     evaluate: Callable[[nn.Module], float]
@@ -92,3 +100,49 @@ def train_run(
 def worst_metric(task: RealTask) -> float:
     """The metric a diverged run reports: the worst there is."""
     return 0.0 if task.higher_is_better else float("inf")
+
+
+def cached_run(
+    cache: Path | None,
+    task: RealTask,
+    name: str,
+    lr: float,
+    batch: int,
+    steps: int,
+    seed: int,
+) -> list[dict[str, float]]:
+    """The final point of ``train_run``, or that of the same run in ``cache`` (a JSON-lines
+    file of earlier runs): a run is a function of its key, so a ladder grows rate by rate and
+    optimizer by optimizer without training anything twice. The key holds the optimizer's
+    settings with every default resolved, so a changed default or variant runs again; it does
+    not see the code, so a change of the maths needs a fresh cache."""
+    settings = asdict(FOPConfig().replace(**VARIANTS[name][1])) if name in VARIANTS else {}
+    identity = [task.name, name, settings, lr, None, batch, steps, seed]
+    key = json.dumps(identity, default=str)
+    if cache is not None and cache.exists():
+        for line in cache.read_text().splitlines():
+            record = json.loads(line)
+            # (older caches appended the evaluation interval to the key)
+            if json.dumps(json.loads(record["key"])[: len(identity)], default=str) == key:
+                return record["curve"][-1:]
+    curve = train_run(task, name, lr, batch, steps, seed, steps)
+    if cache is not None:
+        with cache.open("a") as file:  # one short append per run: whole lines, any worker
+            file.write(json.dumps({"key": key, "curve": curve}) + "\n")
+    return curve[-1:]
+
+
+class _Inline(Executor):
+    """One worker: every job in this process, in order."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def executor(workers: int) -> Executor:
+    """``workers`` processes (spawned: each sets its own thread count), or this one."""
+    if workers <= 1:
+        return _Inline()
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))

@@ -53,7 +53,7 @@ class FOPConfig:
     """Every knob of :class:`hf_fop.FOP`, checked once when it is built.
 
     The defaults make FOP a drop-in for AdamW (``lr`` is an AdamW learning rate) and are the
-    winners of the ablation in benchmarks/results/ablation: in the eigenbasis of each layer's
+    winners of the curvature ablation (docs/benchmarks.md): in the eigenbasis of each layer's
     Kronecker factors (refreshed every 2 steps by a warm-started power step and a QR), the
     metric is the rotated gradient's own running second moment (that of its two halves) to
     the power 1/2 with Adam's eps, and the preconditioner acts on the moving average of the

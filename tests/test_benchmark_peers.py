@@ -1,4 +1,5 @@
-"""The benchmarks' peers and their search: Muon and SOAP built as their users build them."""
+"""The benchmarks' peers and the rate ladder that tunes them: Muon and SOAP built as their users
+build them."""
 
 from __future__ import annotations
 
@@ -9,37 +10,32 @@ import torch
 from torch import nn
 
 from benchmarks.optimizers import OptimizerPair, make_optimizer, muon_weights
+from benchmarks.rate_curves import next_rate, past_the_edge
 from benchmarks.tasks import small_vit
 from benchmarks.training import warmup_cosine
-from benchmarks.tuning import bracketed_search
 
 
-def test_search_extends_past_an_edge_until_the_pick_is_interior() -> None:
-    # A score peaked at lr = 0.03, beyond the grid's top.
-    calls = []
+def test_the_ladder_steps_about_x3_on_one_three_ten() -> None:
+    assert [next_rate(lr, up=True) for lr in (1e-3, 3e-3, 1e-2, 3e-2)] == [3e-3, 1e-2, 3e-2, 0.1]
+    assert [next_rate(lr, up=False) for lr in (1e-3, 3e-3, 1e-2)] == [3e-4, 1e-3, 3e-3]
 
-    def score(lr: float) -> float:
-        calls.append(lr)
+
+def test_the_ladder_extends_past_an_edge_and_stops_once_the_best_is_bracketed() -> None:
+    # Accuracy peaked at lr = 0.03, beyond the ladder's top: extend until the best is interior.
+    def accuracy(lr: float) -> float:
         return -((math.log10(lr) - math.log10(0.03)) ** 2)
 
-    search = bracketed_search(score, [1e-3, 3e-3, 1e-2], extensions=3)
-    assert calls == [1e-3, 3e-3, 1e-2, 0.03, 0.1]
-    assert search.best == 0.03 and search.interior
-    assert [value for value, _ in search.trials] == calls
-
-
-def test_search_stops_at_an_interior_pick_and_reports_an_unbracketed_one() -> None:
-    peaked = bracketed_search(lambda lr: -abs(lr - 1e-3), [3e-4, 1e-3, 3e-3])
-    assert peaked.best == 1e-3 and peaked.interior and len(peaked.trials) == 3
-    # Still improving after every extension allowed: the pick is an edge, and says so.
-    rising = bracketed_search(lambda lr: lr, [1.0, 2.0], extensions=2)
-    assert [v for v, _ in rising.trials] == [1.0, 2.0, 4.0, 8.0]
-    assert rising.best == 8.0 and not rising.interior
-    # The lower edge extends downwards; a divergence (-inf) brackets from above.
-    falling = bracketed_search(lambda lr: -math.inf if lr > 0.5 else -lr, [0.1, 1.0], 1)
-    assert [v for v, _ in falling.trials] == [0.1, 1.0, 0.03]
-    with pytest.raises(ValueError, match="positive"):
-        bracketed_search(lambda lr: 0.0, [0.0, 1.0])
+    means = {lr: accuracy(lr) for lr in (1e-3, 3e-3, 1e-2)}
+    tried = []
+    while (rate := past_the_edge(means, higher_is_better=True)) is not None:
+        tried.append(rate)
+        means[rate] = accuracy(rate)
+    assert tried == [0.03, 0.1]
+    # Perplexity (lower is better) falling towards the lowest rate extends downwards; a
+    # divergence (infinite perplexity) at the top brackets from above.
+    assert past_the_edge({1e-3: 50.0, 3e-3: 60.0, 1e-2: math.inf}, False) == 3e-4
+    assert past_the_edge({1e-3: 70.0, 3e-3: 60.0, 1e-2: math.inf}, False) is None
+    assert past_the_edge({1e-3: 0.5}, True) is None  # one rate brackets nothing
 
 
 def _mlp() -> nn.Sequential:

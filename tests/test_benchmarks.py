@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import ablation, drop_in, step_cost, training
+from benchmarks import step_cost, training
 from benchmarks.real_tasks import real_task
 from hf_fop import FOPConfig
 
@@ -130,120 +130,30 @@ def test_shipped_mnist_and_wikitext(tmp_path: Path, monkeypatch) -> None:
     assert len(text["train"]) > 10_000_000 and len(text["validation"]) > 1_000_000
 
 
-def test_a_cached_run_serves_every_request_whose_evaluations_it_holds(
+def test_a_cached_run_serves_the_same_run_and_trains_any_other(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    task, cache = drop_in._task("mnist_mlp", True), tmp_path / "runs.jsonl"
-    fine = drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 2, None)
-    assert [p["step"] for p in fine] == [2, 4, 6]
-    # Evaluating does not change the training: the same run evaluated once ends the same.
-    once = training.train_run(task, "adamw", 1e-3, 64, 6, 0, 6)
-    assert once[-1]["metric"] == fine[-1]["metric"]
+    task, cache = real_task("mnist_mlp", quick=True), tmp_path / "runs.jsonl"
+    final = training.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0)
+    assert [p["step"] for p in final] == [6]
+    # Evaluating does not change the training: the run evaluated every 2 steps ends the same.
+    often = training.train_run(task, "adamw", 1e-3, 64, 6, 0, 2)
+    assert [p["step"] for p in often] == [2, 4, 6] and often[-1]["metric"] == final[0]["metric"]
 
     def trains(*args: object, **kwargs: object) -> None:
         raise AssertionError("served from the cache")
 
-    monkeypatch.setattr(drop_in, "train_run", trains)
-    assert drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 6, None) == fine[-1:]
-    assert drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 4, None) == [
-        fine[1],
-        fine[2],
-    ]
-    # Older caches appended eval_every to the key; their runs serve as well.
+    monkeypatch.setattr(training, "train_run", trains)
+    assert training.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0) == final
+    # Older caches appended the evaluation interval to the key; their runs serve as well.
     record = json.loads(cache.read_text())
     record["key"] = json.dumps([*json.loads(record["key"]), 2])
     cache.write_text(json.dumps(record) + "\n")
-    assert drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 2, None) == fine
-    # Tuning needs the final metric only: any run of the same identity serves it.
-    assert drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0, 1, None, final_only=True) == (
-        fine
-    )
-    # A request for steps the run never evaluated, or another seed, trains.
-    for eval_every, seed in ((1, 0), (2, 1)):
+    assert training.cached_run(cache, task, "adamw", 1e-3, 64, 6, 0) == final
+    # Another seed, rate or variant trains; so does a changed default (the key resolves them).
+    for name, lr, seed in (("adamw", 1e-3, 1), ("adamw", 3e-3, 0), ("fop", 1e-3, 0)):
         with pytest.raises(AssertionError, match="served from the cache"):
-            drop_in.cached_run(cache, task, "adamw", 1e-3, 64, 6, seed, eval_every, None)
-
-
-def test_drop_in_benchmark_tiny(tmp_path: Path) -> None:
-    result = drop_in.main(
-        [
-            "--task",
-            "mnist_mlp",
-            "--quick",
-            "--batches",
-            "64,512",
-            "--steps",
-            "12",
-            "--optimizers",
-            "adamw,muon,soap,fop",
-            "--seeds",
-            "1",
-            "--eval_every",
-            "4",
-            "--report_at",
-            "5",
-            "--damping_grid",
-            "1e-9",  # Adam's eps in FOP's eigenbasis (absolute damping; the default is 1e-8)
-            "--cost_steps",
-            "2",
-            "--output_dir",
-            str(tmp_path),
-        ]
-    )
-    rows = {(r["batch"], r["optimizer"]): r for r in result["summary"]}
-    assert set(rows) == {(b, o) for b in (64, 512) for o in ("adamw", "muon", "soap", "fop")}
-    # Every optimizer, the two peers included, learned: MNIST's chance level is 0.1 (SOAP's
-    # 12 steps at batch 512 end at 0.25 on one CPU's kernels, above 0.3 on others).
-    assert all(r["final_mean"] > 0.2 for r in rows.values()), {
-        k: r["final_mean"] for k, r in rows.items()
-    }
-    # The damping grid: FOP tried 1e-9 at its best rate beside the default 1e-8; the rest none.
-    fop_tuning = result["results"]["64"]["fop"]["tuning"]
-    assert [t["damping"] for t in fop_tuning] == [1e-8, 1e-9]
-    best = max(fop_tuning, key=lambda t: t["final"])
-    assert rows[(64, "fop")]["damping"] == best["damping"]
-    assert rows[(64, "adamw")]["damping"] is None and rows[(64, "soap")]["damping"] is None
-    # One point per grid in quick mode: no pick can be interior, and the table says so.
-    assert rows[(64, "muon")]["lr_interior"] is False
-    assert "| 64 | Muon | 0.003 (edge) |" in (tmp_path / "drop_in_mnist_mlp.md").read_text()
-    # Seconds are steps times the per-step cost measured side by side, never a run's own clock.
-    for r in rows.values():
-        assert r["step_seconds"] > 0 and r["train_seconds"] == 12 * r["step_seconds"]
-    # The intermediate report is the evaluation at step 4 (the last one at or before step 5).
-    curve = result["results"]["512"]["soap"]["curves"][0]
-    assert [p["step"] for p in curve] == [4, 8, 12]
-    assert rows[(512, "soap")]["at_report_step"] == [curve[0]["metric"]]
-    # 512 is the whole quick training set: a full-batch run.
-    assert rows[(512, "fop")]["kfac_cosine"] is not None and rows[(64, "adamw")]["rho_abs"] is None
-    # FOP's direction is K-FAC's plus a correction: close to it, not equal.
-    assert 0.5 < rows[(512, "fop")]["kfac_cosine"] < 0.99999
-    assert rows[(64, "adamw")]["target"] == rows[(64, "adamw")]["final_mean"] - 0.01
-    assert (tmp_path / "drop_in_mnist_mlp.png").stat().st_size > 10_000
-    # Without an intermediate step the summary has none (and rewrites from the JSON alone).
-    saved = json.loads((tmp_path / "drop_in_mnist_mlp.json").read_text())
-    (tmp_path / "plain.json").write_text(json.dumps({**saved, "report_at": None}))
-    plain = drop_in.main(["--report", str(tmp_path / "plain.json")])
-    assert all(r["at_report_step"] == [] for r in plain["summary"])
-    assert "at step" not in (tmp_path / "plain.md").read_text()
-    # The step costs measured again, alone: the seconds follow, the metrics stay.
-    again = drop_in.main(
-        ["--remeasure_costs", str(tmp_path / "plain.json"), "--quick", "--cost_steps", "1"]
-    )
-    curve = again["results"]["512"]["soap"]["curves"][0]
-    cost = again["results"]["512"]["soap"]["step_seconds"]
-    assert [p["seconds"] for p in curve] == [4 * cost, 8 * cost, 12 * cost]
-    assert [p["metric"] for p in curve] == [
-        p["metric"] for p in saved["results"]["512"]["soap"]["curves"][0]
-    ]
-    # The ablation's table and goals from the same run: FOP against the better peer, one seed.
-    ablation_text = ablation.main(["--results", str(tmp_path)])
-    fop = rows[(512, "fop")]
-    assert f"| FOP, defaults | 0.003 (edge) | {fop['final_mean']:.4f} [" in ablation_text
-    better_peer = max(("muon", "soap"), key=lambda n: rows[(512, n)]["final_mean"])
-    assert f"vs {drop_in.NAMES[better_peer]} {rows[(512, better_peer)]['final_mean']:.4g}" in (
-        ablation_text
-    )
-    assert (tmp_path / "ablation.png").is_file()
+            training.cached_run(cache, task, name, lr, 64, 6, seed)
 
 
 @pytest.mark.slow
@@ -311,18 +221,30 @@ def test_rate_curves_tiny(tmp_path: Path) -> None:
     from benchmarks import rate_curves
 
     argv = ["--tasks", "mnist_mlp", "--quick", "--lrs", "1e-3,1e-2", "--seeds", "1"]
+    argv += ["--optimizers", "adamw,fop,muon,soap", "--extensions", "1"]
     argv += ["--workers", "1", "--output_dir", str(tmp_path)]
     result = rate_curves.main(argv)
     finals = {(r["optimizer"], r["lr"]): r["metric"] for r in result["runs"]}
-    assert set(finals) == {(o, lr) for o in ("adamw", "fop") for lr in (1e-3, 1e-2)}
-    assert all(0.1 < m <= 1.0 for m in finals.values())  # learned above MNIST's chance level
+    ladder = {(o, lr) for o in ("adamw", "fop", "muon", "soap") for lr in (1e-3, 1e-2)}
+    assert ladder <= set(finals)
+    # Every optimizer, the peers included, learned: MNIST's chance level is 0.1.
+    assert all(0.1 < m <= 1.0 for m in finals.values()), finals
+    # The extension: an optimizer whose best rate was an edge took the next rate past it.
+    for name in ("adamw", "fop", "muon", "soap"):
+        low, high = finals[(name, 1e-3)], finals[(name, 1e-2)]
+        extra = {lr for o, lr in set(finals) - ladder if o == name}
+        assert extra == ({3e-2} if high > low else {3e-4} if low > high else set())
+    # FOP's direction is K-FAC's plus a correction: close to it, not equal (the runs' records).
+    records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    cosines = [r["curve"][-1]["kfac_cosine_mean"] for r in records if '"fop"' in r["key"]]
+    assert cosines and all(0.5 < c < 0.99999 for c in cosines), cosines
     report = (tmp_path / "rate_curves.md").read_text()
     assert f"{finals[('fop', 1e-2)]:.4g} [" in report
     assert (tmp_path / "rate_curves.png").stat().st_size > 0
     # A second call reads every run from the cache: the same numbers without training.
     again = rate_curves.main(argv)
     assert again["runs"] == result["runs"]
-    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(finals)
 
 
 def test_minilm_fine_tuning_task_starts_from_the_shipped_weights_and_trains_tiny() -> None:
