@@ -25,10 +25,9 @@ from hf_fop.bucket_data import BucketStatistics, BucketStep
 from hf_fop.capture import CurvatureCapture
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
-from hf_fop.distributors import Distributor, make_distributor
+from hf_fop.distributors import Distributor, make_distributor, sharded_since
 from hf_fop.fop_update import UpdateRule
 from hf_fop.layers import LayerAdapter
-from hf_fop.sharding import is_sharded
 
 logger = logging.getLogger("hf_fop")
 
@@ -86,7 +85,7 @@ class ModelCurvature:
         """Shard the curvature if the model was sharded after the optimizer was built
         (accelerate applies fully_shard in ``prepare``); only before any curvature exists.
         Returns whether it did (the distributor is chosen again, once)."""
-        if self.sharded or not any(is_sharded(layer.weight) for layer in self.layers):
+        if not sharded_since(self.distributor, self.layers):
             return False
         if any(any(bucket.factor_updates) for bucket in self.buckets):
             raise RuntimeError(

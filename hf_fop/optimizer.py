@@ -1,16 +1,17 @@
 """``hf_fop.FOP``: K-FAC natural gradient plus the Fisher-orthogonal correction, in one optimizer.
 
-``step()`` is a short pipeline (the equations are in fop_math.py, the curvature in
-model_curvature.py, one layer shape's step in bucket.py, what each rank holds and shares in
-distributors.py, the update rules in update_rules.py):
+``step()`` is a short pipeline (the update of a preconditioned layer is fop_update.py's, the
+curvature model_curvature.py's, one layer shape's state bucket.py's, what each rank holds and
+shares the distributors', the parameter updates update_rules.py's):
 1. gather what the hooks saw (factor estimates on curvature steps, g1 in FOP mode), averaged
    across ranks in one all-reduce, and undo a loss scale;
-2. a device flag: is every gradient and statistic finite? Every update below is masked by it,
-   so a bad step changes nothing, and the host reads it later (pending_verdict.py);
+2. a device flag: is every gradient and statistic finite? What the step computes is kept only
+   where it holds, so a bad step changes nothing, and the host reads it later
+   (pending_verdict.py);
 3. refresh the curvature: fold the estimates in, decompose where due (batched per layer shape);
 4. the directions: eta * M^-1 (m + beta g_perp) per layer (M^-1 m in K-FAC mode), m the
    moving average of the gradient, M the metric in the Kronecker eigenbasis; grafted where
-   asked; a KL-norm clip;
+   asked (fop_update); a KL-norm clip;
 5. the updates: decoupled weight decay and the step on the preconditioned layers, AdamW on
    the rest.
 """
@@ -30,6 +31,7 @@ import hf_fop.checkpoint as checkpoint
 from hf_fop.bucket_data import BucketStatistics
 from hf_fop.config import FOPConfig
 from hf_fop.distributed import Communicator
+from hf_fop.distributors.sharded import follow_sharded_parameters, local_gradients, local_tensor
 from hf_fop.fop_math import kl_clip_scale
 from hf_fop.layers import LayerAdapter
 from hf_fop.mixed_precision import (
@@ -41,11 +43,10 @@ from hf_fop.mixed_precision import (
     unscaled_ratio,
 )
 from hf_fop.model_curvature import ModelCurvature, float_statistics
-from hf_fop.param_groups import adamw_defaults, local_grads, param_groups, param_indices
+from hf_fop.param_groups import adamw_defaults, param_groups, param_indices
 from hf_fop.partition import configured_partition, unwrap_model
 from hf_fop.pending_verdict import DecidedAtFirstUse, PendingVerdict
 from hf_fop.plan import plan_partition
-from hf_fop.sharding import follow_sharded_parameters
 from hf_fop.update_rules import adamw_step, preconditioned_step, take_empty_step
 
 logger = logging.getLogger("hf_fop")
@@ -167,7 +168,7 @@ class FOP(torch.optim.Optimizer):
                 loss = closure()
         self._verdict.settle()  # the last step's flag: waits, if at all, for that step only
         self._follow_sharding()
-        if self.curvature.is_empty_step(local_grads(self.param_groups)):
+        if self.curvature.is_empty_step(local_gradients(self.param_groups)):
             take_empty_step(self.param_groups, self.state)
         else:
             self._step()
@@ -254,7 +255,7 @@ class FOP(torch.optim.Optimizer):
         # GradScaler.step sets these: S while p.grad is still scaled, and its overflow flag.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        grads = local_grads(self.param_groups)
+        grads = local_gradients(self.param_groups)
         overflow = unscale_and_check(grads, grad_scale)
         if overflow is not None:
             self.curvature.distributor.agree_overflow(overflow)
@@ -267,7 +268,7 @@ class FOP(torch.optim.Optimizer):
             self._precondition(group, statistics, gradients, ok)
         for adamw_group in self.param_groups:
             if adamw_group["kind"] == "adamw":
-                adamw_step(adamw_group, self.state, ok)
+                adamw_step(adamw_group, self.state, ok, local_tensor)
         self._verdict.record(verdict, undo)
 
     def _gather(

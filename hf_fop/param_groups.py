@@ -6,22 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
-
 from hf_fop.config import FOPConfig
 from hf_fop.partition import Partition
-from hf_fop.sharding import local_tensor
 
 
 def param_indices(groups: list[dict[str, Any]]) -> dict[int, int]:
     """Parameter id -> its index in a state_dict (torch numbers parameters across groups)."""
     params = [p for group in groups for p in group["params"]]
     return {id(p): index for index, p in enumerate(params)}
-
-
-def local_grads(groups: list[dict[str, Any]]) -> list[Tensor]:
-    """Every gradient of the groups (its local shard under FSDP2)."""
-    return [local_tensor(p.grad) for g in groups for p in g["params"] if p.grad is not None]
 
 
 def adamw_defaults(config: FOPConfig) -> dict[str, Any]:

@@ -14,14 +14,13 @@ has fused kernels for.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-from hf_fop.sharding import local_tensor
 
 logger = logging.getLogger("hf_fop")
 
@@ -71,10 +70,14 @@ def _found_inf(ok: Tensor | None, fused: bool) -> tuple[bool, Tensor | None]:
 
 
 def adamw_step(
-    group: dict[str, Any], state: dict[Tensor, dict[str, Any]], ok: Tensor | None = None
+    group: dict[str, Any],
+    state: dict[Tensor, dict[str, Any]],
+    ok: Tensor | None = None,
+    local: Callable[[Tensor], Tensor] = lambda tensor: tensor,
 ) -> None:
     """One AdamW step for the parameters of ``group`` that have gradients; none at all, on the
-    device, where the flag ``ok`` is false (torch's fused kernel reads it there)."""
+    device, where the flag ``ok`` is false (torch's fused kernel reads it there). ``local``:
+    the part of a tensor this rank updates (its shard under FSDP2; the distributors')."""
     params = [p for p in group["params"] if p.grad is not None]
     if not params:
         return
@@ -84,7 +87,7 @@ def adamw_step(
         elif state[param]["step"].device != param.device:  # a checkpoint of CPU step counts
             state[param]["step"] = state[param]["step"].to(param.device, torch.float32)
     locals_ = [
-        [local_tensor(t) for t in tensors]
+        [local(t) for t in tensors]
         for tensors in (
             params,
             [p.grad for p in params],

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hf_fop import FOP
 from hf_fop.config import KRONECKER_SETTINGS
-from hf_fop.sharding import full_tensor, is_sharded
+from hf_fop.distributors.sharded import full_tensor, is_sharded
 from tests.helpers import ValueReads, device_ahead, image_data, tiny_vit
 
 # The layouts are compared to round-off, which the Kronecker path keeps at round-off. The

@@ -1,17 +1,7 @@
-"""Who holds, decomposes and computes what across ranks: one class per kind of parallelism.
-
-The rest of FOP never asks which parallelism it runs under; it asks its distributor, chosen
-once (when the optimizer is built, or when ``fully_shard`` is first seen):
-
-- ``ReplicatedDistributor``: one process, or DDP. Every rank holds every layer's curvature and
-  gradient; the decompositions due at a refresh are split across ranks by cost and shared in
-  one collective, and every rank computes every direction.
-- ``ShardedDistributor``: FSDP2. Each layer's curvature lives on one owner (fixed, balanced by
-  decomposition cost), so optimizer memory falls as 1 / world size; the owner decomposes and
-  computes its layers' directions, and one summing all-reduce gives every rank all of them.
-
-Both average the hooks' statistics the same way: one all-reduce over whatever this step sent.
-"""
+"""One process, or DDP: every rank holds every layer's curvature and gradient. The
+decompositions due at a refresh are split across ranks by cost and shared in one collective,
+and every rank computes every direction; the statistics are averaged in one all-reduce over
+whatever this step sent."""
 
 from __future__ import annotations
 
@@ -23,7 +13,6 @@ from torch import Tensor
 from hf_fop.blocks import Blocking
 from hf_fop.bucket import ShapeBucket
 from hf_fop.bucket_data import (
-    SCALARS,
     BucketStatistics,
     BucketStep,
     factor_layouts,
@@ -34,14 +23,14 @@ from hf_fop.curvature import EigenPreconditioner
 from hf_fop.distributed import Communicator, assign_layers, layouts_cost
 from hf_fop.fop_math import inner
 from hf_fop.layers import LayerAdapter
-from hf_fop.sharding import full_tensor, is_sharded, local_rows, local_tensor
 
 # Layer index -> its direction (before the learning rate), for every layer with a gradient.
 Directions = list[tuple[int, Tensor]]
 
 
 class ReplicatedDistributor:
-    """One process or DDP: every rank holds everything (module docstring)."""
+    """One process or DDP: every rank holds everything (module docstring). The base of every
+    distributor: what the rest of FOP asks of one."""
 
     sharded = False
 
@@ -133,7 +122,7 @@ class ReplicatedDistributor:
             for param, update in zip(layer.params, layer.split_matrix(direction)):
                 targets.append(param)
                 directions.append(update)
-        return targets, _scaled(directions, scale)
+        return targets, scaled_directions(directions, scale)
 
     # ----------------------------------------------------------------------------- directions
 
@@ -142,97 +131,18 @@ class ReplicatedDistributor:
     ) -> tuple[Directions, dict[str, Tensor], Tensor]:
         """(layer index, direction) for every layer with a gradient, the per-layer FOP
         statistics, and sum_l <n_l, g_l> (the KL clip's quadratic term)."""
-        vg = _direction_dot_gradient(steps)
+        vg = direction_dot_gradient(steps)
         pairs = [pair for s in steps for pair in s.directions()]
         return pairs, step_statistics(steps) if steps else {}, vg
 
 
-class ShardedDistributor(ReplicatedDistributor):
-    """FSDP2: each layer's curvature on one owner (module docstring)."""
-
-    sharded = True
-
-    def _owners(self) -> list[int]:
-        costs = [layouts_cost(*layouts) for layouts in self.layouts]
-        return assign_layers(costs, self.communicator.world_size)
-
-    def gradient_matrices(self) -> list[Tensor | None]:
-        """Every layer's whole gradient matrix: gathered from the shards (a collective; every
-        rank gathers the same layers in the same order)."""
-        return [layer.grad_matrix(full_tensor) for layer in self.layers]
-
-    def parameter_updates(
-        self, pairs: Directions, scale: Tensor | None
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """(this rank's shards, their rows of the directions): each rank updates its own rows."""
-        targets, directions = super().parameter_updates(pairs, None)
-        directions = [local_rows(d, p) for d, p in zip(directions, targets)]
-        return [local_tensor(p) for p in targets], _scaled(directions, scale)
-
-    def agree_overflow(self, overflow: Tensor) -> None:
-        """Each rank checked its own shards: all must agree to skip."""
-        self.communicator.all_reduce_mean([overflow])
-
-    def decompose(
-        self,
-        due: list[tuple[ShapeBucket, int]],
-        damping: float,
-        damping_mode: str,
-    ) -> None:
-        """The owner decomposes its own layers (all this rank's buckets hold); nothing is shared."""
-        self.decomposed_by_rank = sorted(b.indices[r] for b, r in due)
-        for bucket in {id(b): b for b, _ in due}.values():
-            bucket.decompose([r for b, r in due if b is bucket], damping, damping_mode)
-
-    def share_directions(
-        self, steps: list[BucketStep], gradients: list[Tensor | None]
-    ) -> tuple[Directions, dict[str, Tensor], Tensor]:
-        """Each owner computed only its layers: one summing all-reduce gives every rank every
-        direction (zeros elsewhere), the statistics and the sum."""
-        vg = _direction_dot_gradient(steps)
-        computed = {
-            index: (matrix, [s.scalar(k)[j] for k in SCALARS])
-            for s in steps
-            for j, (index, matrix) in enumerate(s.directions())
-        }
-        like = self.layers[0].weight
-        tensors, owned, present = [], [], []
-        for index, grad in enumerate(gradients):
-            if grad is None:
-                continue
-            present.append(index)
-            matrix, scalars = computed.get(index, (None, None))
-            mine = matrix is not None
-            tensors.append(matrix if mine else grad.new_zeros(grad.shape, dtype=torch.float32))
-            tensors.append(torch.stack(scalars) if mine else grad.new_zeros(len(SCALARS)))
-            owned += [mine, mine]
-        vg = vg.reshape(1).to(like.device, torch.float32)
-        self.communicator.share_owned([*tensors, vg], [*owned, True])  # vg: summed over ranks
-        pairs = list(zip(present, tensors[0::2]))
-        scalars = torch.stack(tensors[1::2]) if present else torch.zeros(0, len(SCALARS))
-        statistics = {k: scalars[:, i] for i, k in enumerate(SCALARS)}
-        if present:
-            statistics["rho_abs"] = statistics["rho"].abs()
-        return pairs, statistics, vg.reshape(())
-
-
-Distributor = ReplicatedDistributor
-
-
-def make_distributor(
-    layers: Sequence[LayerAdapter], communicator: Communicator, blocking: Blocking | None = None
-) -> Distributor:
-    """The distributor for how ``layers`` are held now (sharded by FSDP2 or not)."""
-    if any(is_sharded(layer.weight) for layer in layers):
-        return ShardedDistributor(layers, communicator, blocking)
-    return ReplicatedDistributor(layers, communicator, blocking)
-
-
-def _scaled(directions: list[Tensor], scale: Tensor | None) -> list[Tensor]:
+def scaled_directions(directions: list[Tensor], scale: Tensor | None) -> list[Tensor]:
+    """The directions times the KL clip's ``scale`` (one foreach call), or as they are."""
     if scale is None or not directions:
         return directions
     return list(torch._foreach_mul(directions, scale))
 
 
-def _direction_dot_gradient(steps: list[BucketStep]) -> Tensor:
+def direction_dot_gradient(steps: list[BucketStep]) -> Tensor:
+    """sum_l <n_l, g_l> over the steps' layers: the KL clip's quadratic term."""
     return sum((inner(s.direction, s.g_avg).sum() for s in steps), torch.zeros(()))
