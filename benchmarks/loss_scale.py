@@ -2,7 +2,7 @@
 
     python -m benchmarks.loss_scale --optimizers adamw_torch,fop --steps 24 [--out FILE]
 
-A small Hugging Face ViT (benchmarks.tasks.small_vit's model) trains on scikit-learn's digits
+A small Hugging Face ViT (benchmarks.real_tasks.small_vit's model) trains on scikit-learn's digits
 through FOPTrainer twice per optimizer: in fp32, and with ``fp16=True`` and a
 ``torch.amp.GradScaler`` attached as accelerate attaches one on a GPU. On a CPU accelerate
 clips (``max_grad_norm``, the Trainer's 1.0) before the scaler unscales, so the clip acts on
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from benchmarks.tasks import digits_tensors, small_vit
+from benchmarks.real_tasks import digits_tensors, small_vit
 from hf_fop.integration import FOPTrainer, FOPTrainingArguments
 
 

@@ -3,7 +3,7 @@
     python -m benchmarks.roundoff --steps 6 --batch 128 --lrs 1e-3,1e-2 \
         --optimizers adamw,soap,kfac,fop [--settings '{"exponent": 0.5}'] [--out FILE]
 
-A small Hugging Face ViT (benchmarks.tasks.digits_vit) trains for ``--steps`` steps on
+A small Hugging Face ViT (benchmarks.real_tasks.digits_vit) trains for ``--steps`` steps on
 scikit-learn's digits twice from the same seed: once on the images, once on the images times
 (1 + 2^-23), one ulp of 1.0. AdamW's update is almost insensitive to that change; an optimizer
 that divides round-off by round-off (a rotated coordinate the data never reached, a
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.optimizers import NAMES, make_optimizer
-from benchmarks.tasks import digits_tensors, digits_vit
+from benchmarks.real_tasks import digits_tensors, digits_vit
 from hf_fop import partition_model
 
 ULP = 2.0**-23

@@ -11,7 +11,7 @@ from torch import nn
 
 from benchmarks.optimizers import OptimizerPair, make_optimizer, muon_weights
 from benchmarks.rate_curves import next_rate, past_the_edge
-from benchmarks.tasks import small_vit
+from benchmarks.real_tasks import small_vit
 from benchmarks.training import warmup_cosine
 
 
