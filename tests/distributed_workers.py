@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -34,9 +35,14 @@ def init_process(rank: int, world_size: int, port: int) -> None:
 
 def finish_process() -> None:
     """Tear the process group down once every rank is done with it (a rank that leaves while
-    the other still communicates can abort in gloo's threads)."""
+    the other still communicates can abort in gloo's threads), then leave at once: what still
+    holds the group (an FSDP2 model's device mesh) would otherwise be torn down at interpreter
+    exit, where gloo aborted once in CI ("terminate called without an active exception")."""
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _global_batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
