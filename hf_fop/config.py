@@ -132,7 +132,7 @@ class FOPConfig:
     # Precondition every nn.Embedding as well (and so a tied output layer): the vocabulary side
     # diagonal, the width side a Kronecker factor, both from the gradient matrix (no hooks, no
     # g1: their FOP direction is K-FAC's). SOAP's lead over block-only preconditioners on
-    # language models comes from there (benchmarks/results/eigen_corrected_probe.md).
+    # language models comes from there (the eigen-corrected probe, docs/benchmarks.md).
     precondition_embeddings: bool = True
     # A factor side longer than this is split into equal diagonal blocks no larger than it
     # (hf_fop/blocks.py): memory and refresh cost grow linearly with the side instead of as its
