@@ -3,7 +3,7 @@
 Everything a preconditioned layer's step does after its Kronecker factors and their eigenbasis
 are refreshed (``ModelCurvature.refresh``) happens in ``fop_update``, top to bottom, for a stack
 of layers of one shape at a time (a bucket). It writes nothing: it returns the state's new
-values, and the bucket keeps them where the step is kept (``ShapeBucket.commit``), so a step
+values, and the bucket keeps them where the step is kept (``ShapeBucket._commit``), so a step
 with non-finite gradients is undone in one place instead of in every formula.
 """
 
@@ -47,18 +47,19 @@ class UpdateRule:
     @classmethod
     def of(cls, config: FOPConfig, group: Mapping[str, Any], graft: str) -> UpdateRule:
         """``graft``: the layer's own (``grafting.layer_graft``)."""
+        beta1, beta2 = group["betas"]
         return cls(
-            tuple(group["betas"]),  # type: ignore[arg-type]
-            group["damping"],
-            config.damping_mode,
-            config.curvature,
-            config.exponent,
-            config.second_moment_decay,
-            config.mode,
-            graft,
-            config.adamw_eps,
-            config.fop_zero_tol,
-            config.wants_halves,
+            betas=(beta1, beta2),
+            damping=group["damping"],
+            damping_mode=config.damping_mode,
+            curvature=config.curvature,
+            exponent=config.exponent,
+            second_moment_decay=config.second_moment_decay,
+            mode=config.mode,
+            graft=graft,
+            adamw_eps=config.adamw_eps,
+            zero_tol=config.fop_zero_tol,
+            wants_halves=config.wants_halves,
         )
 
 
