@@ -165,10 +165,8 @@ class ShapeBucket:
     def adam_second_moment(self) -> Tensor:
         """AdamW's second moment of each layer's gradient matrix: declared with grafting, and
         otherwise created when a layer first steps without an eigenbasis (as AdamW)."""
-        if "graft_exp_avg_sq" not in self.state:
-            self.state["graft_exp_avg_sq"] = torch.zeros(
-                len(self), self.out_dim, self.in_dim, device=self.A.device
-            )
+        if "graft_exp_avg_sq" not in self.state:  # shaped as the momentum, as declared
+            self.state["graft_exp_avg_sq"] = torch.zeros_like(self.state["gradient_exp_avg"])
         return self.state["graft_exp_avg_sq"]
 
     def step(
@@ -191,17 +189,19 @@ class ShapeBucket:
         ]
         if waiting:
             self.adam_second_moment()
+        counts = None  # the rotated moment's updates, where the metric keeps one
         if "rotated_second_moment" in self.state:
             self.moment_updates = [done + has for done, has in zip(self.moment_updates, ready)]
-        # Rows without a moment yet divide by one (their metric is never used).
-        counts = [max(n, 1) for n in self.moment_updates]
+            # Rows without a moment yet divide by one (their metric is never used).
+            at_least_one = [max(n, 1) for n in self.moment_updates]
+            counts = torch.tensor(at_least_one, device=g_avg.device)[:, None, None]
         new, result = fop_update(
             self.state,
             g_avg,
             self._difference(stats, g_avg),
             rule,
             step,
-            torch.tensor(counts, device=g_avg.device)[:, None, None],
+            counts,
             ready,
             (self.layout_A, self.layout_G),
         )

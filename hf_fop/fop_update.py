@@ -69,7 +69,7 @@ def fop_update(
     grad_diff: Tensor | None,
     rule: UpdateRule,
     step: int,
-    moment_updates: Tensor,
+    moment_updates: Tensor | None,
     ready: list[bool],
     layouts: tuple[BlockLayout, BlockLayout],
 ) -> tuple[dict[str, Tensor], FOPDirection]:
@@ -78,7 +78,7 @@ def fop_update(
     For the batch gradient g (layers, out, in), the difference of the step's two halves
     g_d = g1 - g2 (``grad_diff``; None: no layer was split), the eigenbases Q_A, Q_G and the
     input factor A of ``state``, b1, b2 = ``betas``, b = ``second_moment_decay``, t = ``step``,
-    k = ``moment_updates``:
+    k = ``moment_updates`` (the eigen-corrected metric's; None for the Kronecker metric):
 
         m <- b1 m + (1 - b1) g;   m^ = m / (1 - b1^t)                      momentum, as Adam's
         r = Q_G^T g Q_A;   r_d = Q_G^T g_d Q_A                             the eigenbasis
@@ -110,6 +110,7 @@ def fop_update(
     if grad_diff is not None:
         rotated_diff = kronecker.rotate(pad_matrix(grad_diff, layout_G, layout_A))
     if rule.curvature == "eigen_corrected":
+        assert moment_updates is not None, "the eigen-corrected metric counts its moments"
         old = state["rotated_second_moment"]
         rotated = kronecker.rotate(pad_matrix(grad, layout_G, layout_A))
         halves_agree = rule.wants_halves and grad_diff is None

@@ -133,8 +133,8 @@ class ModelCurvature:
         damping: float,
         gradients: list[Tensor | None] | None = None,
     ) -> bool:
-        """Fold the estimates into the running factors and decompose what is due. Returns whether any
-        decomposition was refreshed. Buckets whose factors come from the gradient
+        """Fold the estimates into the running factors and decompose what is due. Returns
+        whether any decomposition was refreshed. Buckets whose factors come from the gradient
         (``factor_source="gradient"``, or layers without hooks) take their estimates from
         ``gradients`` (every layer's full gradient matrix) on curvature steps."""
         config = self.config
@@ -333,7 +333,8 @@ class ModelCurvature:
             )
         for bucket in self.buckets:
             # (AdamW's second moment may exist without grafting: a layer that waited for curvature)
-            expected = {"graft_exp_avg_sq": (bucket.out_dim, bucket.in_dim), **bucket.shapes}
+            shaped_as_momentum = bucket.shapes["gradient_exp_avg"]
+            expected = {"graft_exp_avg_sq": shaped_as_momentum, **bucket.shapes}
             for name in bucket.names:
                 for key, value in saved[name].items():
                     if key in expected and tuple(value.shape) != expected[key]:

@@ -101,7 +101,7 @@ class ReplicatedDistributor:
             if self.communicator.active:
                 for key in EigenPreconditioner.STATE_KEYS:
                     for row in rows:
-                        shared.append(bucket.decomposition[key][row])
+                        shared.append(bucket.state[key][row])
                         owned.append(row in mine)
         self.communicator.share_owned(shared, owned)
 
