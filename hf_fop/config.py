@@ -105,6 +105,11 @@ class FOPConfig:
     curvature: Curvature = "eigen_corrected"
     exponent: float = 0.5
     second_moment_decay: float = 0.95
+    # Eigenvalues of a factor closer than ``cluster_gap`` times the largest of their block form
+    # one cluster, whose eigenvectors fp32 rounding picks at random: the eigen-corrected metric
+    # takes one value over each cluster (the mean of the rotated second moment there), so the
+    # step does not depend on that pick (docs/design.md, "Round-off"). 0: per coordinate (SOAP's).
+    cluster_gap: float = 1e-5
     # How the eigenbasis is refreshed after the first (always full) decomposition: "eigh", or
     # "qr": one power-iteration step and a QR, warm-started from the previous basis.
     basis_refresh: BasisRefresh = "qr"
@@ -199,6 +204,10 @@ class FOPConfig:
         _check(
             math.isfinite(self.exponent) and 0 < self.exponent <= 1,
             f"exponent must be in (0, 1] (1: EK-FAC, 0.5: SOAP-style), got {self.exponent}",
+        )
+        _check(
+            math.isfinite(self.cluster_gap) and 0 <= self.cluster_gap < 1,
+            f"cluster_gap must be in [0, 1) (0: a metric per coordinate), got {self.cluster_gap}",
         )
         _check(
             0 <= self.second_moment_decay < 1,

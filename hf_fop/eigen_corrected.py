@@ -31,6 +31,8 @@ from hf_fop.curvature import RotatedDiagonalPreconditioner, rotate, unrotate
 __all__ = [
     "EigenCorrectedPreconditioner",
     "carry_second_moment",
+    "cluster_mean",
+    "clustered_second_moment",
     "corrected_metric",
     "power_qr_refresh",
     "rotate",
@@ -104,6 +106,51 @@ def corrected_metric(
     tiny = torch.finfo(torch.float32).tiny
     mean = powered.mean(dim=(-2, -1), keepdim=True).clamp(min=tiny)
     return powered + damping * mean
+
+
+def cluster_mean(values: Tensor, eigvals: Tensor, block_size: int, gap: float) -> Tensor:
+    """``values`` (..., n) averaged over each cluster of ``eigvals`` (..., n; ascending within
+    each block of ``block_size``): a run of neighbours less than ``gap`` times their block's
+    largest eigenvalue apart.
+
+    An fp32 eigensolver resolves eigenvectors only where eigenvalues are further apart than its
+    rounding (about 1e-7 of the largest); inside such a cluster, and above all in a factor's
+    numerical null space, it returns an arbitrary rotation that the last bit of the factor
+    decides. A per-coordinate quantity is then arbitrary too, while its mean over the cluster
+    (the squared norm of the projection onto the cluster's span, over its size) is not.
+    """
+    n = eigvals.shape[-1]
+    blocks = eigvals.unflatten(-1, (n // block_size, block_size))
+    top = blocks.amax(dim=-1, keepdim=True)
+    starts = torch.ones_like(blocks, dtype=torch.long)
+    starts[..., 1:] = (blocks.diff(dim=-1) > gap * top).long()
+    cluster = starts.flatten(-2).cumsum(-1) - 1  # (..., n): each coordinate's cluster
+    cluster = cluster.unsqueeze(-2).expand(values.shape)
+    # One id per (leading index, cluster): each row of ``values`` averages on its own.
+    offsets = torch.arange(values.numel() // n, device=values.device) * n
+    ids = (cluster.reshape(-1, n) + offsets[:, None]).flatten()
+    sums = values.new_zeros(ids.numel()).index_add_(0, ids, values.flatten())
+    sizes = values.new_zeros(ids.numel()).index_add_(
+        0, ids, torch.ones_like(ids, dtype=values.dtype)
+    )
+    return (sums / sizes.clamp(min=1))[ids].view_as(values)
+
+
+def clustered_second_moment(
+    second_moment: Tensor,
+    eigvals_A: Tensor,
+    eigvals_G: Tensor,
+    block_sizes: tuple[int, int],
+    gap: float,
+) -> Tensor:
+    """The rotated second moment (..., out, in) averaged over each pair of clusters of the two
+    factors' eigenvalues (``cluster_mean`` along both sides; ``block_sizes``: (A's, G's)): the
+    metric's values that do not depend on how rounding turned the eigenvectors inside a cluster.
+    ``gap`` 0 returns the moment itself."""
+    if gap == 0:
+        return second_moment
+    along_A = cluster_mean(second_moment, eigvals_A, block_sizes[0], gap)
+    return cluster_mean(along_A.mT, eigvals_G, block_sizes[1], gap).mT
 
 
 class EigenCorrectedPreconditioner(RotatedDiagonalPreconditioner):

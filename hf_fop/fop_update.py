@@ -21,6 +21,7 @@ from hf_fop.config import FOPConfig
 from hf_fop.curvature import EigenPreconditioner, RotatedDiagonalPreconditioner
 from hf_fop.eigen_corrected import (
     EigenCorrectedPreconditioner,
+    clustered_second_moment,
     corrected_metric,
     update_rotated_second_moment,
 )
@@ -38,6 +39,7 @@ class UpdateRule:
     curvature: str
     exponent: float
     second_moment_decay: float
+    cluster_gap: float
     mode: str
     graft: str
     adamw_eps: float
@@ -55,6 +57,7 @@ class UpdateRule:
             curvature=config.curvature,
             exponent=config.exponent,
             second_moment_decay=config.second_moment_decay,
+            cluster_gap=config.cluster_gap,
             mode=config.mode,
             graft=graft,
             adamw_eps=config.adamw_eps,
@@ -82,16 +85,17 @@ def fop_update(
 
         m <- b1 m + (1 - b1) g;   m^ = m / (1 - b1^t)                      momentum, as Adam's
         r = Q_G^T g Q_A;   r_d = Q_G^T g_d Q_A                             the eigenbasis
-        s <- b s + (1 - b) (r^2 / 2 + r_d^2 / 8);   M = (s / (1 - b^k))^p + eps     metric
+        s <- b s + (1 - b) (r^2 / 2 + r_d^2 / 8);   M = (C(s) / (1 - b^k))^p + eps  metric
         n = eta M^-1 (m^ + beta g_perp)                                    FOP (fop_math.py)
         v <- b2 v + (1 - b2) g^2;   a = m^ / (sqrt(v / (1 - b2^t)) + eps')        AdamW's step
         u = n sqrt(tr(a A a^T) / tr(n A n^T))                              AdamW's output change
 
     and, once the distributor has shared u (and the KL clip scaled it), AdamW's decoupled decay
-    and the step p <- p (1 - lr wd) - lr u (``update_rules.preconditioned_step``). A layer not
-    ``ready`` (no eigenbasis yet) takes a. Options: ``mode="kfac"`` n = M^-1 m^;
-    ``curvature="kronecker"`` M = l_G l_A + lambda; ``graft="adamw"`` u = n ||a|| / ||n||;
-    ``graft="none"`` u = n.
+    and the step p <- p (1 - lr wd) - lr u (``update_rules.preconditioned_step``). C(s) is s
+    averaged over each cluster of nearly equal eigenvalues (``cluster_gap``), whose eigenvectors
+    are rounding's pick. A layer not ``ready`` (no eigenbasis yet) takes a. Options:
+    ``mode="kfac"`` n = M^-1 m^; ``curvature="kronecker"`` M = l_G l_A + lambda;
+    ``graft="adamw"`` u = n ||a|| / ||n||; ``graft="none"`` u = n.
     """
     beta1, beta2 = rule.betas
     layout_A, layout_G = layouts
@@ -117,8 +121,10 @@ def fop_update(
         decay = rule.second_moment_decay
         moment = update_rotated_second_moment(old, rotated, decay, rotated_diff, halves_agree)
         new["rotated_second_moment"] = moment if rows is None else torch.where(rows, moment, old)
+        eigvals, sizes = (kronecker.eigvals_A, kronecker.eigvals_G), (layout_A.size, layout_G.size)
+        shared = clustered_second_moment(moment, *eigvals, sizes, rule.cluster_gap)
         metric = corrected_metric(
-            moment, moment_updates, decay, rule.exponent, rule.damping, rule.damping_mode
+            shared, moment_updates, decay, rule.exponent, rule.damping, rule.damping_mode
         )
         preconditioner = EigenCorrectedPreconditioner(
             kronecker.eigvecs_A, kronecker.eigvecs_G, metric
