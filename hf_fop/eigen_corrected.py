@@ -109,9 +109,9 @@ def corrected_metric(
 
 
 def cluster_mean(values: Tensor, eigvals: Tensor, block_size: int, gap: float) -> Tensor:
-    """``values`` (..., n) averaged over each cluster of ``eigvals`` (..., n; ascending within
-    each block of ``block_size``): a run of neighbours less than ``gap`` times their block's
-    largest eigenvalue apart.
+    """The rows of ``values`` (..., n, m) averaged over each cluster of ``eigvals`` (..., n;
+    ascending within each block of ``block_size``): a run of neighbours less than ``gap`` times
+    their block's largest eigenvalue apart.
 
     An fp32 eigensolver resolves eigenvectors only where eigenvalues are further apart than its
     rounding (about 1e-7 of the largest); inside such a cluster, and above all in a factor's
@@ -119,21 +119,20 @@ def cluster_mean(values: Tensor, eigvals: Tensor, block_size: int, gap: float) -
     decides. A per-coordinate quantity is then arbitrary too, while its mean over the cluster
     (the squared norm of the projection onto the cluster's span, over its size) is not.
     """
-    n = eigvals.shape[-1]
+    n, m = values.shape[-2:]
     blocks = eigvals.unflatten(-1, (n // block_size, block_size))
     top = blocks.amax(dim=-1, keepdim=True)
     starts = torch.ones_like(blocks, dtype=torch.long)
     starts[..., 1:] = (blocks.diff(dim=-1) > gap * top).long()
     cluster = starts.flatten(-2).cumsum(-1) - 1  # (..., n): each coordinate's cluster
-    cluster = cluster.unsqueeze(-2).expand(values.shape)
-    # One id per (leading index, cluster): each row of ``values`` averages on its own.
-    offsets = torch.arange(values.numel() // n, device=values.device) * n
-    ids = (cluster.reshape(-1, n) + offsets[:, None]).flatten()
-    sums = values.new_zeros(ids.numel()).index_add_(0, ids, values.flatten())
-    sizes = values.new_zeros(ids.numel()).index_add_(
-        0, ids, torch.ones_like(ids, dtype=values.dtype)
-    )
-    return (sums / sizes.clamp(min=1))[ids].view_as(values)
+    # One id per (layer, cluster); rows are contiguous, so index_add adds whole rows.
+    layers = cluster.numel() // n
+    ids = cluster.reshape(layers, n) + torch.arange(layers, device=values.device)[:, None] * n
+    ids = ids.flatten()
+    rows = values.reshape(layers * n, m)
+    sums = torch.zeros_like(rows).index_add_(0, ids, rows)
+    sizes = torch.zeros_like(rows[:, 0]).index_add_(0, ids, torch.ones_like(rows[:, 0]))
+    return sums.div_(sizes.clamp_(min=1)[:, None]).index_select(0, ids).view_as(values)
 
 
 def clustered_second_moment(
@@ -149,8 +148,8 @@ def clustered_second_moment(
     ``gap`` 0 returns the moment itself."""
     if gap == 0:
         return second_moment
-    along_A = cluster_mean(second_moment, eigvals_A, block_sizes[0], gap)
-    return cluster_mean(along_A.mT, eigvals_G, block_sizes[1], gap).mT
+    along_A = cluster_mean(second_moment.mT, eigvals_A, block_sizes[0], gap).mT
+    return cluster_mean(along_A, eigvals_G, block_sizes[1], gap)
 
 
 class EigenCorrectedPreconditioner(RotatedDiagonalPreconditioner):

@@ -108,7 +108,7 @@ def test_relative_damping_is_scale_free_and_the_moment_update_writes_nothing() -
     assert torch.equal(moment, before) and not torch.equal(updated, before)
 
 
-def test_cluster_mean_averages_each_run_of_close_eigenvalues_inside_its_block() -> None:
+def test_cluster_mean_averages_rows_over_each_run_of_close_eigenvalues_in_a_block() -> None:
     # Two layers, each side in 2 blocks of 4 (ascending within a block); gap 1e-6 of the
     # block's own largest (3e-7 stands alone in its block). Block boundaries split runs even
     # between equal eigenvalues.
@@ -125,9 +125,10 @@ def test_cluster_mean_averages_each_run_of_close_eigenvalues_inside_its_block() 
     for layer, runs in enumerate(clusters):
         for run in runs:
             expected[layer][:, run] = values[layer][:, run].mean(-1, keepdim=True)
-    torch.testing.assert_close(cluster_mean(values, eigvals, 4, 1e-6), expected)
+    torch.testing.assert_close(cluster_mean(values.mT, eigvals, 4, 1e-6).mT, expected)
     # Blocks of one (a diagonal side, whose basis is the identity) never average.
-    assert torch.equal(cluster_mean(values, torch.zeros(2, 8, dtype=torch.float64), 1, 0.5), values)
+    zeros = torch.zeros(2, 8, dtype=torch.float64)
+    assert torch.equal(cluster_mean(values.mT, zeros, 1, 0.5).mT, values)
 
 
 def test_the_clustered_metric_makes_the_step_blind_to_a_turn_inside_a_cluster() -> None:
