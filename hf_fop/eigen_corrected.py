@@ -145,11 +145,14 @@ def clustered_second_moment(
     """The rotated second moment (..., out, in) averaged over each pair of clusters of the two
     factors' eigenvalues (``cluster_mean`` along both sides; ``block_sizes``: (A's, G's)): the
     metric's values that do not depend on how rounding turned the eigenvectors inside a cluster.
-    ``gap`` 0 returns the moment itself."""
-    if gap == 0:
-        return second_moment
-    along_A = cluster_mean(second_moment.mT, eigvals_A, block_sizes[0], gap).mT
-    return cluster_mean(along_A, eigvals_G, block_sizes[1], gap)
+    ``gap`` 0 returns the moment itself; a diagonal side (blocks of one: its basis is the
+    identity, no rotation to pick) is left as it is."""
+    shared = second_moment
+    if gap > 0 and block_sizes[0] > 1:
+        shared = cluster_mean(shared.mT, eigvals_A, block_sizes[0], gap).mT
+    if gap > 0 and block_sizes[1] > 1:
+        shared = cluster_mean(shared, eigvals_G, block_sizes[1], gap)
+    return shared
 
 
 class EigenCorrectedPreconditioner(RotatedDiagonalPreconditioner):
