@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -154,6 +155,17 @@ def test_a_cached_run_serves_the_same_run_and_trains_any_other(
     for name, lr, seed in (("adamw", 1e-3, 1), ("adamw", 3e-3, 0), ("fop", 1e-3, 0)):
         with pytest.raises(AssertionError, match="served from the cache"):
             training.cached_run(cache, task, name, lr, 64, 6, seed)
+    # A run of "fop" from before cluster_gap existed is the variant with cluster_gap 0, not
+    # today's "fop" (or its K-FAC mode).
+    settings = dataclasses.asdict(FOPConfig())
+    del settings["cluster_gap"]
+    older = [task.name, "fop", settings, 1e-3, None, 64, 6, 0]
+    curve = [{"step": 6, "metric": 0.5}]
+    cache.write_text(json.dumps({"key": json.dumps(older, default=str), "curve": curve}) + "\n")
+    assert training.cached_run(cache, task, "fop_percoordinate", 1e-3, 64, 6, 0) == curve
+    for name in ("fop", "kfac"):
+        with pytest.raises(AssertionError, match="served from the cache"):
+            training.cached_run(cache, task, name, 1e-3, 64, 6, 0)
 
 
 @pytest.mark.slow
