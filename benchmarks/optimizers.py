@@ -77,9 +77,9 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The defaults with a relative eps of 1e-2 in the eigenbasis instead of Adam's absolute one:
     # less movement from round-off (benchmarks.roundoff), 0.5% of perplexity on the decoders.
     "_relative": (", defaults, relative damping", {"damping": 1e-2, "damping_mode": "relative"}),
-    # Release 0.6's defaults: the eigen-corrected metric per rotated coordinate, not shared over
-    # clusters of nearly equal eigenvalues (turns fp32 eigh's pick into movement).
-    "_percoordinate": (", defaults, metric per coordinate", {"cluster_gap": 0.0}),
+    # The eigen-corrected metric shared over clusters of nearly equal eigenvalues instead of one
+    # per rotated coordinate: fp32 eigh's pick inside a cluster no longer becomes movement.
+    "_clustered": (", defaults, metric shared over eigenvalue clusters", {"cluster_gap": 1e-5}),
     # The defaults with every activation row in the factors (release 0.4), not 2,048 per call.
     "_allrows": (", defaults, every row in the factors", {"factor_rows": None}),
     # The defaults with every basis refresh a full eigh instead of the power step and QR.
