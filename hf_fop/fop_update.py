@@ -93,9 +93,9 @@ def fop_update(
     and, once the distributor has shared u (and the KL clip scaled it), AdamW's decoupled decay
     and the step p <- p (1 - lr wd) - lr u (``update_rules.preconditioned_step``). C(s) is s
     averaged over each cluster of nearly equal eigenvalues, whose eigenvectors are rounding's
-    pick (``cluster_gap`` > 0; the default 0 keeps s). A layer not ``ready`` (no eigenbasis yet) takes a. Options:
-    ``mode="kfac"`` n = M^-1 m^; ``curvature="kronecker"`` M = l_G l_A + lambda;
-    ``graft="adamw"`` u = n ||a|| / ||n||; ``graft="none"`` u = n.
+    pick (``cluster_gap`` > 0; the default 0 keeps s). A layer not ``ready`` (no eigenbasis
+    yet) takes a. Options: ``mode="kfac"`` n = M^-1 m^; ``curvature="kronecker"``
+    M = l_G l_A + lambda; ``graft="adamw"`` u = n ||a|| / ||n||; ``graft="none"`` u = n.
     """
     beta1, beta2 = rule.betas
     layout_A, layout_G = layouts
