@@ -79,7 +79,13 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "_relative": (", defaults, relative damping", {"damping": 1e-2, "damping_mode": "relative"}),
     # The eigen-corrected metric shared over clusters of nearly equal eigenvalues instead of one
     # per rotated coordinate: fp32 eigh's pick inside a cluster no longer becomes movement.
-    "_clustered": (", defaults, metric shared over eigenvalue clusters", {"cluster_gap": 1e-5}),
+    # (A gap of 1e-5 merges the null space below 1e-6 of the largest anyway.)
+    "_clustered": (
+        ", defaults, metric shared over eigenvalue clusters",
+        {"cluster_gap": 1e-5, "null_space_floor": 0.0},
+    ),
+    # Release 0.7's defaults: the metric per coordinate in the factors' null space too.
+    "_per_coordinate": (", metric per coordinate (0.7)", {"null_space_floor": 0.0}),
     # The defaults with every activation row in the factors (release 0.4), not 2,048 per call.
     "_allrows": (", defaults, every row in the factors", {"factor_rows": None}),
     # The defaults with every basis refresh a full eigh instead of the power step and QR.

@@ -112,6 +112,12 @@ class FOPConfig:
     # inputs causes 4-5x, at 1.2 points of accuracy when fine-tuning MiniLM at 2e-5
     # (docs/design.md, "Round-off"). 0: a metric per coordinate, SOAP's.
     cluster_gap: float = 0.0
+    # Eigenvalues of a factor below ``null_space_floor`` times the largest of their block (its
+    # numerical null space: blank pixels, repeated patches, a batch with fewer rows than the
+    # side) form one cluster as above. Per coordinate there, fp32 rounding's pick of
+    # eigenvectors became most of the movement a one-ulp change of the inputs causes
+    # (docs/design.md, "Round-off"); the coordinates above the floor keep their own metric.
+    null_space_floor: float = 1e-6
     # How the eigenbasis is refreshed after the first (always full) decomposition: "eigh", or
     # "qr": one power-iteration step and a QR, warm-started from the previous basis.
     basis_refresh: BasisRefresh = "qr"
@@ -210,6 +216,11 @@ class FOPConfig:
         _check(
             math.isfinite(self.cluster_gap) and 0 <= self.cluster_gap < 1,
             f"cluster_gap must be in [0, 1) (0: a metric per coordinate), got {self.cluster_gap}",
+        )
+        _check(
+            math.isfinite(self.null_space_floor) and 0 <= self.null_space_floor < 1,
+            "null_space_floor must be in [0, 1) (0: a metric per coordinate in the null space "
+            f"too), got {self.null_space_floor}",
         )
         _check(
             0 <= self.second_moment_decay < 1,

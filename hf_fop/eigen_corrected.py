@@ -108,10 +108,13 @@ def corrected_metric(
     return powered + damping * mean
 
 
-def cluster_mean(values: Tensor, eigvals: Tensor, block_size: int, gap: float) -> Tensor:
+def cluster_mean(
+    values: Tensor, eigvals: Tensor, block_size: int, gap: float, floor: float = 0.0
+) -> Tensor:
     """The rows of ``values`` (..., n, m) averaged over each cluster of ``eigvals`` (..., n;
     ascending within each block of ``block_size``): a run of neighbours less than ``gap`` times
-    their block's largest eigenvalue apart.
+    their block's largest eigenvalue apart, or both below ``floor`` times it (the numerical null
+    space, one cluster).
 
     An fp32 eigensolver resolves eigenvectors only where eigenvalues are further apart than its
     rounding (about 1e-7 of the largest); inside such a cluster, and above all in a factor's
@@ -123,7 +126,9 @@ def cluster_mean(values: Tensor, eigvals: Tensor, block_size: int, gap: float) -
     blocks = eigvals.unflatten(-1, (n // block_size, block_size))
     top = blocks.amax(dim=-1, keepdim=True)
     starts = torch.ones_like(blocks, dtype=torch.long)
-    starts[..., 1:] = (blocks.diff(dim=-1) > gap * top).long()
+    close = blocks.diff(dim=-1) < gap * top
+    low = blocks < floor * top
+    starts[..., 1:] = (~(close | (low[..., 1:] & low[..., :-1]))).long()
     cluster = starts.flatten(-2).cumsum(-1) - 1  # (..., n): each coordinate's cluster
     # One id per (layer, cluster); rows are contiguous, so index_add adds whole rows.
     layers = cluster.numel() // n
@@ -141,17 +146,20 @@ def clustered_second_moment(
     eigvals_G: Tensor,
     block_sizes: tuple[int, int],
     gap: float,
+    floor: float = 0.0,
 ) -> Tensor:
     """The rotated second moment (..., out, in) averaged over each pair of clusters of the two
     factors' eigenvalues (``cluster_mean`` along both sides; ``block_sizes``: (A's, G's)): the
     metric's values that do not depend on how rounding turned the eigenvectors inside a cluster.
-    ``gap`` 0 returns the moment itself; a diagonal side (blocks of one: its basis is the
-    identity, no rotation to pick) is left as it is."""
+    ``gap`` and ``floor`` 0 return the moment itself; a diagonal side (blocks of one: its basis
+    is the identity, no rotation to pick) is left as it is."""
     shared = second_moment
-    if gap > 0 and block_sizes[0] > 1:
-        shared = cluster_mean(shared.mT, eigvals_A, block_sizes[0], gap).mT
-    if gap > 0 and block_sizes[1] > 1:
-        shared = cluster_mean(shared, eigvals_G, block_sizes[1], gap)
+    if gap == 0 and floor == 0:
+        return shared
+    if block_sizes[0] > 1:
+        shared = cluster_mean(shared.mT, eigvals_A, block_sizes[0], gap, floor).mT
+    if block_sizes[1] > 1:
+        shared = cluster_mean(shared, eigvals_G, block_sizes[1], gap, floor)
     return shared
 
 

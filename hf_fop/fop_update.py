@@ -40,6 +40,7 @@ class UpdateRule:
     exponent: float
     second_moment_decay: float
     cluster_gap: float
+    null_space_floor: float
     mode: str
     graft: str
     adamw_eps: float
@@ -58,6 +59,7 @@ class UpdateRule:
             exponent=config.exponent,
             second_moment_decay=config.second_moment_decay,
             cluster_gap=config.cluster_gap,
+            null_space_floor=config.null_space_floor,
             mode=config.mode,
             graft=graft,
             adamw_eps=config.adamw_eps,
@@ -92,9 +94,10 @@ def fop_update(
 
     and, once the distributor has shared u (and the KL clip scaled it), AdamW's decoupled decay
     and the step p <- p (1 - lr wd) - lr u (``update_rules.preconditioned_step``). C(s) is s
-    averaged over each cluster of nearly equal eigenvalues, whose eigenvectors are rounding's
-    pick (``cluster_gap`` > 0; the default 0 keeps s). A layer not ``ready`` (no eigenbasis
-    yet) takes a. Options: ``mode="kfac"`` n = M^-1 m^; ``curvature="kronecker"``
+    averaged over each cluster of eigenvalues whose eigenvectors are rounding's pick: a
+    factor's numerical null space (below ``null_space_floor`` of its largest) and, with
+    ``cluster_gap`` > 0, runs of nearly equal ones. A layer not ``ready`` (no eigenbasis yet)
+    takes a. Options: ``mode="kfac"`` n = M^-1 m^; ``curvature="kronecker"``
     M = l_G l_A + lambda; ``graft="adamw"`` u = n ||a|| / ||n||; ``graft="none"`` u = n.
     """
     beta1, beta2 = rule.betas
@@ -122,7 +125,8 @@ def fop_update(
         moment = update_rotated_second_moment(old, rotated, decay, rotated_diff, halves_agree)
         new["rotated_second_moment"] = moment if rows is None else torch.where(rows, moment, old)
         eigvals, sizes = (kronecker.eigvals_A, kronecker.eigvals_G), (layout_A.size, layout_G.size)
-        shared = clustered_second_moment(moment, *eigvals, sizes, rule.cluster_gap)
+        gap, floor = rule.cluster_gap, rule.null_space_floor
+        shared = clustered_second_moment(moment, *eigvals, sizes, gap, floor)
         metric = corrected_metric(
             shared, moment_updates, decay, rule.exponent, rule.damping, rule.damping_mode
         )

@@ -155,20 +155,21 @@ def test_a_cached_run_serves_the_same_run_and_trains_any_other(
     for name, lr, seed in (("adamw", 1e-3, 1), ("adamw", 3e-3, 0), ("fop", 1e-3, 0)):
         with pytest.raises(AssertionError, match="served from the cache"):
             training.cached_run(cache, task, name, lr, 64, 6, seed)
-    # A run of "fop" from before cluster_gap existed is today's "fop" (cluster_gap 0), not the
-    # clustered variant or the K-FAC mode; a record of that variant under the name "fop" (the
-    # settings say what ran) serves the variant.
+    # A run of "fop" from before cluster_gap and null_space_floor existed is release 0.7's
+    # metric per coordinate ("fop_per_coordinate": both 0), not today's "fop", the clustered
+    # variant or the K-FAC mode; a record of that variant under the name "fop" (the settings
+    # say what ran) serves the variant.
     settings = dataclasses.asdict(FOPConfig())
-    del settings["cluster_gap"]
+    del settings["cluster_gap"], settings["null_space_floor"]
     older = [task.name, "fop", settings, 1e-3, None, 64, 6, 0]
     curve = [{"step": 6, "metric": 0.5}]
     cache.write_text(json.dumps({"key": json.dumps(older, default=str), "curve": curve}) + "\n")
-    assert training.cached_run(cache, task, "fop", 1e-3, 64, 6, 0) == curve
+    assert training.cached_run(cache, task, "fop_per_coordinate", 1e-3, 64, 6, 0) == curve
     clustered = [task.name, "fop", {**settings, "cluster_gap": 1e-5}, 1e-3, None, 64, 6, 0]
     with cache.open("a") as file:
         file.write(json.dumps({"key": json.dumps(clustered), "curve": curve[::-1]}) + "\n")
     assert training.cached_run(cache, task, "fop_clustered", 1e-3, 64, 6, 0) == curve[::-1]
-    for name in ("kfac", "fop_ungrafted"):
+    for name in ("fop", "kfac", "fop_ungrafted"):
         with pytest.raises(AssertionError, match="served from the cache"):
             training.cached_run(cache, task, name, 1e-3, 64, 6, 0)
 
