@@ -85,7 +85,7 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"cluster_gap": 1e-5, "null_space_floor": 0.0},
     ),
     # Release 0.7's defaults: the metric per coordinate in the factors' null space too.
-    "_per_coordinate": (", metric per coordinate (0.7)", {"null_space_floor": 0.0}),
+    "_per_coordinate": (", release 0.7 (metric per coordinate)", {"null_space_floor": 0.0}),
     # The defaults with every activation row in the factors (release 0.4), not 2,048 per call.
     "_allrows": (", defaults, every row in the factors", {"factor_rows": None}),
     # The defaults with every basis refresh a full eigh instead of the power step and QR.
