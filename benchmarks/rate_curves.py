@@ -55,10 +55,12 @@ def _task(name: str, quick: bool) -> RealTask:
 
 
 def _one_run(
-    task_name: str, name: str, lr: float, seed: int, cache: Path, quick: bool
+    task_name: str, name: str, lr: float, seed: int, cache: Path, quick: bool, steps: int | None
 ) -> dict[str, Any]:
+    """``steps``: a budget other than the task's own (the schedule spans it)."""
     torch.set_num_threads(1)
-    batch, steps = QUICK_SETTINGS if quick else TASK_SETTINGS[task_name]
+    batch, own_steps = QUICK_SETTINGS if quick else TASK_SETTINGS[task_name]
+    steps = steps or own_steps
     task = _task(task_name, quick)
     final = cached_run(cache, task, name, lr, batch, steps, seed)[-1]
     return {
@@ -279,6 +281,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output_dir", type=Path, default=RESULTS / "rate_curves")
     parser.add_argument("--quick", action="store_true", help="tiny data and 4 steps (the tests)")
     parser.add_argument(
+        "--steps",
+        type=int,
+        help="train for this many steps instead of each task's own (warm-up and cosine span "
+        "them): an equal-time budget, AdamW's steps times its step cost over the optimizer's",
+    )
+    parser.add_argument(
         "--step_costs",
         type=int,
         metavar="STEPS",
@@ -306,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if extension:
                 ladder = _extended(ladder, runs)
             jobs = [
-                (task, name, lr, seed, cache, args.quick)
+                (task, name, lr, seed, cache, args.quick, args.steps)
                 for (task, name), rates in ladder.items()
                 for lr in rates
                 for seed in seeds

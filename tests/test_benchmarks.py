@@ -263,6 +263,11 @@ def test_rate_curves_tiny(tmp_path: Path) -> None:
     again = rate_curves.main(argv)
     assert again["runs"] == result["runs"]
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(finals)
+    # --steps: a budget of its own (an equal-time comparison), cached apart from the task's.
+    rate_curves.main([*argv[:7], "--optimizers", "fop", "--steps", "2", *argv[-4:]])
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    short = [json.loads(line) for line in lines[len(finals) :]]
+    assert [r["curve"][-1]["step"] for r in short] == [2, 2]
 
 
 def test_minilm_fine_tuning_task_starts_from_the_shipped_weights_and_trains_tiny() -> None:
