@@ -60,7 +60,7 @@ def _one_run(
     """``steps``: a budget other than the task's own (the schedule spans it)."""
     torch.set_num_threads(1)
     batch, own_steps = QUICK_SETTINGS if quick else TASK_SETTINGS[task_name]
-    steps = steps or own_steps
+    steps = own_steps if steps is None else steps
     task = _task(task_name, quick)
     final = cached_run(cache, task, name, lr, batch, steps, seed)[-1]
     return {
@@ -298,6 +298,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [t for t in tasks if t not in TASK_SETTINGS]
     if unknown:
         parser.error(f"unknown tasks {unknown}; choose from {sorted(TASK_SETTINGS)}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(
+            f"--steps must be at least 1 (or left out for each task's own), got {args.steps}"
+        )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.step_costs is not None:
         return step_costs(tasks, args.optimizers.split(","), args.step_costs, args)

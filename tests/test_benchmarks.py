@@ -268,6 +268,8 @@ def test_rate_curves_tiny(tmp_path: Path) -> None:
     lines = (tmp_path / "runs.jsonl").read_text().splitlines()
     short = [json.loads(line) for line in lines[len(finals) :]]
     assert [r["curve"][-1]["step"] for r in short] == [2, 2]
+    with pytest.raises(SystemExit):  # a budget of no steps is an error, not the task's own
+        rate_curves.main([*argv[:7], "--steps", "0", *argv[-4:]])
 
 
 def test_minilm_fine_tuning_task_starts_from_the_shipped_weights_and_trains_tiny() -> None:
