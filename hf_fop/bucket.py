@@ -175,10 +175,12 @@ class ShapeBucket:
         grads: list[Tensor | None],
         rule: UpdateRule,
         step: int,
+        weight_norms: Tensor | None = None,
     ) -> BucketStep | None:
         """Every layer's direction by ``fop_update`` (None when no layer has a gradient), and
         its new state kept in the rows with a gradient where the step is kept; elsewhere the
-        state stays and the direction is zero. ``step`` is 1-based."""
+        state stays and the direction is zero. ``step`` is 1-based; ``weight_norms``: each
+        layer's weight norm ||W|| (layers, 1, 1), which bounds the output graft."""
         g_avg = _stacked_gradients(grads)
         if g_avg is None:
             return None
@@ -204,6 +206,7 @@ class ShapeBucket:
             counts,
             ready,
             (self.layout_A, self.layout_G),
+            weight_norms,
         )
         keep = _row_flag(present, g_avg, self.keep)
         for key, value in new.items():

@@ -62,6 +62,8 @@ def layer_state_shapes(
     }
     if graft != "none":  # AdamW's second moment, for the step size
         shapes["graft_exp_avg_sq"] = matrix
+    if graft == "output":  # 1: the weights were all zero when FOP was built (graft_trust)
+        shapes["starts_from_zero"] = ()
     if curvature == "eigen_corrected":  # the metric: the rotated gradient's second moment
         shapes["rotated_second_moment"] = (layout_G.padded, layout_A.padded)
     return shapes

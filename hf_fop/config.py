@@ -94,6 +94,15 @@ class FOPConfig:
     # would, tr(U A U^T) with the factor A (hf_fop/grafting.py). Layers whose factors come from
     # the gradient (embeddings, factor_source="gradient") have no A and keep their direction.
     graft: Graft = "output"
+    # How far the output graft may enlarge a layer's step: while the grafted step lr ||u||
+    # stays under graft_trust times the layer's weight norm, the graft acts in full; beyond,
+    # the step shrinks to that bound, though never below the rotated step's own size. Fine-
+    # tuning moves a pretrained layer by 1e-4 to 1e-3 of its norm a step, so the graft keeps
+    # AdamW's rate there; from scratch at a tuned rate steps reach 1e-2 and beyond, where the
+    # rotated step taken as it is (graft="none") trains better (docs/benchmarks.md). A layer
+    # whose weights are all zero when FOP is built (a LoRA B) has no size to compare with and
+    # is grafted in full. None: no bound.
+    graft_trust: float | None = 0.02
     # Trust region on the preconditioned step (K-FAC practice; 1e-3 with graft="none"). None
     # turns it off: a clip that binds at every step makes the learning rate meaningless.
     kl_clip: float | None = None
@@ -198,6 +207,11 @@ class FOPConfig:
             f"damping_mode must be one of {DAMPING_MODES}, got {self.damping_mode!r}",
         )
         _check(self.graft in GRAFTS, f"graft must be one of {GRAFTS}, got {self.graft!r}")
+        _check(
+            self.graft_trust is None or (math.isfinite(self.graft_trust) and self.graft_trust > 0),
+            "graft_trust must be > 0 (a step's largest size relative to its layer's weights), "
+            f"or None for no bound, got {self.graft_trust}",
+        )
         _check(
             self.curvature in CURVATURES,
             f"curvature must be one of {CURVATURES}, got {self.curvature!r}",

@@ -26,7 +26,13 @@ from hf_fop.eigen_corrected import (
     update_rotated_second_moment,
 )
 from hf_fop.fop_math import FOPDirection
-from hf_fop.grafting import adam_direction, graft, graft_output, update_adam_second_moment
+from hf_fop.grafting import (
+    adam_direction,
+    graft,
+    graft_output,
+    trusted_scale,
+    update_adam_second_moment,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class UpdateRule:
     adamw_eps: float
     zero_tol: float
     wants_halves: bool
+    lr: float
+    graft_trust: float | None
 
     @classmethod
     def of(cls, config: FOPConfig, group: Mapping[str, Any], graft: str) -> UpdateRule:
@@ -65,6 +73,8 @@ class UpdateRule:
             adamw_eps=config.adamw_eps,
             zero_tol=config.fop_zero_tol,
             wants_halves=config.wants_halves,
+            lr=float(group["lr"]),
+            graft_trust=config.graft_trust,
         )
 
 
@@ -77,6 +87,7 @@ def fop_update(
     moment_updates: Tensor | None,
     ready: list[bool],
     layouts: tuple[BlockLayout, BlockLayout],
+    weight_norms: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], FOPDirection]:
     r"""The direction u of each layer of a stack, and the new values of its ``state``.
 
@@ -90,14 +101,17 @@ def fop_update(
         s <- b s + (1 - b) (r^2 / 2 + r_d^2 / 8);   M = (C(s) / (1 - b^k))^p + eps  metric
         n = eta M^-1 (m^ + beta g_perp)                                    FOP (fop_math.py)
         v <- b2 v + (1 - b2) g^2;   a = m^ / (sqrt(v / (1 - b2^t)) + eps')        AdamW's step
-        u = n sqrt(tr(a A a^T) / tr(n A n^T))                              AdamW's output change
+        u = n min(sqrt(tr(a A a^T) / tr(n A n^T)), max(1, tau ||W|| / (lr ||n||)))
+                                                  AdamW's output change, within tau ||W||
 
     and, once the distributor has shared u (and the KL clip scaled it), AdamW's decoupled decay
     and the step p <- p (1 - lr wd) - lr u (``update_rules.preconditioned_step``). C(s) is s
     averaged over each cluster of eigenvalues whose eigenvectors are rounding's pick: a
     factor's numerical null space (below ``null_space_floor`` of its largest) and, with
     ``cluster_gap`` > 0, runs of nearly equal ones. A layer not ``ready`` (no eigenbasis yet)
-    takes a. Options: ``mode="kfac"`` n = M^-1 m^; ``curvature="kronecker"``
+    takes a. ``weight_norms``: ||W|| (layers, 1, 1) of the layers' weights; tau =
+    ``graft_trust``; None for either, or a layer whose weights ``starts_from_zero``: the graft
+    unbounded. Options: ``mode="kfac"`` n = M^-1 m^; ``curvature="kronecker"``
     M = l_G l_A + lambda; ``graft="adamw"`` u = n ||a|| / ||n||; ``graft="none"`` u = n.
     """
     beta1, beta2 = rule.betas
@@ -142,7 +156,12 @@ def fop_update(
     if rule.graft == "adamw":
         direction = graft(direction, _needed(adam))
     elif rule.graft == "output":
-        direction = graft_output(direction, _needed(adam), state["A"], layout_A)
+        largest = None
+        if rule.graft_trust is not None and weight_norms is not None:
+            largest = trusted_scale(direction, weight_norms, rule.lr, rule.graft_trust)
+            from_zero = state["starts_from_zero"][:, None, None] > 0
+            largest = torch.where(from_zero, torch.inf, largest)
+        direction = graft_output(direction, _needed(adam), state["A"], layout_A, largest)
     result = result._replace(direction=direction)
     return new, result if rows is None else _choose(rows, result, _adam_result(_needed(adam)))
 

@@ -62,10 +62,28 @@ def layer_graft(graft: str, factors_from_gradient: bool) -> str:
     return "none" if graft == "output" and factors_from_gradient else graft
 
 
-def graft_output(direction: Tensor, adam: Tensor, A: Tensor, layout: BlockLayout) -> Tensor:
+def graft_output(
+    direction: Tensor,
+    adam: Tensor,
+    A: Tensor,
+    layout: BlockLayout,
+    largest_scale: Tensor | None = None,
+) -> Tensor:
     """Each matrix of ``direction`` rescaled so that it changes the layer's outputs as much as
-    AdamW's step ``adam`` does (a zero matrix stays zero)."""
+    AdamW's step ``adam`` does (a zero matrix stays zero), by at most ``largest_scale``."""
     wanted = output_change(adam, A, layout)
     own = output_change(direction, A, layout)
     scale = torch.where(own > 0, wanted / torch.where(own > 0, own, 1.0), 0.0).sqrt()
+    if largest_scale is not None:
+        scale = torch.minimum(scale, largest_scale)
     return direction * scale
+
+
+def trusted_scale(direction: Tensor, weight_norms: Tensor, lr: float, trust: float) -> Tensor:
+    """The largest factor the graft may apply to each matrix u of ``direction`` (shape
+    (..., 1, 1)): max(1, trust ||W|| / (lr ||u||)), so that a grafted step lr ||u|| grows
+    only up to ``trust`` of its layer's weight norm ||W||, and is never made smaller than the
+    rotated step itself (zero weights: 1, the rotated step as it is; FOP exempts the layers
+    that start from zero, ``fop_update``)."""
+    size = lr * torch.linalg.vector_norm(direction, dim=(-2, -1), keepdim=True)
+    return (trust * weight_norms / torch.where(size > 0, size, 1.0)).clamp(min=1.0)

@@ -71,6 +71,24 @@ class ModelCurvature:
             )
             for indices in groups.values()
         ]
+        self._mark_zero_weights()
+
+    def _mark_zero_weights(self) -> None:
+        """Flag the layers whose weights are all zero now (a LoRA B): the output graft's bound
+        compares a step with the weights, and these have no size of their own to compare with,
+        so their steps stay grafted in full (``fop_update``). Kept in the layers' state, so a
+        resumed run, whose weights are no longer zero, keeps the flags of its first start."""
+        if self.config.graft_trust is None or not any(
+            "starts_from_zero" in bucket.state for bucket in self.buckets
+        ):
+            return
+        if any(layer.weight.is_meta for layer in self.layers):
+            return  # no values yet (initialised later): no layer counts as starting from zero
+        norms = self.distributor.weight_norms()
+        for bucket in self.buckets:
+            if "starts_from_zero" in bucket.state:
+                flags = norms[bucket.indices] == 0
+                bucket.state["starts_from_zero"].copy_(flags.to(bucket.state["A"].device))
 
     @property
     def sharded(self) -> bool:
@@ -210,10 +228,14 @@ class ModelCurvature:
         """Every held bucket's step (``ShapeBucket.step``) under the FOP ``group``'s settings;
         ``gradients`` are the layers' full gradient matrices (``full_gradients``)."""
         out = []
+        norms = None
+        if self.config.graft_trust is not None and any(b.graft == "output" for b in self.buckets):
+            norms = self.distributor.weight_norms()
         for bucket, stats in zip(self.buckets, statistics):
             grads = [gradients[i] for i in bucket.indices]
             rule = UpdateRule.of(self.config, group, bucket.graft)
-            bucket_step = bucket.step(stats, grads, rule, step)
+            stacked = None if norms is None else norms[bucket.indices][:, None, None]
+            bucket_step = bucket.step(stats, grads, rule, step, stacked)
             if bucket_step is not None:
                 for row in bucket_step.waiting:
                     self._report_waiting(bucket.indices[row])

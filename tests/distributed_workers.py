@@ -322,3 +322,16 @@ def lora_fsdp2(rank: int, world_size: int, port: int, out: str, sharded: bool) -
         Path(out) / f"{'fsdp2' if sharded else 'ddp'}{rank}.pt",
     )
     finish_process()
+
+
+def fsdp2_weight_norms(rank: int, world_size: int, port: int, out: str) -> None:
+    """The weight norms that bound the output graft, as FOP computes them from the shards."""
+    init_process(rank, world_size, port)
+    torch.manual_seed(0)
+    model = tiny_vit()
+    shard_vit(model)
+    optimizer = FOP(model)
+    assert optimizer.curvature.distributor.sharded
+    norms = optimizer.curvature.distributor.weight_norms()
+    torch.save(norms, Path(out) / f"rank{rank}.pt")
+    finish_process()

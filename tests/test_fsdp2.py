@@ -16,6 +16,7 @@ from tests.distributed_workers import (
     MODES,
     SETTINGS,
     fsdp2_resume,
+    fsdp2_weight_norms,
     lora_fsdp2,
     train_ddp,
     train_fsdp2,
@@ -160,3 +161,16 @@ def test_lora_under_fsdp2_trains_like_under_ddp(tmp_path: Path) -> None:
         torch.testing.assert_close(fsdp["params"][name], expected, rtol=1e-5, atol=1e-6)
     # The adapters moved (LoRA's B starts at zero).
     assert all(p.abs().max() > 0 for n, p in fsdp["params"].items() if "lora_B" in n)
+
+
+@pytest.mark.slow
+def test_weight_norms_from_the_shards_are_the_whole_weights_norms(tmp_path: Path) -> None:
+    # The output graft's bound compares a step with its layer's weights: each rank must see
+    # the whole weight's norm, not its shard's.
+    mp.spawn(fsdp2_weight_norms, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    optimizer = FOP(tiny_vit())
+    expected = torch.stack([layer.weight.detach().norm() for layer in optimizer.layers])
+    for rank in (0, 1):
+        norms = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0)

@@ -111,6 +111,10 @@ class ReplicatedDistributor:
         """Every layer's gradient as one out x in' matrix (None where it got none)."""
         return [layer.grad_matrix() for layer in self.layers]
 
+    def weight_norms(self) -> Tensor:
+        """||W|| of every layer's weight, one fp32 vector (what bounds the output graft)."""
+        return torch.stack([weight_norm(layer.weight) for layer in self.layers])
+
     def parameter_updates(
         self, pairs: Directions, scale: Tensor | None
     ) -> tuple[list[Tensor], list[Tensor]]:
@@ -146,3 +150,8 @@ def scaled_directions(directions: list[Tensor], scale: Tensor | None) -> list[Te
 def direction_dot_gradient(steps: list[BucketStep]) -> Tensor:
     """sum_l <n_l, g_l> over the steps' layers: the KL clip's quadratic term."""
     return sum((inner(s.direction, s.g_avg).sum() for s in steps), torch.zeros(()))
+
+
+def weight_norm(tensor: Tensor) -> Tensor:
+    """The 2-norm of the entries of ``tensor`` (this rank's, for a shard), in fp32."""
+    return torch.linalg.vector_norm(tensor.detach().float())

@@ -24,6 +24,7 @@ from hf_fop.distributors.replicated import (
     ReplicatedDistributor,
     direction_dot_gradient,
     scaled_directions,
+    weight_norm,
 )
 
 try:  # torch >= 2.4
@@ -102,6 +103,14 @@ class ShardedDistributor(ReplicatedDistributor):
         targets, directions = super().parameter_updates(pairs, None)
         directions = [local_rows(d, p) for d, p in zip(directions, targets)]
         return [local_tensor(p) for p in targets], scaled_directions(directions, scale)
+
+    def weight_norms(self) -> Tensor:
+        """||W|| of every layer's weight from the shards' sums of squares (one all-reduce;
+        FSDP2's Shard(0) splits the entries, so their squares add up)."""
+        norms = [weight_norm(local_tensor(layer.weight)) for layer in self.layers]
+        squares = torch.stack(norms).square()
+        self.communicator.all_reduce_mean([squares])
+        return (squares * self.communicator.world_size).sqrt()
 
     def agree_overflow(self, overflow: Tensor) -> None:
         """Each rank checked its own shards: all must agree to skip."""

@@ -68,6 +68,15 @@ class FOPTrainingArguments(TrainingArguments):
             "'none' (the rotated step as it is; best at 3-10x AdamW's rate from scratch)."
         },
     )
+    fop_graft_trust: float | None = field(
+        default=None,
+        metadata={
+            "help": "The output graft enlarges a layer's step only up to this fraction of the "
+            "layer's weight norm (default 0.02: fine-tuning grafts in full, from scratch at a "
+            "tuned rate the rotated step is taken as it is); optim_args 'graft_trust=none' "
+            "lifts the bound."
+        },
+    )
     fop_momentum: float | None = field(
         default=None, metadata={"help": "Momentum of the FOP update (default: adam_beta1)."}
     )
