@@ -77,8 +77,6 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Release 0.8's defaults: the output graft unbounded, however large the step grows against
     # the layer's weights.
     "_graft_unbounded": (", release 0.8 (graft unbounded)", {"graft_trust": None}),
-    # The bound on the output graft at 5x the defaults' relative step.
-    "_trust10": (", defaults, graft_trust 0.1", {"graft_trust": 0.1}),
     # The defaults with a relative eps of 1e-2 in the eigenbasis instead of Adam's absolute one:
     # less movement from round-off (benchmarks.roundoff), 0.5% of perplexity on the decoders.
     "_relative": (", defaults, relative damping", {"damping": 1e-2, "damping_mode": "relative"}),

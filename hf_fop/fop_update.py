@@ -158,9 +158,8 @@ def fop_update(
     elif rule.graft == "output":
         largest = None
         if rule.graft_trust is not None and weight_norms is not None:
-            largest = trusted_scale(direction, weight_norms, rule.lr, rule.graft_trust)
             from_zero = state["starts_from_zero"][:, None, None] > 0
-            largest = torch.where(from_zero, torch.inf, largest)
+            largest = trusted_scale(direction, weight_norms, rule.lr, rule.graft_trust, from_zero)
         direction = graft_output(direction, _needed(adam), state["A"], layout_A, largest)
     result = result._replace(direction=direction)
     return new, result if rows is None else _choose(rows, result, _adam_result(_needed(adam)))

@@ -79,11 +79,14 @@ def graft_output(
     return direction * scale
 
 
-def trusted_scale(direction: Tensor, weight_norms: Tensor, lr: float, trust: float) -> Tensor:
+def trusted_scale(
+    direction: Tensor, weight_norms: Tensor, lr: float, trust: float, unbounded: Tensor
+) -> Tensor:
     """The largest factor the graft may apply to each matrix u of ``direction`` (shape
     (..., 1, 1)): max(1, trust ||W|| / (lr ||u||)), so that a grafted step lr ||u|| grows
     only up to ``trust`` of its layer's weight norm ||W||, and is never made smaller than the
-    rotated step itself (zero weights: 1, the rotated step as it is; FOP exempts the layers
-    that start from zero, ``fop_update``)."""
+    rotated step itself; inf where ``unbounded`` (a layer that started from zero, a LoRA B:
+    no size of its own to compare with)."""
     size = lr * torch.linalg.vector_norm(direction, dim=(-2, -1), keepdim=True)
-    return (trust * weight_norms / torch.where(size > 0, size, 1.0)).clamp(min=1.0)
+    largest = (trust * weight_norms / torch.where(size > 0, size, 1.0)).clamp(min=1.0)
+    return torch.where(unbounded, torch.inf, largest)

@@ -78,9 +78,7 @@ class ModelCurvature:
         compares a step with the weights, and these have no size of their own to compare with,
         so their steps stay grafted in full (``fop_update``). Kept in the layers' state, so a
         resumed run, whose weights are no longer zero, keeps the flags of its first start."""
-        if self.config.graft_trust is None or not any(
-            "starts_from_zero" in bucket.state for bucket in self.buckets
-        ):
+        if not self._graft_bounded:
             return
         if any(layer.weight.is_meta for layer in self.layers):
             return  # no values yet (initialised later): no layer counts as starting from zero
@@ -89,6 +87,13 @@ class ModelCurvature:
             if "starts_from_zero" in bucket.state:
                 flags = norms[bucket.indices] == 0
                 bucket.state["starts_from_zero"].copy_(flags.to(bucket.state["A"].device))
+
+    @property
+    def _graft_bounded(self) -> bool:
+        """Whether steps read the weight norms: decided by the settings alone, never by the
+        buckets this rank holds, since under FSDP2 ``weight_norms`` is a collective that every
+        rank must call."""
+        return self.config.graft == "output" and self.config.graft_trust is not None
 
     @property
     def sharded(self) -> bool:
@@ -228,9 +233,7 @@ class ModelCurvature:
         """Every held bucket's step (``ShapeBucket.step``) under the FOP ``group``'s settings;
         ``gradients`` are the layers' full gradient matrices (``full_gradients``)."""
         out = []
-        norms = None
-        if self.config.graft_trust is not None and any(b.graft == "output" for b in self.buckets):
-            norms = self.distributor.weight_norms()
+        norms = self.distributor.weight_norms() if self._graft_bounded else None
         for bucket, stats in zip(self.buckets, statistics):
             grads = [gradients[i] for i in bucket.indices]
             rule = UpdateRule.of(self.config, group, bucket.graft)

@@ -94,13 +94,19 @@ def test_trusted_scale_bounds_the_step_by_its_share_of_the_weights() -> None:
     direction = torch.tensor([3.0, 4.0, 1.0])[:, None, None] * torch.ones(3, 2, 2) / 2
     # ||u|| = 3, 4, 1 per layer; ||W||: 0 (a LoRA B at its start), and two sizes.
     weight_norms = torch.tensor([0.0, 100.0, 1.0])[:, None, None]
-    largest = trusted_scale(direction, weight_norms, lr=0.5, trust=0.02)
+    bounded = torch.zeros(3, 1, 1, dtype=torch.bool)
+    largest = trusted_scale(direction, weight_norms, lr=0.5, trust=0.02, unbounded=bounded)
     assert largest[0].item() == 1.0  # nothing to grow into: the rotated step as it is
     assert largest[1].item() == pytest.approx(0.02 * 100 / (0.5 * 4))  # room: exactly 1
     assert largest[2].item() == 1.0  # the rotated step is already larger: taken as it is
-    assert trusted_scale(direction, weight_norms, lr=0.005, trust=0.02)[1].item() == (
+    assert trusted_scale(direction, weight_norms, 0.005, 0.02, bounded)[1].item() == (
         pytest.approx(0.02 * 100 / (0.005 * 4))
     )
+    # A layer that started from zero is not bounded, whatever its weights now.
+    exempt = torch.tensor([True, False, True])[:, None, None]
+    largest = trusted_scale(direction, weight_norms, lr=0.5, trust=0.02, unbounded=exempt)
+    assert largest[0].item() == largest[2].item() == float("inf")
+    assert largest[1].item() == pytest.approx(1.0)
 
 
 def _first_step(graft: str, lr: float, trust: float | None) -> tuple[torch.Tensor, torch.Tensor]:
