@@ -90,10 +90,11 @@ class ModelCurvature:
 
     @property
     def _graft_bounded(self) -> bool:
-        """Whether steps read the weight norms: decided by the settings alone, never by the
-        buckets this rank holds, since under FSDP2 ``weight_norms`` is a collective that every
-        rank must call."""
-        return self.config.graft == "output" and self.config.graft_trust is not None
+        """Whether steps read the weight norms: decided by the settings and the layers (the
+        same on every rank), never by the buckets this rank holds, since under FSDP2
+        ``weight_norms`` is a collective that every rank must call."""
+        bounded = self.config.graft == "output" and self.config.graft_trust is not None
+        return bounded and bool(self.layers)
 
     @property
     def sharded(self) -> bool:
