@@ -335,3 +335,60 @@ def fsdp2_weight_norms(rank: int, world_size: int, port: int, out: str) -> None:
     norms = optimizer.curvature.distributor.weight_norms()
     torch.save(norms, Path(out) / f"rank{rank}.pt")
     finish_process()
+
+
+class TokenMixer(torch.nn.Module):
+    """A wide embedding and two narrow Linear layers: under FOP's owner assignment (largest
+    decomposition first) one of 2 ranks holds the embedding alone, which takes no output
+    graft, and the other the two output-grafted Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 64)
+        self.mix = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pieces = self.embed(tokens).reshape(tokens.shape[0], -1, 8)
+        return self.head(torch.tanh(self.mix(pieces))).mean(1)
+
+
+def token_batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    return torch.randint(0, 50, (size, 6), generator=generator), torch.randint(
+        0, 4, (size,), generator=generator
+    )
+
+
+def graft_owners(
+    rank: int, world_size: int, port: int, out: str, sharded: bool, steps: int, settings: dict
+) -> None:
+    """TokenMixer trained by FOP (defaults and ``settings``) under FSDP2 or DDP; each rank
+    saves the parameters and the layers whose curvature it holds."""
+    init_process(rank, world_size, port)
+    torch.manual_seed(0)
+    model = TokenMixer()
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+        network: torch.nn.Module = model
+    else:
+        network = DistributedDataParallel(model)
+    optimizer = FOP(model, **settings)
+    for step in range(steps):
+        tokens, labels = token_batch(step, 8 * world_size)
+        half, local_half = len(tokens) // 2, 4
+        first = torch.arange(rank * local_half, (rank + 1) * local_half)
+        index = torch.cat([first, first + half])
+        optimizer.zero_grad()
+        F.cross_entropy(network(tokens[index]), labels[index]).backward()
+        optimizer.step()
+    params = {n: full_tensor(p).detach().clone() for n, p in model.named_parameters()}
+    held = [
+        optimizer.layer_names[index]
+        for bucket in optimizer.curvature.buckets
+        for index in bucket.indices
+    ]
+    torch.save({"params": params, "held": held}, Path(out) / f"rank{rank}.pt")
+    finish_process()

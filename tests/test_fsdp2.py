@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tests.distributed_workers import (
     SETTINGS,
     fsdp2_resume,
     fsdp2_weight_norms,
+    graft_owners,
     lora_fsdp2,
     train_ddp,
     train_fsdp2,
@@ -174,3 +176,39 @@ def test_weight_norms_from_the_shards_are_the_whole_weights_norms(tmp_path: Path
     for rank in (0, 1):
         norms = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0)
+
+
+def _spawn_within(seconds: float, worker: Callable[..., None], *args: object) -> None:
+    """mp.spawn of 2 ranks that fails, instead of hanging, when they are not done in time (a
+    collective that one rank skips leaves the other waiting forever)."""
+    context = mp.spawn(worker, args=(2, free_port(), *args), nprocs=2, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{worker.__name__} did not finish in {seconds:.0f} s: a rank hangs")
+
+
+@pytest.mark.slow
+def test_a_rank_without_output_grafted_layers_takes_part_in_the_bound(tmp_path: Path) -> None:
+    # The bound reads the weight norms, a collective under FSDP2: a rank that holds only an
+    # embedding (no output graft) must still join it, or the other rank waits forever.
+    runs = {}
+    for name, sharded, settings in (
+        ("fsdp2", True, {"lr": 1e-2}),
+        ("ddp", False, {"lr": 1e-2}),
+        ("ddp_unbounded", False, {"lr": 1e-2, "graft_trust": None}),
+    ):
+        out = tmp_path / name
+        out.mkdir()
+        _spawn_within(120, graft_owners, str(out), sharded, 3, settings)
+        runs[name] = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    fsdp, ddp, unbounded = runs["fsdp2"], runs["ddp"], runs["ddp_unbounded"]
+    assert (fsdp[0]["held"], fsdp[1]["held"]) == (["embed"], ["mix", "head"])
+    for name, expected in ddp[0]["params"].items():
+        for rank in (0, 1):
+            torch.testing.assert_close(fsdp[rank]["params"][name], expected, rtol=1e-5, atol=1e-6)
+    # The bound acted on this run: without it the grafted layers end elsewhere.
+    moved = unbounded[0]["params"]["head.weight"] - ddp[0]["params"]["head.weight"]
+    assert moved.abs().max() > 1e-3
