@@ -57,10 +57,16 @@ def local_batch(
     """This rank's share of the global batch, arranged so that the ranks' first halves make up
     the first half of the global batch (the split a single process would use)."""
     images, labels = _global_batch(step, local * world_size)
-    half, local_half = len(images) // 2, local // 2
-    first = torch.arange(rank * local_half, (rank + 1) * local_half)
-    index = torch.cat([first, first + half])
+    index = rank_rows(local, rank, world_size)
     return images[index], labels[index]
+
+
+def rank_rows(local: int, rank: int, world_size: int) -> torch.Tensor:
+    """The rows of a global batch of ``local * world_size`` that are this rank's: its share of
+    the first half, then of the second."""
+    half, local_half = local * world_size // 2, local // 2
+    first = torch.arange(rank * local_half, (rank + 1) * local_half)
+    return torch.cat([first, first + half])
 
 
 def measured_step(optimizer: FOP, step: int, reads: list[str]) -> None:
@@ -378,9 +384,7 @@ def graft_owners(
     optimizer = FOP(model, **settings)
     for step in range(steps):
         tokens, labels = token_batch(step, 8 * world_size)
-        half, local_half = len(tokens) // 2, 4
-        first = torch.arange(rank * local_half, (rank + 1) * local_half)
-        index = torch.cat([first, first + half])
+        index = rank_rows(8, rank, world_size)
         optimizer.zero_grad()
         F.cross_entropy(network(tokens[index]), labels[index]).backward()
         optimizer.step()
