@@ -138,6 +138,8 @@ def cached_run(
             earlier = json.loads(record["key"])[: len(identity)]
             if isinstance(earlier[2], dict) and earlier[2]:
                 earlier[2] = {**SETTINGS_ADDED_SINCE, **earlier[2]}
+                # Before output_factor_rows, G took the rows A took.
+                earlier[2].setdefault("output_factor_rows", earlier[2].get("factor_rows"))
                 if name in VARIANTS and earlier[1] in VARIANTS:
                     earlier[1] = name  # FOP's variants are their settings: same settings, same run
             if json.dumps(earlier, default=str, sort_keys=True) == wanted:

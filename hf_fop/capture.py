@@ -116,8 +116,9 @@ class CurvatureCapture:
         self.collect_factors: Any = True
         self.collect_first_half = True
         # At most about this many rows of a layer call enter A and G (None: all), every k-th
-        # from row_offset mod k (factor_sums.sampled_rows); the optimizer sets both.
+        # from row_offset mod k (factor_sums.sampled_rows); the optimizer sets all three.
         self.factor_rows: int | None = None
+        self.output_factor_rows: int | None = None
         self.row_offset = 0
         self._accumulation_steps: int | None = None
         self._observed_steps = 1
@@ -278,7 +279,7 @@ class CurvatureCapture:
             if weights is not None:
                 weights, _ = sampled_rows(weights, limit, offset)
             x_rows, _ = sampled_rows(x_rows, limit, offset)
-            d_rows, d_stride = sampled_rows(d_rows, limit, offset)
+            d_rows, d_stride = sampled_rows(d_rows, self.output_factor_rows, offset)
             layout_A, layout_G = self.layouts[index]
             A_sum = second_moment(x_rows, layer.has_bias, weights, layout_A)
             stats.A_sum = _accumulate(stats.A_sum, A_sum)

@@ -247,6 +247,7 @@ class FOP(torch.optim.Optimizer):
         self.capture.collect_factors = due if self.config.factor_source == "activations" else False
         self.capture.collect_first_half = self.config.wants_halves
         self.capture.factor_rows = self.config.factor_rows
+        self.capture.output_factor_rows = self.config.output_factor_rows
         self.capture.row_offset = step // interval
 
     def _step(self) -> None:

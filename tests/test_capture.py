@@ -122,26 +122,29 @@ def test_factors_match_their_definition() -> None:
 
 @pytest.mark.parametrize("step", [0, 1, 2])
 def test_factor_rows_take_every_kth_row_from_an_offset_that_moves_each_step(step: int) -> None:
-    """10 rows at most 4: every 3rd row from step mod 3; G scaled back up by the stride."""
+    """10 rows, A from at most 4: every 3rd row from step mod 3; G from at most 2: every 5th
+    from step mod 5, scaled back up by its stride."""
     model = Net("linear")
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
-    optimizer = FOP(model, targets="all-linear", factor_rows=4)
+    optimizer = FOP(model, targets="all-linear", factor_rows=4, output_factor_rows=2)
     optimizer.fop_group["step"] = step  # what the hooks of the step's backward pass read
     optimizer._arm_capture()
     _loss(model, x, y).backward()
     stats = optimizer.capture.stats[_layer_index(optimizer)]
     A, G = stats.A(), stats.G()
     optimizer.remove_hooks()
-    kept = torch.arange(step % 3, 10, 3)
-    a = torch.cat([torch.tanh(model.pre(x)), torch.ones(10, 1)], dim=1).detach()[kept]
+    kept_A, kept_G = torch.arange(step % 3, 10, 3), torch.arange(step % 5, 10, 5)
+    full = torch.cat([torch.tanh(model.pre(x)), torch.ones(10, 1)], dim=1).detach()
     out = model.layer(torch.tanh(model.pre(x)))
     out.retain_grad()
     F.cross_entropy(model.head(torch.tanh(out)), y).backward()
-    d = (10 * out.grad)[kept]
-    torch.testing.assert_close(A, a.T @ a / len(kept))
-    torch.testing.assert_close(G, 3 * d.T @ d / 10)
-    full = torch.cat([torch.tanh(model.pre(x)), torch.ones(10, 1)], dim=1).detach()
+    d = (10 * out.grad)[kept_G]
+    a = full[kept_A]
+    torch.testing.assert_close(A, a.T @ a / len(kept_A))
+    torch.testing.assert_close(G, 5 * d.T @ d / 10)
     assert not torch.allclose(A, full.T @ full / 10, atol=1e-3)  # fewer rows: another estimate
+    every = 10 * out.grad
+    assert not torch.allclose(G, every.T @ every / 10, atol=1e-3)
 
 
 def test_eval_mode_and_no_grad_leave_statistics_untouched() -> None:

@@ -183,6 +183,7 @@ def test_a_retired_setting_says_what_to_do() -> None:
         ("inverse_interval", 0),
         ("factor_rows", 0),
         ("factor_rows", 2.5),
+        ("output_factor_rows", 0),
         ("mode", "adam"),
         ("momentum", 1.5),
         ("kl_clip", -1.0),

@@ -100,6 +100,13 @@ class FOPTrainingArguments(TrainingArguments):
             "factors (default 2048)."
         },
     )
+    fop_output_factor_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "At most about this many positions of each layer call enter the output-"
+            "gradient factor G (default 512)."
+        },
+    )
     fop_factor_decay: float | None = field(
         default=None, metadata={"help": "Running-average decay of the factors (default 0.95)."}
     )
