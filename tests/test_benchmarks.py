@@ -160,7 +160,7 @@ def test_a_cached_run_serves_the_same_run_and_trains_any_other(
     # variant or the K-FAC mode; a record of that variant under the name "fop" (the settings
     # say what ran) serves the variant.
     settings = dataclasses.asdict(FOPConfig())
-    del settings["cluster_gap"], settings["null_space_floor"]
+    del settings["cluster_gap"], settings["null_space_floor"], settings["output_factor_rows"]
     older = [task.name, "fop", settings, 1e-3, None, 64, 6, 0]
     curve = [{"step": 6, "metric": 0.5}]
     cache.write_text(json.dumps({"key": json.dumps(older, default=str), "curve": curve}) + "\n")
@@ -172,6 +172,15 @@ def test_a_cached_run_serves_the_same_run_and_trains_any_other(
     for name in ("fop", "kfac", "fop_ungrafted"):
         with pytest.raises(AssertionError, match="served from the cache"):
             training.cached_run(cache, task, name, 1e-3, 64, 6, 0)
+    # A run from before output_factor_rows took G from the rows A took (factor_rows): release
+    # 0.9's defaults, not today's.
+    release09 = dataclasses.asdict(FOPConfig())
+    del release09["output_factor_rows"]
+    record = [task.name, "fop", release09, 1e-3, None, 64, 6, 0]
+    cache.write_text(json.dumps({"key": json.dumps(record, default=str), "curve": curve}) + "\n")
+    assert training.cached_run(cache, task, "fop_release09", 1e-3, 64, 6, 0) == curve
+    with pytest.raises(AssertionError, match="served from the cache"):
+        training.cached_run(cache, task, "fop", 1e-3, 64, 6, 0)
 
 
 @pytest.mark.slow
