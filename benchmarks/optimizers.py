@@ -89,8 +89,8 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     # Release 0.7's defaults: the metric per coordinate in the factors' null space too.
     "_per_coordinate": (", release 0.7 (metric per coordinate)", {"null_space_floor": 0.0}),
-    # Release 0.9's defaults: G from the 2,048 rows A takes, not 512.
-    "_release09": (", release 0.9 (G from 2,048 rows)", {}),
+    # The defaults with G from at most 512 rows of a layer call (A keeps 2,048).
+    "_g512": (", defaults, G from 512 rows", {"output_factor_rows": 512}),
     # The defaults with every activation row in the factors (release 0.4), not 2,048 per call.
     "_allrows": (
         ", defaults, every row in the factors",
@@ -114,14 +114,8 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         for suffix, (label, settings) in _STEPS.items()
     },
 }
-# Every variant but the defaults is release 0.9's defaults with one change (their records were
-# run then): G from the 2,048 rows A takes, as before ``output_factor_rows``.
-_RELEASE09 = {"output_factor_rows": 2048}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    f"{mode}{suffix}": (
-        f"{mode_label}{label}",
-        {"mode": mode, **({} if suffix == "" else _RELEASE09), **settings},
-    )
+    f"{mode}{suffix}": (f"{mode_label}{label}", {"mode": mode, **settings})
     for suffix, (label, settings) in _VARIANTS.items()
     for mode, mode_label in (("kfac", "K-FAC"), ("fop", "FOP"))
 }

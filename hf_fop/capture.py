@@ -275,11 +275,11 @@ class CurvatureCapture:
             d_rows = d.float().flatten(0, 1)
             # On the CPU reading a flag costs nothing: select; elsewhere weight (no host sync).
             x_rows, weights = active_rows(x_rows, d_rows, select=x_rows.device.type == "cpu")
-            limit, offset = self.factor_rows, self.row_offset
+            limit, offset, period = self.factor_rows, self.row_offset, x.shape[1]
             if weights is not None:
-                weights, _ = sampled_rows(weights, limit, offset)
-            x_rows, _ = sampled_rows(x_rows, limit, offset)
-            d_rows, d_stride = sampled_rows(d_rows, self.output_factor_rows, offset)
+                weights, _ = sampled_rows(weights, limit, offset, period)
+            x_rows, _ = sampled_rows(x_rows, limit, offset, period)
+            d_rows, d_stride = sampled_rows(d_rows, self.output_factor_rows, offset, period)
             layout_A, layout_G = self.layouts[index]
             A_sum = second_moment(x_rows, layer.has_bias, weights, layout_A)
             stats.A_sum = _accumulate(stats.A_sum, A_sum)

@@ -6,6 +6,8 @@ gradient rows d, as the layer's adapter lays them out (rows of (N * L, in) and (
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,18 +31,27 @@ def active_rows(x_rows: Tensor, d_rows: Tensor, select: bool) -> tuple[Tensor, T
     return x_rows, None
 
 
-def sampled_rows(rows: Tensor, limit: int | None, offset: int) -> tuple[Tensor, int]:
-    """Every k-th row of ``rows`` (k = ceil(rows / limit)), starting at ``offset`` mod k, and
-    k itself, by which a sum over the kept rows is scaled to estimate the sum over all.
+def sampled_rows(
+    rows: Tensor, limit: int | None, offset: int, period: int = 1
+) -> tuple[Tensor, int]:
+    """Every k-th row of ``rows``, starting at ``offset`` mod k, and k itself, by which a sum
+    over the kept rows is scaled to estimate the sum over all. k is the least stride >=
+    ceil(rows / limit) that shares no factor with ``period``, the sequence length of the rows
+    (positions of ``period``-long sequences, one after the other).
 
     A layer's factors are running averages over many steps, so a step's share of them needs a
     few thousand rows, not every position of a large batch; their products cost 2 N side^2
     flops, more than the layer's own forward once N rows outnumber its other side. The offset
-    moves with the step, so over k steps every position takes its turn.
+    moves with the step, so over k steps every position takes its turn. A stride with a factor
+    in common with the sequence length would keep the same few positions of every sequence
+    (a ViT's 17 tokens at stride 34: one token of every second image); coprime, each step
+    visits every position.
     """
     if limit is None or rows.shape[0] <= limit:
         return rows, 1
     stride = -(-rows.shape[0] // limit)
+    while math.gcd(stride, period) > 1:
+        stride += 1
     return rows[offset % stride :: stride], stride
 
 

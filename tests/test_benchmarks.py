@@ -172,15 +172,18 @@ def test_a_cached_run_serves_the_same_run_and_trains_any_other(
     for name in ("fop", "kfac", "fop_ungrafted"):
         with pytest.raises(AssertionError, match="served from the cache"):
             training.cached_run(cache, task, name, 1e-3, 64, 6, 0)
-    # A run from before output_factor_rows took G from the rows A took (factor_rows): release
-    # 0.9's defaults, not today's.
-    release09 = dataclasses.asdict(FOPConfig())
-    del release09["output_factor_rows"]
-    record = [task.name, "fop", release09, 1e-3, None, 64, 6, 0]
-    cache.write_text(json.dumps({"key": json.dumps(record, default=str), "curve": curve}) + "\n")
-    assert training.cached_run(cache, task, "fop_release09", 1e-3, 64, 6, 0) == curve
-    with pytest.raises(AssertionError, match="served from the cache"):
-        training.cached_run(cache, task, "fop", 1e-3, 64, 6, 0)
+    # A run from before output_factor_rows took G from the rows A took (factor_rows): today's
+    # defaults, not G from 512 rows; with every row in A, every row in G.
+    for name, rows in (("fop", 2048), ("fop_allrows", None)):
+        older = {**dataclasses.asdict(FOPConfig()), "factor_rows": rows}
+        del older["output_factor_rows"]
+        record = [task.name, "fop", older, 1e-3, None, 64, 6, 0]
+        cache.write_text(
+            json.dumps({"key": json.dumps(record, default=str), "curve": curve}) + "\n"
+        )
+        assert training.cached_run(cache, task, name, 1e-3, 64, 6, 0) == curve
+        with pytest.raises(AssertionError, match="served from the cache"):
+            training.cached_run(cache, task, "fop_g512", 1e-3, 64, 6, 0)
 
 
 @pytest.mark.slow

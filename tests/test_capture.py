@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from hf_fop import FOP
-from hf_fop.factor_sums import active_rows, second_moment
+from hf_fop.factor_sums import active_rows, sampled_rows, second_moment
 from tests.helpers import image_data, tiny_vit
 
 
@@ -145,6 +145,20 @@ def test_factor_rows_take_every_kth_row_from_an_offset_that_moves_each_step(step
     assert not torch.allclose(A, full.T @ full / 10, atol=1e-3)  # fewer rows: another estimate
     every = 10 * out.grad
     assert not torch.allclose(G, every.T @ every / 10, atol=1e-3)
+
+
+def test_sampled_rows_visit_every_position_of_a_sequence() -> None:
+    """8 sequences of 17 positions, at most 4 rows: stride 34 would keep one position of every
+    second sequence; 35, coprime with 17, keeps four different positions."""
+    rows = torch.arange(8 * 17, dtype=torch.float32)[:, None]
+    kept, stride = sampled_rows(rows, 4, 0, period=17)
+    assert stride == 35 and kept.flatten().tolist() == [0.0, 35.0, 70.0, 105.0]
+    assert sorted(int(p) % 17 for p in kept.flatten()) == [0, 1, 2, 3]
+    kept, stride = sampled_rows(rows, 4, 1)  # rows of no sequence: the plain stride
+    assert stride == 34 and kept.flatten().tolist() == [1.0, 35.0, 69.0, 103.0]
+    for limit in (None, 136):  # no cap, or no more rows than it
+        kept, stride = sampled_rows(rows, limit, 5, period=17)
+        assert kept is rows and stride == 1
 
 
 def test_eval_mode_and_no_grad_leave_statistics_untouched() -> None:
