@@ -150,8 +150,9 @@ class FOPConfig:
     # in which the rotated second moment then fits the metric coordinate by coordinate; A also
     # measures the output graft. G's products, 2 N out^2 flops, are the largest of the factors
     # wherever outputs are wider than inputs (GPT-2's fused qkv and MLP, LoRA's B): 512 rows
-    # cut the decoders' and LoRA's step by 4-8%, level there in a probe, but 0.7 points lower
-    # at the ViT's best rate (docs/benchmarks.md), so the default stays with A's 2,048.
+    # cut the decoders' and LoRA's step by 4-8%, level on GPT-2 and with LoRA, but 1% behind on
+    # the Llama-style decoder and 0.7 points on the ViT at their best rates
+    # (docs/benchmarks.md), so the default stays with A's 2,048.
     output_factor_rows: int | None = 2048
     # Which layers are preconditioned: "all-linear" (every Linear, Conv1D and Conv2d), "auto"
     # (those inside repeated blocks, or every one when the model has no blocks), a regular
