@@ -261,17 +261,12 @@ class FOPConfig:
             0 <= self.factor_decay < 1,
             f"factor_decay must be in [0, 1), got {self.factor_decay}",
         )
-        _check(
-            self.factor_rows is None
-            or (isinstance(self.factor_rows, int) and self.factor_rows >= 1),
-            f"factor_rows must be an integer >= 1, or None for every row, got {self.factor_rows!r}",
-        )
-        _check(
-            self.output_factor_rows is None
-            or (isinstance(self.output_factor_rows, int) and self.output_factor_rows >= 1),
-            "output_factor_rows must be an integer >= 1, or None for every row, got "
-            f"{self.output_factor_rows!r}",
-        )
+        for name in ("factor_rows", "output_factor_rows"):
+            value = getattr(self, name)
+            _check(
+                value is None or (isinstance(value, int) and value >= 1),
+                f"{name} must be an integer >= 1, or None for every row, got {value!r}",
+            )
         _check(self.max_factor_dim >= 1, f"max_factor_dim must be >= 1, got {self.max_factor_dim}")
         _check(
             self.diagonal_above is None

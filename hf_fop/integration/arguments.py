@@ -104,7 +104,7 @@ class FOPTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "At most about this many positions of each layer call enter the output-"
-            "gradient factor G (default 512)."
+            "gradient factor G (default 2048)."
         },
     )
     fop_factor_decay: float | None = field(
