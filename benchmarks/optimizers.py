@@ -89,8 +89,18 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     # Release 0.7's defaults: the metric per coordinate in the factors' null space too.
     "_per_coordinate": (", release 0.7 (metric per coordinate)", {"null_space_floor": 0.0}),
-    # The defaults with G from at most 512 rows of a layer call (A keeps 2,048).
+    # The defaults with G from at most 512 rows of a layer call (A keeps 1,024).
     "_g512": (", defaults, G from 512 rows", {"output_factor_rows": 512}),
+    # The defaults with A and G each from at most 512 rows of a layer call.
+    "_rows512": (
+        ", defaults, A and G from 512 rows",
+        {"factor_rows": 512, "output_factor_rows": 512},
+    ),
+    # Release 0.10's defaults: A and G each from at most 2,048 rows of a layer call.
+    "_rows2048": (
+        ", release 0.10 (A and G from 2,048 rows)",
+        {"factor_rows": 2048, "output_factor_rows": 2048},
+    ),
     # The defaults with every activation row in the factors (release 0.4), not 2,048 per call.
     "_allrows": (
         ", defaults, every row in the factors",

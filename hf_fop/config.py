@@ -141,19 +141,17 @@ class FOPConfig:
     inverse_interval: int = 2
     factor_decay: float = 0.95
     # At most about this many rows (positions) of each layer call enter A and G, every k-th
-    # with an offset that moves each curvature step (None: every row). The factors average
-    # over steps, so a large batch's every position adds cost (2 N side^2 flops per factor)
-    # more than information: at batch 8,192 the MLP's step falls from 2.9x AdamW's to 2.1x
-    # at the same accuracy (docs/benchmarks.md).
-    factor_rows: int | None = 2048
-    # The same for G alone (None: every row). G only orients the output side's eigenbasis,
-    # in which the rotated second moment then fits the metric coordinate by coordinate; A also
-    # measures the output graft. G's products, 2 N out^2 flops, are the largest of the factors
-    # wherever outputs are wider than inputs (GPT-2's fused qkv and MLP, LoRA's B): 512 rows
-    # cut the decoders' and LoRA's step by 4-8%, level on GPT-2 and with LoRA, but 1% behind on
-    # the Llama-style decoder and 0.7 points on the ViT at their best rates
-    # (docs/benchmarks.md), so the default stays with A's 2,048.
-    output_factor_rows: int | None = 2048
+    # with an offset that moves each curvature step (None: every row). The factors are
+    # running averages over steps, so a step's share needs a few hundred rows per side, not
+    # every position of the batch, and their products cost 2 N side^2 flops: the largest of
+    # FOP's costs on the decoders. 1,024 rows (release 0.11; 2,048 before) take 9-13% off the
+    # decoders' step and 7-8% off LoRA's and the MLP's, level on every benchmark ladder
+    # (docs/benchmarks.md).
+    factor_rows: int | None = 1024
+    # The same for G alone (None: every row). G only orients the output side's eigenbasis;
+    # A also measures the output graft. Both from 512 rows take a further 1-4% off the step
+    # (docs/benchmarks.md).
+    output_factor_rows: int | None = 1024
     # Which layers are preconditioned: "all-linear" (every Linear, Conv1D and Conv2d), "auto"
     # (those inside repeated blocks, or every one when the model has no blocks), a regular
     # expression over module names, or an explicit list of module names. Embeddings join each

@@ -172,9 +172,10 @@ def test_a_cached_run_serves_the_same_run_and_trains_any_other(
     for name in ("fop", "kfac", "fop_ungrafted"):
         with pytest.raises(AssertionError, match="served from the cache"):
             training.cached_run(cache, task, name, 1e-3, 64, 6, 0)
-    # A run from before output_factor_rows took G from the rows A took (factor_rows): today's
-    # defaults, not G from 512 rows; with every row in A, every row in G.
-    for name, rows in (("fop", 2048), ("fop_allrows", None)):
+    # A run from before output_factor_rows took G from the rows A took (factor_rows): with
+    # 2,048 rows in A, release 0.10's defaults, not G from 512 rows nor today's 1,024; with
+    # every row in A, every row in G.
+    for name, rows in (("fop_rows2048", 2048), ("fop_allrows", None)):
         older = {**dataclasses.asdict(FOPConfig()), "factor_rows": rows}
         del older["output_factor_rows"]
         record = [task.name, "fop", older, 1e-3, None, 64, 6, 0]
@@ -182,8 +183,9 @@ def test_a_cached_run_serves_the_same_run_and_trains_any_other(
             json.dumps({"key": json.dumps(record, default=str), "curve": curve}) + "\n"
         )
         assert training.cached_run(cache, task, name, 1e-3, 64, 6, 0) == curve
-        with pytest.raises(AssertionError, match="served from the cache"):
-            training.cached_run(cache, task, "fop_g512", 1e-3, 64, 6, 0)
+        for other in ("fop_g512", "fop"):
+            with pytest.raises(AssertionError, match="served from the cache"):
+                training.cached_run(cache, task, other, 1e-3, 64, 6, 0)
 
 
 @pytest.mark.slow

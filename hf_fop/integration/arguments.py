@@ -97,14 +97,14 @@ class FOPTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "At most about this many positions of each layer call enter the Kronecker "
-            "factors (default 2048)."
+            "factors (default 1024)."
         },
     )
     fop_output_factor_rows: int | None = field(
         default=None,
         metadata={
             "help": "At most about this many positions of each layer call enter the output-"
-            "gradient factor G (default 2048)."
+            "gradient factor G (default 1024)."
         },
     )
     fop_factor_decay: float | None = field(
