@@ -145,8 +145,9 @@ class FOPConfig:
     # running averages over steps, so a step's share needs a few hundred rows per side, not
     # every position of the batch, and their products cost 2 N side^2 flops: the largest of
     # FOP's costs on the decoders. 1,024 rows (release 0.11; 2,048 before) take 9-13% off the
-    # decoders' step and 7-8% off LoRA's and the MLP's, level on every benchmark ladder
-    # (docs/benchmarks.md).
+    # decoders' step and 7-8% off LoRA's and the MLP's, still ahead of AdamW at every rate;
+    # where behind release 0.10, by under 1% (the fine-tuned decoder at 1e-4: 1.9%;
+    # docs/benchmarks.md).
     factor_rows: int | None = 1024
     # The same for G alone (None: every row). G only orients the output side's eigenbasis;
     # A also measures the output graft. Both from 512 rows take a further 1-4% off the step
