@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -226,6 +227,15 @@ def fop_args(tmp_path: Path, **overrides: object) -> FOPTrainingArguments:
     )
     settings.update(overrides)
     return FOPTrainingArguments(**settings)
+
+
+def start_ranks(
+    worker: Callable[..., None], args: tuple, nprocs: int = 2, join: bool = True
+) -> mp.ProcessContext | None:
+    """``worker(rank, *args)`` in ``nprocs`` processes forked from this one. Forked, not spawned:
+    the children start with this process's imports (torch, transformers, hf_fop) instead of
+    paying several seconds of CPU each to import them again."""
+    return mp.start_processes(worker, args=args, nprocs=nprocs, join=join, start_method="fork")
 
 
 def free_port() -> int:

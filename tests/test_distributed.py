@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,13 +20,13 @@ from tests.distributed_workers import (
     partial_participation,
     train_ddp,
 )
-from tests.helpers import TokenClassifier, assert_identical, free_port, tiny_vit
+from tests.helpers import TokenClassifier, assert_identical, free_port, start_ranks, tiny_vit
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(train_ddp, args=(2, free_port(), str(out), 4, 8), nprocs=2, join=True)
+    start_ranks(train_ddp, (2, free_port(), str(out), 4, 8))
     return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
 
 
@@ -43,7 +42,7 @@ def test_ranks_hold_identical_parameters_and_state(two_rank_run: dict[int, dict]
 
 @pytest.mark.slow
 def test_gradient_accumulation_under_no_sync_communicates_once_per_step(tmp_path: Path) -> None:
-    mp.spawn(train_ddp, args=(2, free_port(), str(tmp_path), 4, 8, 2), nprocs=2, join=True)
+    start_ranks(train_ddp, (2, free_port(), str(tmp_path), 4, 8, 2))
     runs = {rank: torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
     assert_identical(runs[0]["params"], runs[1]["params"])
     assert_identical(runs[0]["optimizer"], runs[1]["optimizer"])
@@ -56,9 +55,7 @@ def test_a_compiled_ddp_model_trains_like_the_eager_one(
 ) -> None:
     # torch.compile over DDP (DDPOptimizer splits the graph at gradient buckets): the hooks'
     # compiled path (an identity Function and a custom op in backward) on two ranks.
-    mp.spawn(
-        train_ddp, args=(2, free_port(), str(tmp_path), 4, 8, 1, "fop", True), nprocs=2, join=True
-    )
+    start_ranks(train_ddp, (2, free_port(), str(tmp_path), 4, 8, 1, "fop", True))
     for rank in (0, 1):
         compiled = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, param in two_rank_run[rank]["params"].items():
@@ -168,7 +165,7 @@ def test_examples_are_the_spawned_workers_inputs() -> None:
 
 @pytest.mark.slow
 def test_a_layer_run_by_one_rank_is_averaged_over_that_rank_only(tmp_path: Path) -> None:
-    mp.spawn(partial_participation, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(partial_participation, (2, free_port(), str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for branch, name in enumerate(("a", "b")):
         # One process that ran only this branch, on the data of the rank that ran it.

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from hf_fop import FOP
 from hf_fop.distributed import assign_layers, decomposition_cost
@@ -23,7 +22,7 @@ from tests.distributed_workers import (
     train_ddp,
     train_fsdp2,
 )
-from tests.helpers import free_port, tiny_vit
+from tests.helpers import free_port, start_ranks, tiny_vit
 
 STEPS = 4
 
@@ -44,7 +43,7 @@ def _runs(
         extra = (micro_batches, mode)
     else:
         extra = (mode, optimizer_first, micro_batches, unsharded_layer, compiled)
-    mp.spawn(worker, args=args + extra, nprocs=2, join=True)
+    start_ranks(worker, args + extra)
     return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
 
 
@@ -143,7 +142,7 @@ def test_fsdp2_resume_equals_uninterrupted_with_clipping(tmp_path: Path) -> None
     runs = (("full", "torch"), ("first", "both"), ("resume", "dcp"), ("resume", "torch"))
     for phase, layout in runs:
         args = (2, free_port(), str(tmp_path), phase, layout)
-        mp.spawn(fsdp2_resume, args=args, nprocs=2, join=True)
+        start_ranks(fsdp2_resume, args)
     for layout, rank in itertools.product(("dcp", "torch"), (0, 1)):
         full = torch.load(tmp_path / f"full_torch{rank}.pt", weights_only=True)
         resumed = torch.load(tmp_path / f"resume_{layout}{rank}.pt", weights_only=True)
@@ -154,7 +153,7 @@ def test_fsdp2_resume_equals_uninterrupted_with_clipping(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_lora_under_fsdp2_trains_like_under_ddp(tmp_path: Path) -> None:
     for sharded in (True, False):
-        mp.spawn(lora_fsdp2, args=(2, free_port(), str(tmp_path), sharded), nprocs=2, join=True)
+        start_ranks(lora_fsdp2, (2, free_port(), str(tmp_path), sharded))
     fsdp, ddp = (torch.load(tmp_path / f"{k}0.pt", weights_only=True) for k in ("fsdp2", "ddp"))
     # FOP preconditions the adapters only: 2 blocks x (q, v) x (A, B).
     assert len(fsdp["layers"]) == 8 and all(".lora_" in name for name in fsdp["layers"])
@@ -169,7 +168,7 @@ def test_lora_under_fsdp2_trains_like_under_ddp(tmp_path: Path) -> None:
 def test_weight_norms_from_the_shards_are_the_whole_weights_norms(tmp_path: Path) -> None:
     # The output graft's bound compares a step with its layer's weights: each rank must see
     # the whole weight's norm, not its shard's.
-    mp.spawn(fsdp2_weight_norms, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(fsdp2_weight_norms, (2, free_port(), str(tmp_path)))
     torch.manual_seed(0)
     optimizer = FOP(tiny_vit())
     expected = torch.stack([layer.weight.detach().norm() for layer in optimizer.layers])
@@ -179,9 +178,9 @@ def test_weight_norms_from_the_shards_are_the_whole_weights_norms(tmp_path: Path
 
 
 def _spawn_within(seconds: float, worker: Callable[..., None], *args: object) -> None:
-    """mp.spawn of 2 ranks that fails, instead of hanging, when they are not done in time (a
+    """2 ranks that fails, instead of hanging, when they are not done in time (a
     collective that one rank skips leaves the other waiting forever)."""
-    context = mp.spawn(worker, args=(2, free_port(), *args), nprocs=2, join=False)
+    context = start_ranks(worker, (2, free_port(), *args), join=False)
     deadline = time.monotonic() + seconds
     while not context.join(timeout=1.0):
         if time.monotonic() > deadline:

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -203,10 +205,23 @@ def test_two_processes_with_accelerate_and_resume(tmp_path: Path) -> None:
 @pytest.mark.numerics
 def test_fsdp2_config_shards_trains_like_ddp_and_resumes_exactly(tmp_path: Path) -> None:
     config = "fsdp2_cpu_2proc.yaml"
-    ddp = _launch(tmp_path / "ddp", port=free_port())
-    full = _launch(tmp_path / "full", port=free_port(), config=config)
+    # The noise floor: DDP again, with every gradient one ulp larger. FSDP2 sums the gradients
+    # across ranks in another order than DDP, a change of their last bits that the defaults
+    # amplify over the steps; the run one ulp away shows how far that alone goes.
+    with ThreadPoolExecutor(3) as pool:  # the three runs are independent: launched together
+        ddp, full, one_ulp = pool.map(
+            lambda launch: launch(),
+            (
+                partial(_launch, tmp_path / "ddp", port=free_port()),
+                partial(_launch, tmp_path / "full", port=free_port(), config=config),
+                partial(
+                    _launch, tmp_path / "one_ulp", port=free_port(), trainer=(str(ONE_ULP_TRAINER),)
+                ),
+            ),
+        )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert full.returncode == 0, full.stderr[-3000:]
+    assert one_ulp.returncode == 0, one_ulp.stderr[-3000:]
     # Sharded for real: the checkpoints are torch.distributed.checkpoint folders, one file a rank.
     optimizer = tmp_path / "full" / "checkpoint-2" / "optimizer_0"
     assert sorted(p.name for p in optimizer.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -218,11 +233,6 @@ def test_fsdp2_config_shards_trains_like_ddp_and_resumes_exactly(tmp_path: Path)
         config=config,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # The noise floor: DDP again, with every gradient one ulp larger. FSDP2 sums the gradients
-    # across ranks in another order than DDP, a change of their last bits that the defaults
-    # amplify over the steps; the run one ulp away shows how far that alone goes.
-    one_ulp = _launch(tmp_path / "one_ulp", port=free_port(), trainer=(str(ONE_ULP_TRAINER),))
-    assert one_ulp.returncode == 0, one_ulp.stderr[-3000:]
     halfway, ddp_model, one_ulp_model, final, again = (
         load_file(tmp_path / run / "model.safetensors")
         for run in ("ddp/checkpoint-2", "ddp", "one_ulp", "full", "resumed")
