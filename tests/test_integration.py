@@ -303,3 +303,12 @@ def test_bad_optim_args_fail_when_the_arguments_are_parsed() -> None:
         TrainingArguments(output_dir="x", optim="fop", optim_args="dampnig=1", report_to="none")
     with pytest.raises(ValueError, match="graft must be"):
         FOPTrainingArguments(output_dir="x", optim="kfac", fop_graft="sgd", report_to="none")
+
+
+def test_the_package_reports_the_version_pyproject_declares() -> None:
+    import tomllib
+
+    import hf_fop
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert hf_fop.__version__ == pyproject["project"]["version"]
