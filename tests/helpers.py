@@ -235,7 +235,8 @@ def start_ranks(
     """``worker(rank, *args)`` in ``nprocs`` processes forked from this one. Forked, not spawned:
     the children start with this process's imports (torch, transformers, hf_fop) instead of
     paying several seconds of CPU each to import them again."""
-    return mp.start_processes(worker, args=args, nprocs=nprocs, join=join, start_method="fork")
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # no fork on Windows
+    return mp.start_processes(worker, args=args, nprocs=nprocs, join=join, start_method=method)
 
 
 def free_port() -> int:
