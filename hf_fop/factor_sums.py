@@ -23,12 +23,24 @@ def active_rows(x_rows: Tensor, d_rows: Tensor, select: bool) -> tuple[Tensor, T
     row: no row says more. ``select=False`` weights the rows, so the backward pass never waits
     for an accelerator; ``select=True`` selects them (a host sync), which copies nothing when
     every row is active, the common case."""
-    active = d_rows.abs().amax(dim=1) > 0  # 6x faster than ne(0).any(1) on CPU
     if not select:
+        active = _nonzero_rows(d_rows)
         return x_rows, (active | ~active.any()).to(x_rows.dtype)
+    # A row of positive norm is active; the norm (a BLAS reduction, 3-10x faster on a CPU than
+    # the largest magnitude) can underflow to zero, so rows without one are checked exactly.
+    active = torch.linalg.vector_norm(d_rows, dim=1) > 0
+    if bool(active.all()):
+        return x_rows, None
+    unsure = (~active).nonzero().squeeze(1)
+    active[unsure] = _nonzero_rows(d_rows[unsure])
     if bool(active.any()) and not bool(active.all()):
         return x_rows[active], None
     return x_rows, None
+
+
+def _nonzero_rows(rows: Tensor) -> Tensor:
+    """Which rows hold a non-zero element (exactly; 6x faster than ne(0).any(1) on CPU)."""
+    return rows.abs().amax(dim=1) > 0
 
 
 def sampled_rows(

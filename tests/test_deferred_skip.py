@@ -123,3 +123,26 @@ def test_the_hooks_gather_factors_for_the_step_that_comes_once_the_flag_is_known
     if settled:  # read before the backward asks (a logging callback reading the statistics)
         optimizer.statistics()
     assert bool(optimizer.capture.collect_factors) is not taken
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_finite_check_finds_every_non_finite_element_and_nothing_else(
+    dtype: torch.dtype,
+) -> None:
+    from hf_fop.mixed_precision import all_finite
+
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(37, 53, generator=generator).to(dtype)
+    assert all_finite(clean)
+    # Finite values whose sum overflows (a check by summing would call them infinite).
+    huge = torch.full((4, 8), torch.finfo(dtype).max, dtype=dtype)
+    assert not huge.sum().isfinite() and all_finite(huge)
+    assert all_finite(clean[:1, :1])
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for index in [(0, 0), (36, 52), (17, 9)]:
+            bad = clean.clone()
+            bad[index] = value
+            assert not all_finite(bad), (value, index)
+    both = clean.clone()
+    both[1, 1], both[2, 2] = float("inf"), float("-inf")
+    assert not all_finite(both)
