@@ -211,7 +211,8 @@ class ShapeBucket:
         keep = _row_flag(present, g_avg, self.keep)
         for key, value in new.items():
             self._commit(key, value, keep=keep)
-        result = result._replace(direction=torch.where(keep, result.direction, 0.0))
+        # fop_update returns a direction of its own: zeroed in place where the step is not kept.
+        result = result._replace(direction=result.direction.masked_fill_(~keep, 0.0))
         rows = [row for row, has in enumerate(present) if has]
         return BucketStep(self, rows, result.direction, g_avg, result, waiting)
 

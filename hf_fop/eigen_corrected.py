@@ -99,13 +99,14 @@ def corrected_metric(
     1 - beta2^updates. ``damping_mode="absolute"`` adds ``damping`` itself (Adam's eps at
     p = 1/2 with identity bases).
     """
-    corrected = second_moment / (1 - beta2**updates)
-    powered = corrected.clamp(min=0).pow(exponent)
+    # In place on the one new tensor: an embedding's moment is tens of MB, and each further
+    # temporary of that size costs a CPU more to allocate than to compute.
+    powered = (second_moment / (1 - beta2**updates)).clamp_(min=0).pow_(exponent)
     if damping_mode == "absolute":
-        return powered + damping
+        return powered.add_(damping)
     tiny = torch.finfo(torch.float32).tiny
     mean = powered.mean(dim=(-2, -1), keepdim=True).clamp(min=tiny)
-    return powered + damping * mean
+    return powered.add_(damping * mean)
 
 
 def cluster_mean(
