@@ -80,14 +80,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {}
     with tempfile.TemporaryDirectory() as out:
         for sharding in ("ddp", "fsdp2"):
-            # Forked: the ranks start with this process's imports (seconds of CPU each when
-            # spawned); what they measure (tensor bytes, step times) does not see the parent.
+            # Forked where the platform can (tests/helpers.start_ranks does the same): the ranks
+            # start with this process's imports (seconds of CPU each when spawned); what they
+            # measure (tensor bytes, step times) does not see the parent.
             mp.start_processes(
                 _worker,
                 args=(_free_port(), sharding, args, out),
                 nprocs=2,
                 join=True,
-                start_method="fork",
+                start_method="fork" if "fork" in mp.get_all_start_methods() else "spawn",
             )
             runs[sharding] = [
                 json.loads(Path(out, f"{sharding}_rank{r}.json").read_text()) for r in (0, 1)

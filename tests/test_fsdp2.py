@@ -177,8 +177,8 @@ def test_weight_norms_from_the_shards_are_the_whole_weights_norms(tmp_path: Path
         torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0)
 
 
-def _spawn_within(seconds: float, worker: Callable[..., None], *args: object) -> None:
-    """2 ranks that fails, instead of hanging, when they are not done in time (a
+def _ranks_within(seconds: float, worker: Callable[..., None], *args: object) -> None:
+    """2 ranks of ``worker``; fails, instead of hanging, when they are not done in time (a
     collective that one rank skips leaves the other waiting forever)."""
     context = start_ranks(worker, (2, free_port(), *args), join=False)
     deadline = time.monotonic() + seconds
@@ -201,7 +201,7 @@ def test_a_rank_without_output_grafted_layers_takes_part_in_the_bound(tmp_path: 
     ):
         out = tmp_path / name
         out.mkdir()
-        _spawn_within(120, graft_owners, str(out), sharded, 3, settings)
+        _ranks_within(120, graft_owners, str(out), sharded, 3, settings)
         runs[name] = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     fsdp, ddp, unbounded = runs["fsdp2"], runs["ddp"], runs["ddp_unbounded"]
     assert (fsdp[0]["held"], fsdp[1]["held"]) == (["embed"], ["mix", "head"])
