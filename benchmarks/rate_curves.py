@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.optimizers import NAMES
 from benchmarks.real_tasks import RealTask, real_task
-from benchmarks.training import RESULTS, cached_run, executor
+from benchmarks.training import RESULTS, cached_run, cached_run_only, executor
 
 # (batch, steps) of each task.
 TASK_SETTINGS = {
@@ -55,14 +55,26 @@ def _task(name: str, quick: bool) -> RealTask:
 
 
 def _one_run(
-    task_name: str, name: str, lr: float, seed: int, cache: Path, quick: bool, steps: int | None
-) -> dict[str, Any]:
-    """``steps``: a budget other than the task's own (the schedule spans it)."""
+    task_name: str,
+    name: str,
+    lr: float,
+    seed: int,
+    cache: Path,
+    quick: bool,
+    steps: int | None,
+    train: bool = True,
+) -> dict[str, Any] | None:
+    """``steps``: a budget other than the task's own (the schedule spans it). ``train=False``:
+    the run from the cache, None if it holds none."""
     torch.set_num_threads(1)
     batch, own_steps = QUICK_SETTINGS if quick else TASK_SETTINGS[task_name]
     steps = own_steps if steps is None else steps
     task = _task(task_name, quick)
-    final = cached_run(cache, task, name, lr, batch, steps, seed)[-1]
+    fetch = cached_run if train else cached_run_only
+    curve = fetch(cache, task, name, lr, batch, steps, seed)
+    if curve is None:
+        return None
+    final = curve[-1]
     return {
         "task": task_name,
         "metric_name": task.metric,
@@ -263,6 +275,49 @@ def step_costs(
     return costs
 
 
+def _trained_ladder(
+    ladder: dict[tuple[str, str], list[float]], seeds: list[int], cache: Path, args: Any
+) -> list[dict[str, Any]]:
+    """Every run of the ladder (from the cache where it holds them), extended past its edges
+    ``args.extensions`` times."""
+    runs: list[dict[str, Any]] = []
+    with executor(args.workers) as pool:
+        for extension in range(args.extensions + 1):
+            if extension:
+                ladder = _extended(ladder, runs)
+            jobs = [
+                (task, name, lr, seed, cache, args.quick, args.steps)
+                for (task, name), rates in ladder.items()
+                for lr in rates
+                for seed in seeds
+            ]
+            for run in pool.map(_one_run, *zip(*jobs)) if jobs else ():
+                print(
+                    f"[{run['task']}] {run['optimizer']} lr={run['lr']:g} seed {run['seed']}: "
+                    f"{run['metric']:.4g}",
+                    flush=True,
+                )
+                runs.append(run)
+    return runs
+
+
+def _cached_cells(
+    ladder: dict[tuple[str, str], list[float]], seeds: list[int], cache: Path, args: Any
+) -> list[dict[str, Any]]:
+    """The ladder's runs that ``cache`` holds, in the cells (task, optimizer, rate) that it
+    holds for every seed: a report of rungs that were run at different times, training
+    nothing."""
+    runs = []
+    for (task, name), rates in ladder.items():
+        for lr in rates:
+            cell = [
+                _one_run(task, name, lr, seed, cache, args.quick, args.steps, train=False)
+                for seed in seeds
+            ]
+            runs += [run for run in cell if run is not None] if all(cell) else []
+    return runs
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -285,6 +340,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=int,
         help="train for this many steps instead of each task's own (warm-up and cosine span "
         "them): an equal-time budget, AdamW's steps times its step cost over the optimizer's",
+    )
+    parser.add_argument(
+        "--from_cache",
+        action="store_true",
+        help="train nothing: report the cells of the ladder that runs.jsonl holds for every "
+        "seed (rungs run at different times, by optimizer or rate, in one report)",
     )
     parser.add_argument(
         "--step_costs",
@@ -312,24 +373,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for task in tasks
         for name in args.optimizers.split(",")
     }
-    runs: list[dict[str, Any]] = []
-    with executor(args.workers) as pool:
-        for extension in range(args.extensions + 1):
-            if extension:
-                ladder = _extended(ladder, runs)
-            jobs = [
-                (task, name, lr, seed, cache, args.quick, args.steps)
-                for (task, name), rates in ladder.items()
-                for lr in rates
-                for seed in seeds
-            ]
-            for run in pool.map(_one_run, *zip(*jobs)) if jobs else ():
-                print(
-                    f"[{run['task']}] {run['optimizer']} lr={run['lr']:g} seed {run['seed']}: "
-                    f"{run['metric']:.4g}",
-                    flush=True,
-                )
-                runs.append(run)
+    if args.from_cache:
+        runs = _cached_cells(ladder, seeds, cache, args)
+        if not runs:
+            parser.error(f"{cache} holds no cell of this ladder for every seed: nothing to report")
+    else:
+        runs = _trained_ladder(ladder, seeds, cache, args)
     command = "python -m benchmarks.rate_curves " + " ".join(sys.argv[1:] if argv is None else argv)
     tasks_summary = summarise(runs)
     result = {"command": command, "runs": runs, "tasks": tasks_summary}

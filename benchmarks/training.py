@@ -127,28 +127,51 @@ def cached_run(
     not see the code, so a change of the maths needs a fresh cache. A record of one of FOP's
     variants serves any variant with the same settings, and a record older than a setting
     (``SETTINGS_ADDED_SINCE``) counts as run with that setting's earlier behaviour."""
-    settings = asdict(FOPConfig().replace(**VARIANTS[name][1])) if name in VARIANTS else {}
-    identity = [task.name, name, settings, lr, None, batch, steps, seed]
-    key = json.dumps(identity, default=str)
-    wanted = json.dumps(identity, default=str, sort_keys=True)
-    if cache is not None and cache.exists():
-        for line in cache.read_text().splitlines():
-            record = json.loads(line)
-            # (older caches appended the evaluation interval to the key)
-            earlier = json.loads(record["key"])[: len(identity)]
-            if isinstance(earlier[2], dict) and earlier[2]:
-                earlier[2] = {**SETTINGS_ADDED_SINCE, **earlier[2]}
-                # Before output_factor_rows, G took the rows A took.
-                earlier[2].setdefault("output_factor_rows", earlier[2].get("factor_rows"))
-                if name in VARIANTS and earlier[1] in VARIANTS:
-                    earlier[1] = name  # FOP's variants are their settings: same settings, same run
-            if json.dumps(earlier, default=str, sort_keys=True) == wanted:
-                return record["curve"][-1:]
+    identity = _identity(task, name, lr, batch, steps, seed)
+    final = cached_final(cache, identity)
+    if final is not None:
+        return final
     curve = train_run(task, name, lr, batch, steps, seed, steps)
     if cache is not None:
         with cache.open("a") as file:  # one short append per run: whole lines, any worker
-            file.write(json.dumps({"key": key, "curve": curve}) + "\n")
+            file.write(json.dumps({"key": json.dumps(identity, default=str), "curve": curve}))
+            file.write("\n")
     return curve[-1:]
+
+
+def _identity(task: RealTask, name: str, lr: float, batch: int, steps: int, seed: int) -> list:
+    """A run's key: everything its result depends on except the code."""
+    settings = asdict(FOPConfig().replace(**VARIANTS[name][1])) if name in VARIANTS else {}
+    return [task.name, name, settings, lr, None, batch, steps, seed]
+
+
+def cached_final(cache: Path | None, identity: list) -> list[dict[str, float]] | None:
+    """The final point of the run ``identity`` (``_identity``) in ``cache``, None if it holds
+    none (see ``cached_run``)."""
+    if cache is None or not cache.exists():
+        return None
+    name = identity[1]
+    wanted = json.dumps(identity, default=str, sort_keys=True)
+    for line in cache.read_text().splitlines():
+        record = json.loads(line)
+        # (older caches appended the evaluation interval to the key)
+        earlier = json.loads(record["key"])[: len(identity)]
+        if isinstance(earlier[2], dict) and earlier[2]:
+            earlier[2] = {**SETTINGS_ADDED_SINCE, **earlier[2]}
+            # Before output_factor_rows, G took the rows A took.
+            earlier[2].setdefault("output_factor_rows", earlier[2].get("factor_rows"))
+            if name in VARIANTS and earlier[1] in VARIANTS:
+                earlier[1] = name  # FOP's variants are their settings: same settings, same run
+        if json.dumps(earlier, default=str, sort_keys=True) == wanted:
+            return record["curve"][-1:]
+    return None
+
+
+def cached_run_only(
+    cache: Path | None, task: RealTask, name: str, lr: float, batch: int, steps: int, seed: int
+) -> list[dict[str, float]] | None:
+    """``cached_run`` without the training: None where the cache holds no such run."""
+    return cached_final(cache, _identity(task, name, lr, batch, steps, seed))
 
 
 class _Inline(Executor):

@@ -249,7 +249,7 @@ def test_rate_curves_compare_fop_with_adamw_at_adamw_useful_rates_only() -> None
     assert checks[0]["fop"] == pytest.approx(445.0) and checks[1]["adamw"] == pytest.approx(555.0)
 
 
-def test_rate_curves_tiny(tmp_path: Path) -> None:
+def test_rate_curves_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks import rate_curves
 
     argv = ["--tasks", "mnist_mlp", "--quick", "--lrs", "1e-3,1e-2", "--seeds", "1"]
@@ -284,6 +284,23 @@ def test_rate_curves_tiny(tmp_path: Path) -> None:
     assert [r["curve"][-1]["step"] for r in short] == [2, 2]
     with pytest.raises(SystemExit):  # a budget of no steps is an error, not the task's own
         rate_curves.main([*argv[:7], "--steps", "0", *argv[-4:]])
+
+    # --from_cache: one report of the cells the cache holds for every seed, training nothing.
+    def trains(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(training, "train_run", trains)
+    tail = ["--from_cache", "--output_dir", str(tmp_path), "--optimizers", "adamw,fop"]
+    held = rate_curves.main([*argv[:3], "--lrs", "1e-3,1e-2,0.1", "--seeds", "1", *tail])
+    assert {(r["optimizer"], r["lr"]): r["metric"] for r in held["runs"]} == {
+        cell: finals[cell]
+        for cell in finals
+        if cell[0] in ("adamw", "fop") and cell[1] in (1e-3, 1e-2)
+    }
+    assert "\n| 0.1 |" not in (tmp_path / "rate_curves.md").read_text()
+    # A cell without every seed is left out, not reported from fewer seeds.
+    with pytest.raises(SystemExit):
+        rate_curves.main([*argv[:3], "--lrs", "1e-3", "--seeds", "1,2", *tail])
 
 
 def test_minilm_fine_tuning_task_starts_from_the_shipped_weights_and_trains_tiny() -> None:
