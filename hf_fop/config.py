@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -188,6 +189,7 @@ class FOPConfig:
     fop_zero_tol: float = 1e-10
 
     def __post_init__(self) -> None:
+        _check_number_types(self)
         _check(self.lr >= 0, f"lr must be >= 0, got {self.lr}")
         _check(
             self.adamw_lr is None or self.adamw_lr >= 0,
@@ -253,7 +255,7 @@ class FOPConfig:
             if value is None and name == "gradient_accumulation_steps":
                 continue
             _check(
-                isinstance(value, int) and value >= 1,
+                value >= 1,
                 f"{name} must be an integer >= 1, got {value!r}",
             )
         _check(
@@ -263,22 +265,23 @@ class FOPConfig:
         for name in ("factor_rows", "output_factor_rows"):
             value = getattr(self, name)
             _check(
-                value is None or (isinstance(value, int) and value >= 1),
+                value is None or value >= 1,
                 f"{name} must be an integer >= 1, or None for every row, got {value!r}",
             )
         _check(self.max_factor_dim >= 1, f"max_factor_dim must be >= 1, got {self.max_factor_dim}")
         _check(
-            self.diagonal_above is None
-            or (isinstance(self.diagonal_above, int) and self.diagonal_above >= 1),
+            self.diagonal_above is None or self.diagonal_above >= 1,
             f"diagonal_above must be an integer >= 1, or None, got {self.diagonal_above!r}",
         )
         _check(
-            self.block_size is None or (isinstance(self.block_size, int) and self.block_size >= 2),
+            self.block_size is None or self.block_size >= 2,
             f"block_size must be an integer >= 2, or None for whole factors, got {self.block_size!r}",
         )
         betas = self.adamw_betas
         _check(
-            len(betas) == 2 and all(0 <= b < 1 for b in betas),
+            isinstance(betas, (tuple, list))
+            and len(betas) == 2
+            and all(_is_number(b) and 0 <= b < 1 for b in betas),
             f"adamw_betas must be two numbers in [0, 1), got {betas}",
         )
         _check(self.adamw_eps > 0, f"adamw_eps must be > 0, got {self.adamw_eps}")
@@ -336,3 +339,25 @@ RETIRED: dict[str, str] = {
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _check_number_types(config: FOPConfig) -> None:
+    """A setting annotated ``float`` or ``int`` holds a number of that kind (a string from a
+    command line, or a bool, would otherwise fail inside a comparison or train with 1.0)."""
+    for field in dataclasses.fields(config):
+        kind, _, optional = str(field.type).partition(" | ")
+        value = getattr(config, field.name)
+        if kind not in ("float", "int") or (optional == "None" and value is None):
+            continue
+        if not _is_number(value, integer=kind == "int"):
+            what = "a number" if kind == "float" else "an integer"
+            raise TypeError(
+                f"{field.name} must be {what}{' or None' if optional else ''}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+
+
+def _is_number(value: object, integer: bool = False) -> bool:
+    """A real number (an integer where ``integer``), Python's or NumPy's; not a bool."""
+    wanted = numbers.Integral if integer else numbers.Real
+    return isinstance(value, wanted) and not isinstance(value, bool)

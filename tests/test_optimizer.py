@@ -182,7 +182,6 @@ def test_a_retired_setting_says_what_to_do() -> None:
         ("curvature_interval", 0),
         ("inverse_interval", 0),
         ("factor_rows", 0),
-        ("factor_rows", 2.5),
         ("output_factor_rows", 0),
         ("mode", "adam"),
         ("momentum", 1.5),
@@ -194,6 +193,26 @@ def test_a_retired_setting_says_what_to_do() -> None:
 def test_invalid_settings_raise_value_error(setting: str, value: object) -> None:
     with pytest.raises(ValueError, match=setting.split("_")[0]):
         FOP(TokenClassifier(), **{setting: value})
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("lr", "1e-3"),  # a command line's string
+        ("lr", True),
+        ("adamw_lr", "3e-4"),
+        ("factor_rows", 2.5),
+        ("curvature_interval", 2.0),
+        ("kl_clip", "none"),
+    ],
+)
+def test_settings_of_the_wrong_type_raise_type_error(setting: str, value: object) -> None:
+    with pytest.raises(TypeError, match=f"{setting} must be (a number|an integer)"):
+        FOP(TokenClassifier(), **{setting: value})
+    # NumPy's numbers are numbers.
+    numpy = pytest.importorskip("numpy")
+    config = FOPConfig(lr=numpy.float32(1e-3), factor_rows=numpy.int64(512))
+    assert config.lr == pytest.approx(1e-3) and config.factor_rows == 512
 
 
 def test_nothing_to_optimize_and_unknown_setting() -> None:
