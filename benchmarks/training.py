@@ -128,7 +128,7 @@ def cached_run(
     variants serves any variant with the same settings, and a record older than a setting
     (``SETTINGS_ADDED_SINCE``) counts as run with that setting's earlier behaviour."""
     identity = _identity(task, name, lr, batch, steps, seed)
-    final = cached_final(cache, identity)
+    final = _cached_final(cache, identity)
     if final is not None:
         return final
     curve = train_run(task, name, lr, batch, steps, seed, steps)
@@ -145,7 +145,7 @@ def _identity(task: RealTask, name: str, lr: float, batch: int, steps: int, seed
     return [task.name, name, settings, lr, None, batch, steps, seed]
 
 
-def cached_final(cache: Path | None, identity: list) -> list[dict[str, float]] | None:
+def _cached_final(cache: Path | None, identity: list) -> list[dict[str, float]] | None:
     """The final point of the run ``identity`` (``_identity``) in ``cache``, None if it holds
     none (see ``cached_run``)."""
     if cache is None or not cache.exists():
@@ -171,7 +171,7 @@ def cached_run_only(
     cache: Path | None, task: RealTask, name: str, lr: float, batch: int, steps: int, seed: int
 ) -> list[dict[str, float]] | None:
     """``cached_run`` without the training: None where the cache holds no such run."""
-    return cached_final(cache, _identity(task, name, lr, batch, steps, seed))
+    return _cached_final(cache, _identity(task, name, lr, batch, steps, seed))
 
 
 class _Inline(Executor):
