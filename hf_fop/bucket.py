@@ -142,9 +142,13 @@ class ShapeBucket:
     def carry_moment(self, rows: list[int], old: tuple[Tensor, Tensor]) -> None:
         """Express the rotated second moment of ``rows`` in their refreshed bases (rows
         without a decomposition before hold zeros, which stay zeros)."""
-        new_A, new_G = self.state["eigvecs_A"][rows], self.state["eigvecs_G"][rows]
-        moment = self.state["rotated_second_moment"][rows]
-        self._commit("rotated_second_moment", carry_second_moment(moment, *old, new_A, new_G), rows)
+        rows_or_all = None if rows == list(range(len(self))) else rows  # all: no copies
+        new_A, new_G, moment = (
+            self.state[key] if rows_or_all is None else self.state[key][rows]
+            for key in ("eigvecs_A", "eigvecs_G", "rotated_second_moment")
+        )
+        carried = carry_second_moment(moment, *old, new_A, new_G)
+        self._commit("rotated_second_moment", carried, rows_or_all)
 
     def mark_ready(self, rows: list[int]) -> None:
         for row in rows:
