@@ -104,14 +104,10 @@ class ShapeBucket:
 
     def decompose(self, rows: list[int], damping: float, damping_mode: str) -> None:
         """Decompose the running factors of ``rows``."""
-        everything = rows == list(range(len(self)))
-        A, G = (self.A, self.G) if everything else (self.A[rows], self.G[rows])
+        selection = self._selection(rows)
+        A, G = _take(self.A, selection), _take(self.G, selection)
         if self.basis_refresh == "qr" and all(self.ready[row] for row in rows):
-            old = (
-                self.decomposition
-                if everything
-                else {key: value[rows] for key, value in self.decomposition.items()}
-            )
+            old = {key: _take(value, selection) for key, value in self.decomposition.items()}
             eigvals_A, eigvecs_A = power_qr_refresh(A, old["eigvecs_A"])
             eigvals_G, eigvecs_G = power_qr_refresh(G, old["eigvecs_G"])
             computed = {
@@ -129,8 +125,13 @@ class ShapeBucket:
         # eigenvectors) stays that of a loaded checkpoint, so a resumed run multiplies in the
         # same order and continues bit for bit.
         for key, value in computed.items():
-            self._commit(key, value, None if everything else rows)
+            self._commit(key, value, selection)
         self.mark_ready(rows)
+
+    def _selection(self, rows: list[int]) -> list[int] | None:
+        """``rows``, or None where they are every layer of the bucket: its tensors are then read
+        and written themselves, without row copies."""
+        return None if rows == list(range(len(self))) else rows
 
     def moment_bases(self, rows: list[int]) -> tuple[Tensor, Tensor] | None:
         """The eigenbases the rotated second moment of ``rows`` is expressed in (copies), to
@@ -142,13 +143,13 @@ class ShapeBucket:
     def carry_moment(self, rows: list[int], old: tuple[Tensor, Tensor]) -> None:
         """Express the rotated second moment of ``rows`` in their refreshed bases (rows
         without a decomposition before hold zeros, which stay zeros)."""
-        rows_or_all = None if rows == list(range(len(self))) else rows  # all: no copies
+        selection = self._selection(rows)
         new_A, new_G, moment = (
-            self.state[key] if rows_or_all is None else self.state[key][rows]
+            _take(self.state[key], selection)
             for key in ("eigvecs_A", "eigvecs_G", "rotated_second_moment")
         )
         carried = carry_second_moment(moment, *old, new_A, new_G)
-        self._commit("rotated_second_moment", carried, rows_or_all)
+        self._commit("rotated_second_moment", carried, selection)
 
     def mark_ready(self, rows: list[int]) -> None:
         for row in rows:
@@ -233,6 +234,11 @@ class ShapeBucket:
         if not all(stats.has_split):
             g1 = torch.where(_row_flag(stats.has_split, g_avg), g1, g_avg)
         return 2 * (g1 - g_avg)
+
+
+def _take(tensor: Tensor, selection: list[int] | None) -> Tensor:
+    """The rows ``selection`` of a stacked state tensor (a copy), or the tensor itself."""
+    return tensor if selection is None else tensor[selection]
 
 
 def _row_flag(rows: list[bool], like: Tensor, ok: Tensor | None = None) -> Tensor:

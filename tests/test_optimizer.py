@@ -209,7 +209,9 @@ def test_invalid_settings_raise_value_error(setting: str, value: object) -> None
 def test_settings_of_the_wrong_type_raise_type_error(setting: str, value: object) -> None:
     with pytest.raises(TypeError, match=f"{setting} must be (a number|an integer)"):
         FOP(TokenClassifier(), **{setting: value})
-    # NumPy's numbers are numbers.
+
+
+def test_numpy_numbers_are_numbers_to_the_settings() -> None:
     numpy = pytest.importorskip("numpy")
     config = FOPConfig(lr=numpy.float32(1e-3), factor_rows=numpy.int64(512))
     assert config.lr == pytest.approx(1e-3) and config.factor_rows == 512
