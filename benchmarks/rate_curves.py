@@ -244,16 +244,21 @@ def step_costs(
     tasks: list[str], optimizers: list[str], steps: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Seconds per step of each optimizer on each task (its batch, the first rate), a step of
-    each in turn in this process (benchmarks.step_cost), and their ratio to AdamW's."""
-    from benchmarks.step_cost import side_by_side_step_seconds
+    each in turn in this process (benchmarks.step_cost), and their ratio to AdamW's; a second
+    table splits each step into the forward and backward and ``optimizer.step``."""
+    from benchmarks.step_cost import side_by_side_phase_seconds
 
     torch.set_num_threads(1)
     lr = float(args.lrs.split(",")[0])
     costs: dict[str, dict[str, float]] = {}
+    phases: dict[str, dict[str, dict[str, float]]] = {}
+    command = (
+        f"`python -m benchmarks.rate_curves --step_costs {steps} --tasks {','.join(tasks)} "
+        f"--optimizers {','.join(optimizers)}`"
+    )
     lines = [
         f"Seconds per step, side by side in one process, one thread, {steps} steps after 3 of "
-        f"warm-up (`python -m benchmarks.rate_curves --step_costs {steps} --tasks "
-        f"{','.join(tasks)} --optimizers {','.join(optimizers)}`); in brackets: x AdamW's.",
+        f"warm-up ({command}); in brackets: x AdamW's.",
         "",
         "| task | " + " | ".join(NAMES[name] for name in optimizers) + " |",
         "|---|" + "---|" * len(optimizers),
@@ -261,7 +266,9 @@ def step_costs(
     for task_name in tasks:
         batch = QUICK_SETTINGS[0] if args.quick else TASK_SETTINGS[task_name][0]
         task = _task(task_name, args.quick)
-        seconds = side_by_side_step_seconds(task, batch, {n: (lr, None) for n in optimizers}, steps)
+        picks = {n: (lr, None) for n in optimizers}
+        phases[task_name] = side_by_side_phase_seconds(task, batch, picks, steps)
+        seconds = {n: sum(parts.values()) for n, parts in phases[task_name].items()}
         costs[task_name] = seconds
         base = seconds.get("adamw")
         cells = [
@@ -270,9 +277,48 @@ def step_costs(
         ]
         lines.append(f"| {task_name} (batch {batch}) | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
+    lines += ["", *_phase_table(phases, optimizers)]
     (args.output_dir / "step_costs.json").write_text(json.dumps(costs, indent=1))
+    (args.output_dir / "step_phases.json").write_text(json.dumps(phases, indent=1))
     (args.output_dir / "step_costs.md").write_text("\n".join(lines) + "\n")
     return costs
+
+
+def _phase_table(
+    phases: dict[str, dict[str, dict[str, float]]], optimizers: list[str]
+) -> list[str]:
+    """The steps of ``step_costs`` split: seconds of the forward and backward (with any hooks and
+    the clipping) + ``optimizer.step``. Beside SOAP, each other optimizer's step x SOAP's as
+    it would be were its ``optimizer.step`` SOAP's: for an optimizer whose step does SOAP's
+    work and more (FOP rotates into and out of an eigenbasis too), what its forward and
+    backward alone cost against SOAP."""
+    against = [n for n in optimizers if n not in ("adamw", "soap")] if "soap" in optimizers else []
+    lines = [
+        "Each step split: seconds of the forward and backward (hooks and clipping included) + "
+        "seconds of `optimizer.step`"
+        + (
+            "; last, each optimizer's own forward and backward with SOAP's `optimizer.step`, "
+            "x SOAP's whole step."
+            if against
+            else "."
+        ),
+        "",
+        "| task | "
+        + " | ".join(
+            [NAMES[n] for n in optimizers]
+            + [f"{NAMES[n]} with SOAP's optimizer.step, x SOAP" for n in against]
+        )
+        + " |",
+        "|---|" + "---|" * (len(optimizers) + len(against)),
+    ]
+    for task_name, parts in phases.items():
+        cells = [f"{parts[n]['backward']:.3f} + {parts[n]['step']:.3f}" for n in optimizers]
+        if against:
+            soap = parts["soap"]
+            whole = soap["backward"] + soap["step"]
+            cells += [f"{(parts[n]['backward'] + soap['step']) / whole:.2f}x" for n in against]
+        lines.append(f"| {task_name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _trained_ladder(

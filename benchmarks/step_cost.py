@@ -37,6 +37,7 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,12 +178,25 @@ def _measure(configs: list[dict[str, Any]], code_path: str | None, queue: Any) -
 def side_by_side_step_seconds(
     task: Any, batch: int, picks: dict[str, tuple[float, float | None]], steps: int, warmup: int = 3
 ) -> dict[str, float]:
-    """Mean seconds per training step of each optimizer on ``task``, measured side by side.
+    """Mean seconds per training step of each optimizer on ``task``, measured side by side
+    (``side_by_side_phase_seconds``, its two phases added)."""
+    phases = side_by_side_phase_seconds(task, batch, picks, steps, warmup)
+    return {name: sum(parts.values()) for name, parts in phases.items()}
+
+
+def side_by_side_phase_seconds(
+    task: Any, batch: int, picks: dict[str, tuple[float, float | None]], steps: int, warmup: int = 3
+) -> dict[str, dict[str, float]]:
+    """Mean seconds of each optimizer's training step on ``task`` in its two phases, measured
+    side by side: ``backward`` (the forward, the backward with any hooks, the task's clipping)
+    and ``step`` (``optimizer.step``).
 
     ``picks`` maps a name of ``benchmarks.optimizers`` to its (learning rate, damping). Every
     optimizer trains its own copy of the task's model in this process, a step of each in
     turn, on the same batches, so this machine's drift hits all of them alike. The window
     should span a few curvature intervals, so that K-FAC's and FOP's periodic work is in it.
+    The split says what a cheaper ``optimizer.step`` alone could win: FOP's hooks (factor sums,
+    the weight gradient in two halves) are in its backward.
     """
     from benchmarks.optimizers import make_optimizer
 
@@ -190,11 +204,11 @@ def side_by_side_step_seconds(
     for name, (lr, damping) in picks.items():
         torch.manual_seed(0)
         model = task.make_model()
-        runs.append((name, model, make_optimizer(name, model, lr, damping), []))
+        runs.append((name, model, make_optimizer(name, model, lr, damping), [], []))
     generator = torch.Generator().manual_seed(0)
     for step in range(warmup + steps):
         state = generator.get_state()
-        for _, model, optimizer, times in runs:
+        for _, model, optimizer, backward_times, step_times in runs:
             generator.set_state(state)
             start = time.perf_counter()
             loss = task.sample(batch, generator)(model)
@@ -202,10 +216,15 @@ def side_by_side_step_seconds(
             loss.backward()
             if task.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), task.max_grad_norm)
+            middle = time.perf_counter()
             optimizer.step()
             if step >= warmup:
-                times.append(time.perf_counter() - start)
-    return {name: sum(times) / len(times) for name, _, _, times in runs}
+                backward_times.append(middle - start)
+                step_times.append(time.perf_counter() - middle)
+    return {
+        name: {"backward": statistics.fmean(backward), "step": statistics.fmean(stepping)}
+        for name, _, _, backward, stepping in runs
+    }
 
 
 def run_configs(configs: list[dict[str, Any]], code_path: str | None) -> list[dict[str, Any]]:

@@ -389,10 +389,29 @@ def test_decoder_fine_tuning_task_starts_from_adamw_pretraining_and_trains_tiny(
 def test_rate_curves_step_costs_are_measured_side_by_side_against_adamw(tmp_path: Path) -> None:
     from benchmarks import rate_curves
 
-    argv = ["--quick", "--step_costs", "1", "--tasks", "mnist_mlp", "--optimizers", "adamw,fop"]
+    argv = [
+        "--quick",
+        "--step_costs",
+        "1",
+        "--tasks",
+        "mnist_mlp",
+        "--optimizers",
+        "adamw,fop,soap",
+    ]
     costs = rate_curves.main([*argv, "--output_dir", str(tmp_path)])
-    assert set(costs["mnist_mlp"]) == {"adamw", "fop"}
+    assert set(costs["mnist_mlp"]) == {"adamw", "fop", "soap"}
     assert all(seconds > 0 for seconds in costs["mnist_mlp"].values())
     table = (tmp_path / "step_costs.md").read_text()
     assert "(1.00x)" in table and "mnist_mlp (batch 64)" in table
+    # Each step is split into its forward and backward and optimizer.step, which add up to it;
+    # Beside SOAP: FOP's own forward and backward with SOAP's optimizer.step, x SOAP's step.
+    phases = json.loads((tmp_path / "step_phases.json").read_text())["mnist_mlp"]
+    for name, seconds in costs["mnist_mlp"].items():
+        assert phases[name]["backward"] > 0 and phases[name]["step"] > 0
+        assert phases[name]["backward"] + phases[name]["step"] == pytest.approx(seconds)
+    soap = phases["soap"]["backward"] + phases["soap"]["step"]
+    with_soaps_step = (phases["fop"]["backward"] + phases["soap"]["step"]) / soap
+    row = next(line for line in table.splitlines() if line.startswith("| mnist_mlp |"))
+    assert row.split(" | ")[-1] == f"{with_soaps_step:.2f}x |"
+    assert "FOP, defaults with SOAP's optimizer.step, x SOAP" in table
     assert not (tmp_path / "runs.jsonl").exists()  # nothing trained
