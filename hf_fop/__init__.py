@@ -32,4 +32,4 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'hf_fop' has no attribute {name!r}")
 
 
-__version__ = "0.12.2"
+__version__ = "0.12.3"
