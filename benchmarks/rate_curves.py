@@ -13,7 +13,8 @@ under ``--output_dir`` by their key (task, optimizer, resolved settings, rate, b
 seed); the key does not see the code, so delete that file after a change of the maths. Writes
 ``rate_curves.{json,md,png}`` there: per task, each optimizer's mean and per-seed final metric
 at every rate, and FOP's defaults against AdamW at every rate where AdamW ends within 10% of
-its own best. ``--step_costs`` measures seconds per step instead, side by side in one process.
+its own best. ``--step_costs`` measures seconds per step instead, side by side in one process,
+and splits each step into the forward and backward and ``optimizer.step``.
 """
 
 from __future__ import annotations
@@ -398,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=int,
         metavar="STEPS",
         help="instead of training: each optimizer's seconds per step on each task, measured "
-        "side by side in this process over STEPS steps (one thread; run it alone)",
+        "side by side in this process over STEPS steps, and split into the forward and "
+        "backward and optimizer.step (one thread; run it alone)",
     )
     args = parser.parse_args(argv)
     tasks = args.tasks.split(",")
