@@ -282,7 +282,37 @@ def step_costs(
     (args.output_dir / "step_costs.json").write_text(json.dumps(costs, indent=1))
     (args.output_dir / "step_phases.json").write_text(json.dumps(phases, indent=1))
     (args.output_dir / "step_costs.md").write_text("\n".join(lines) + "\n")
+    plot_step_phases(phases, args.output_dir / "step_costs.png")
     return costs
+
+
+def plot_step_phases(phases: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
+    """Each task's steps as stacked bars, in units of AdamW's step where AdamW ran (else
+    seconds): the forward and backward, then ``optimizer.step`` on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(
+        1, len(phases), figsize=(2.6 * len(phases) + 1, 3.6), squeeze=False, sharey=True
+    )
+    for axis, (task_name, parts) in zip(axes[0], phases.items()):
+        names = list(parts)
+        unit = sum(parts["adamw"].values()) if "adamw" in parts else 1.0
+        backward = [parts[n]["backward"] / unit for n in names]
+        stepping = [parts[n]["step"] / unit for n in names]
+        labels = [NAMES[n] for n in names]
+        axis.bar(labels, backward, color="C0", label="forward and backward")
+        axis.bar(labels, stepping, bottom=backward, color="C1", label="optimizer.step")
+        axis.set_title(task_name, fontsize=9)
+        axis.tick_params(axis="x", labelrotation=45, labelsize=8)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("x AdamW's step" if all("adamw" in p for p in phases.values()) else "s")
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _phase_table(

@@ -414,4 +414,5 @@ def test_rate_curves_step_costs_are_measured_side_by_side_against_adamw(tmp_path
     row = next(line for line in table.splitlines() if line.startswith("| mnist_mlp |"))
     assert row.split(" | ")[-1] == f"{with_soaps_step:.2f}x |"
     assert "FOP, defaults with SOAP's optimizer.step, x SOAP" in table
+    assert (tmp_path / "step_costs.png").stat().st_size > 0
     assert not (tmp_path / "runs.jsonl").exists()  # nothing trained
