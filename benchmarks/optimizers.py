@@ -89,6 +89,12 @@ _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     # Release 0.7's defaults: the metric per coordinate in the factors' null space too.
     "_per_coordinate": (", release 0.7 (metric per coordinate)", {"null_space_floor": 0.0}),
+    # The defaults with the embeddings (and a tied head) left to AdamW: what preconditioning a
+    # large vocabulary costs and buys.
+    "_embeddings_adamw": (
+        ", defaults, embeddings on AdamW",
+        {"precondition_embeddings": False},
+    ),
     # The defaults with G from at most 512 rows of a layer call (A keeps 1,024).
     "_g512": (", defaults, G from 512 rows", {"output_factor_rows": 512}),
     # The defaults with A and G each from at most 512 rows of a layer call.
