@@ -175,15 +175,6 @@ def _measure(configs: list[dict[str, Any]], code_path: str | None, queue: Any) -
     )
 
 
-def side_by_side_step_seconds(
-    task: Any, batch: int, picks: dict[str, tuple[float, float | None]], steps: int, warmup: int = 3
-) -> dict[str, float]:
-    """Mean seconds per training step of each optimizer on ``task``, measured side by side
-    (``side_by_side_phase_seconds``, its two phases added)."""
-    phases = side_by_side_phase_seconds(task, batch, picks, steps, warmup)
-    return {name: sum(parts.values()) for name, parts in phases.items()}
-
-
 def side_by_side_phase_seconds(
     task: Any, batch: int, picks: dict[str, tuple[float, float | None]], steps: int, warmup: int = 3
 ) -> dict[str, dict[str, float]]:
