@@ -134,8 +134,8 @@ def cached_run(
     curve = train_run(task, name, lr, batch, steps, seed, steps)
     if cache is not None:
         with cache.open("a") as file:  # one short append per run: whole lines, any worker
-            file.write(json.dumps({"key": json.dumps(identity, default=str), "curve": curve}))
-            file.write("\n")
+            record = {"key": json.dumps(identity, default=str), "curve": curve}
+            file.write(json.dumps(record) + "\n")
     return curve[-1:]
 
 
