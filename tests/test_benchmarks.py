@@ -404,7 +404,7 @@ def test_rate_curves_step_costs_are_measured_side_by_side_against_adamw(tmp_path
     table = (tmp_path / "step_costs.md").read_text()
     assert "(1.00x)" in table and "mnist_mlp (batch 64)" in table
     # Each step is split into its forward and backward and optimizer.step, which add up to it;
-    # Beside SOAP: FOP's own forward and backward with SOAP's optimizer.step, x SOAP's step.
+    # beside SOAP, FOP's own forward and backward with SOAP's optimizer.step, x SOAP's step.
     phases = json.loads((tmp_path / "step_phases.json").read_text())["mnist_mlp"]
     for name, seconds in costs["mnist_mlp"].items():
         assert phases[name]["backward"] > 0 and phases[name]["step"] > 0
